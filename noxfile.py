@@ -1,0 +1,54 @@
+"""Developer sessions: ``nox -s lint typecheck tests`` is what CI runs (through scripts/test)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.default_venv_backend = "venv"
+
+
+def setup_system(session: nox.Session) -> None:
+    """Install QEMU 10.x and 7.2 and the test guest's ingredients (idempotent, seconds when done)."""
+    cmd = [str(ROOT / "scripts" / "setup-system")]
+    if os.geteuid() != 0:
+        cmd = ["sudo", *cmd]
+    session.run(*cmd, external=True)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check over the whole tree."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on src/."""
+    session.install("-e", ".[test]", "mypy>=1.10")
+    session.run("mypy", "--strict", "src")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite: unit, property and real-QEMU integration tests (QEMU 10.x and 7.2)."""
+    setup_system(session)
+    session.install("-e", ".[test]")
+    # The suite installs its own QEMU (above), so a missing QEMU is a failure here, not a skip.
+    session.env["FORGEQMP_REQUIRE_QEMU"] = "1"
+    session.run("pytest", *(session.posargs or ["-q"]))
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The main job: a real VM booted and forged (see README)."""
+    setup_system(session)
+    session.install("-e", ".")
+    session.run("python", "examples/demo.py", *session.posargs)

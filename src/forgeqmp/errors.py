@@ -1,0 +1,203 @@
+"""The one exception hierarchy of forgeqmp.
+
+Every error forgeqmp raises is a :class:`ForgeError`. The subclasses are the ones a caller can act on,
+and each maps to one of the CLI's exit codes (``exit_code``), so the CLI never guesses:
+
+- :class:`InvalidArgument` (2): the caller asked for something that does not exist or makes no sense
+  (an unknown disk, a bad timeout, an unknown operation). Nothing was changed.
+- :class:`PrerequisiteError` (3) and its kinds, and :class:`OperationBlocked` (3): the request is valid
+  but the instance is not in a state that allows it. Nothing was changed.
+- :class:`ForgeFailed` (4): the operation started and failed; the session record says what state it
+  left and what to do next.
+- :class:`QEMUUnreachable` (5): nothing that speaks QMP answers on the socket.
+- :class:`QMPError` (4): QEMU answered a command with an error, the connection dropped, or a deadline
+  passed while waiting for QEMU.
+
+Every message says what happened and what to do next.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "DiskNotForgeable",
+    "FeatureMissing",
+    "ForgeError",
+    "ForgeFailed",
+    "IllegalTransition",
+    "InstanceLocked",
+    "InvalidArgument",
+    "NoDiskSelected",
+    "NoSession",
+    "NotQMP",
+    "OperationBlocked",
+    "PrerequisiteError",
+    "QEMUUnreachable",
+    "QMPCommandError",
+    "QMPDisconnected",
+    "QMPError",
+    "QMPTimeout",
+    "RecordError",
+    "SessionActive",
+    "TaskRunning",
+    "UnknownDisk",
+    "VMNotRunning",
+]
+
+
+class ForgeError(Exception):
+    """Base class of every error raised by forgeqmp."""
+
+    #: The CLI exit code for this kind of error (see the CLI contract).
+    exit_code: ClassVar[int] = 4
+
+
+# --- 2: invalid argument -------------------------------------------------------------------------
+
+
+class InvalidArgument(ForgeError, ValueError):
+    """The request names something that does not exist or is not a valid value. Nothing changed."""
+
+    exit_code = 2
+
+
+class UnknownDisk(InvalidArgument):
+    """A disk name matches no disk device of the VM (by qdev id, qdev path or node-name)."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        self.known = known
+        listing = ", ".join(known) if known else "none"
+        super().__init__(
+            f"no disk named {name!r} on this VM; disks it has (qdev id or node-name): {listing}"
+        )
+
+
+# --- 3: refused by a prerequisite or the guard ---------------------------------------------------
+
+
+class PrerequisiteError(ForgeError):
+    """The VM or the instance is not in a state that allows the request. Nothing changed."""
+
+    exit_code = 3
+
+
+class VMNotRunning(PrerequisiteError):
+    """The guest is not running (paused, suspended, migrating, shut down...)."""
+
+    def __init__(self, status: str) -> None:
+        self.status = status
+        hints = {
+            "paused": "resume it (QMP 'cont') first",
+            "suspended": "wake the guest up (QMP 'system_wakeup') first",
+            "inmigrate": "wait for the incoming migration to finish",
+            "postmigrate": "the VM was migrated away; forge the destination instead",
+            "finish-migrate": "a migration is finishing; wait for it",
+        }
+        hint = hints.get(status, "start or resume the VM first")
+        super().__init__(f"the VM is not running (QEMU runstate {status!r}): {hint}")
+
+
+class TaskRunning(PrerequisiteError):
+    """Another task (block job, migration) is running on the instance."""
+
+
+class InstanceLocked(TaskRunning):
+    """Another forgeqmp controller holds this instance's lock."""
+
+    def __init__(self, lock_path: str, holder: str | None = None) -> None:
+        self.lock_path = lock_path
+        self.holder = holder
+        who = f" (held by {holder})" if holder else ""
+        super().__init__(
+            f"another forgeqmp process is working on this instance{who}; wait for it to finish "
+            f"(lock: {lock_path})"
+        )
+
+
+class SessionActive(PrerequisiteError):
+    """An unfinished forge session exists for this instance."""
+
+
+class NoSession(PrerequisiteError):
+    """There is no session to act on (commit, discard...)."""
+
+
+class NoDiskSelected(PrerequisiteError):
+    """The selection resolved to no disk (the VM has no writable disk, or an empty list was given)."""
+
+
+class DiskNotForgeable(PrerequisiteError):
+    """A selected disk cannot be forged: a CD-ROM, read-only, empty, or already in a job."""
+
+
+class FeatureMissing(PrerequisiteError):
+    """The QEMU behind the socket lacks a feature the chosen path needs."""
+
+
+class OperationBlocked(ForgeError):
+    """A platform operation is refused while a forge session is unfinished."""
+
+    exit_code = 3
+
+
+# --- 4: the operation failed ---------------------------------------------------------------------
+
+
+class ForgeFailed(ForgeError):
+    """The operation started and failed; ``status`` tells what state it left and what to do next."""
+
+
+class RecordError(ForgeError):
+    """A session record on disk is unreadable, corrupted, or unsafe (e.g. a symlink)."""
+
+
+# --- QMP -----------------------------------------------------------------------------------------
+
+
+class QMPError(ForgeError):
+    """Base class of errors talking QMP to QEMU."""
+
+
+class QMPCommandError(QMPError):
+    """QEMU answered a command with an error; the QMP error class and description are kept."""
+
+    def __init__(
+        self, command: str, error_class: str, desc: str, arguments: dict[str, Any] | None = None
+    ) -> None:
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+        self.arguments = arguments
+        super().__init__(f"QEMU refused {command!r}: {error_class}: {desc}")
+
+
+class QMPDisconnected(QMPError):
+    """The QMP connection dropped (QEMU exited or closed the socket)."""
+
+
+class QMPTimeout(QMPError):
+    """A deadline passed while waiting for QEMU (a reply or an event)."""
+
+
+class QEMUUnreachable(QMPError):
+    """Nothing answers QMP on the socket: missing, not a socket, refused, or silent."""
+
+    exit_code = 5
+
+    def __init__(self, socket_path: str, reason: str) -> None:
+        self.socket_path = socket_path
+        self.reason = reason
+        super().__init__(
+            f"cannot reach QEMU's QMP on {socket_path}: {reason}; check that QEMU is running with "
+            f"-qmp unix:{socket_path},server=on,wait=off and that you may open the socket"
+        )
+
+
+class NotQMP(QEMUUnreachable):
+    """Something answers on the socket, but it does not speak QMP."""
+
+
+class IllegalTransition(ForgeError):
+    """A state change the transition table does not allow; a bug or a hand-edited record."""

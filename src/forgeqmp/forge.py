@@ -1,0 +1,744 @@
+"""The Forge session driver: executes the plans of :mod:`forgeqmp.plans` over QMP.
+
+An :class:`Instance` is one QEMU (one QMP socket), its private state directory and its lock. Its
+methods check prerequisites (typed errors, nothing changed), write the session record before every
+irreversible step, run the plan with a deadline on every wait, and on any failure or cancellation
+undo what they did, shielded from the cancellation, so the VM keeps running as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import attrs
+
+from forgeqmp import memhash
+from forgeqmp.disks import Disk, disks_from_query, qom_path_of, select_disks
+from forgeqmp.errors import (
+    ForgeError,
+    ForgeFailed,
+    InvalidArgument,
+    QMPCommandError,
+    SessionActive,
+    TaskRunning,
+    VMNotRunning,
+)
+from forgeqmp.features import Features, probe
+from forgeqmp.plans.command import Command
+from forgeqmp.plans.enable import EnablePlan, OverlayPlan, Strategy, Transport, plan_enable
+from forgeqmp.process import describe_process
+from forgeqmp.qmp import DEFAULT_CONNECT_TIMEOUT, QMPConnection
+from forgeqmp.record import (
+    DiskRecord,
+    MemoryRecord,
+    QemuRecord,
+    RecordStore,
+    SessionRecord,
+    new_session_id,
+)
+from forgeqmp.statedir import InstanceLock, StateDir, default_state_dir
+from forgeqmp.states import Failure, SessionStatus, State
+
+__all__ = ["DEFAULT_ENABLE_TIMEOUT", "Instance", "ProgressEvent", "connect", "status_of"]
+
+log = logging.getLogger(__name__)
+
+#: Seconds enable may take in all (the memory save dominates: ~3 GB/s here, far less under load).
+DEFAULT_ENABLE_TIMEOUT = 600.0
+#: Seconds any undo step may take after a failure.
+_UNDO_TIMEOUT = 60.0
+#: Migration statuses that end a migration.
+_MIGRATION_ENDED = frozenset({"completed", "failed", "cancelled"})
+#: Migration statuses that mean one is running (another task on the instance).
+_MIGRATION_RUNNING = frozenset(
+    {
+        "setup",
+        "active",
+        "pre-switchover",
+        "device",
+        "cancelling",
+        "postcopy-active",
+        "postcopy-paused",
+        "postcopy-recover",
+        "postcopy-recover-setup",
+        "wait-unplug",
+        "colo",
+    }
+)
+
+
+@attrs.frozen
+class ProgressEvent:
+    """A step or progress report, for callbacks and the CLI's JSON lines."""
+
+    operation: str
+    step: str
+    detail: Mapping[str, Any] = attrs.field(factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return {"event": "progress", "operation": self.operation, "step": self.step, **self.detail}
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def status_of(record: SessionRecord) -> SessionStatus:
+    """The sans-IO status (state + failure) a record describes."""
+    if record.state is not State.FAILED:
+        return SessionStatus(record.state, None)
+    merged = tuple(d.name for d in record.disks if d.merged)
+    pending = tuple(d.name for d in record.disks if not d.merged and d.overlay_node)
+    failure = Failure(
+        phase=record.failure_phase or State.ACTIVE,
+        reason=record.error or "unknown failure",
+        next_step=record.next_step or "run 'forgeqmp recover'",
+        rolled_back=record.rolled_back,
+        merged_disks=merged,
+        pending_disks=pending,
+    )
+    return SessionStatus(State.FAILED, failure)
+
+
+def _event_time(event: Mapping[str, Any]) -> float:
+    ts = event.get("timestamp", {})
+    return float(ts.get("seconds", 0)) + float(ts.get("microseconds", 0)) / 1e6
+
+
+def _check_timeout(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgument(f"{name} must be a number of seconds, not {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise InvalidArgument(f"{name} must be a positive, finite number of seconds, not {value!r}")
+    return float(value)
+
+
+@attrs.define
+class _EnableUndo:
+    """What an enable has done so far, so a failure undoes exactly that and nothing else."""
+
+    files: list[str] = attrs.Factory(list)
+    nodes: list[str] = attrs.Factory(list)
+    jobs: list[str] = attrs.Factory(list)
+    fdset_id: int | None = None
+    fd_name: str | None = None
+    previous_capabilities: dict[str, bool] | None = None
+    previous_parameters: dict[str, Any] | None = None
+    migration_started: bool = False
+    migration_completed: bool = False
+    snapshotted: bool = False
+    stopped_by_us: bool = False
+
+
+class Instance:
+    """One QEMU instance: its QMP connection, its state directory and its session.
+
+    Create it with :func:`connect`. All methods are coroutines to run under anyio's asyncio backend.
+    """
+
+    def __init__(self, conn: QMPConnection, state_dir: StateDir) -> None:
+        self.conn = conn
+        self.state_dir = state_dir
+        self.store = RecordStore(state_dir)
+        self._features: Features | None = None
+
+    # --- queries -----------------------------------------------------------------------------
+
+    async def features(self) -> Features:
+        """What this QEMU supports (probed once per connection)."""
+        if self._features is None:
+            self._features = await probe(self.conn)
+        return self._features
+
+    def session(self) -> SessionRecord | None:
+        """The current session record (None if this instance never had one or it was archived)."""
+        return self.store.load()
+
+    async def disks(self) -> tuple[Disk, ...]:
+        """The VM's disk devices, with their attached nodes and boot order."""
+        blocks = await self.conn.execute("query-block")
+        bootindexes: dict[str, int] = {}
+        for entry in blocks:
+            qdev = entry.get("qdev")
+            if not qdev or entry.get("removable"):
+                continue
+            try:
+                value = await self.conn.execute(
+                    "qom-get", {"path": qom_path_of(qdev), "property": "bootindex"}
+                )
+            except QMPCommandError:
+                continue  # a device without a bootindex property
+            if isinstance(value, int):
+                bootindexes[qdev] = value
+        return disks_from_query(blocks, bootindexes)
+
+    async def runstate(self) -> str:
+        """QEMU's runstate (``running``, ``paused``, ``suspended``...)."""
+        reply = await self.conn.execute("query-status")
+        return str(reply["status"])
+
+    async def _check_no_task(self) -> None:
+        jobs = await self.conn.execute("query-jobs")
+        if jobs:
+            names = ", ".join(f"{j['id']} ({j['type']}, {j['status']})" for j in jobs)
+            raise TaskRunning(
+                f"a block job is running on this VM: {names}; wait for it to finish or cancel it"
+            )
+        migration = await self.conn.execute("query-migrate")
+        status = migration.get("status")
+        if status in _MIGRATION_RUNNING:
+            raise TaskRunning(
+                f"a migration is in progress (status {status!r}); wait for it to finish or "
+                "cancel it (QMP migrate_cancel)"
+            )
+
+    async def _check_running(self) -> None:
+        status = await self.runstate()
+        if status != "running":
+            raise VMNotRunning(status)
+
+    def _check_no_unfinished_session(self) -> SessionRecord | None:
+        record = self.store.load()
+        if record is None:
+            return None
+        if not status_of(record).finished:
+            raise SessionActive(
+                f"session {record.session_id} is {record.state.value} (step {record.step}); "
+                + (record.next_step or "commit or discard it first")
+            )
+        return record
+
+    # --- enable ------------------------------------------------------------------------------
+
+    async def enable(
+        self,
+        disks: Sequence[str] | None = None,
+        *,
+        all_disks: bool = False,
+        strategy: Strategy | str | None = None,
+        overlay_dir: str | os.PathLike[str] | None = None,
+        timeout: float = DEFAULT_ENABLE_TIMEOUT,
+        on_progress: ProgressCallback | None = None,
+    ) -> SessionRecord:
+        """Snapshot the selected disks and save the memory state, from the same instant, while the
+        guest runs (paused for tens of milliseconds). Returns the Active session's record.
+
+        ``disks``: qdev ids, qdev paths or node-names; default the primary disk; ``all_disks``
+        for every writable disk. ``strategy``: see :class:`Strategy` (default: the one that pauses
+        least). ``overlay_dir``: where overlays go (default: next to each disk's image).
+
+        :raises InvalidArgument: an unknown disk or strategy, a bad timeout. Nothing changed.
+        :raises PrerequisiteError: VM not running, another task or session, no forgeable disk,
+            QEMU lacking a feature. Nothing changed.
+        :raises ForgeFailed: a step failed; everything was undone (the record says so) unless
+            the record's ``next_step`` says otherwise.
+        """
+        timeout = _check_timeout("timeout", timeout)
+        if isinstance(strategy, str):
+            try:
+                strategy = Strategy(strategy)
+            except ValueError:
+                known = ", ".join(s.value for s in Strategy)
+                raise InvalidArgument(
+                    f"unknown strategy {strategy!r}; use one of {known}"
+                ) from None
+        if disks is not None and isinstance(disks, str):
+            disks = [disks]
+        if disks is not None and all_disks:
+            raise InvalidArgument("name disks or choose all disks, not both")
+        if overlay_dir is not None:
+            overlay_dir = os.path.abspath(overlay_dir)
+            if not os.path.isdir(overlay_dir):
+                raise InvalidArgument(f"overlay directory {overlay_dir} does not exist")
+        report = on_progress or (lambda _event: None)
+
+        with InstanceLock(self.state_dir, "forgeqmp enable"):
+            previous = self._check_no_unfinished_session()
+            features = await self.features()
+            await self._check_running()
+            await self._check_no_task()
+            selection = select_disks(
+                await self.disks(), list(disks) if disks is not None else None, all_disks=all_disks
+            )
+            session_id = new_session_id()
+            memory_name = f"memory-{session_id}.bin"
+            plan = plan_enable(
+                session_id=session_id,
+                selection=selection,
+                features=features,
+                memory_file=str(self.state_dir.path_of(memory_name)),
+                strategy=strategy,
+                overlay_dir=os.fspath(overlay_dir) if overlay_dir is not None else None,
+            )
+            for overlay in plan.overlays:
+                if os.path.lexists(overlay.overlay_file):
+                    raise ForgeFailed(
+                        f"{overlay.overlay_file} already exists; forgeqmp never reuses a file it "
+                        "did not create: remove it if it is stale, or choose another overlay_dir"
+                    )
+            record = await self._new_record(plan, selection.unforged, features)
+            report(
+                ProgressEvent("enable", "planned", {"disks": [o.disk.name for o in plan.overlays]})
+            )
+            if previous is not None:
+                self.store.archive(force=True)
+            self.store.save(record)
+            undo = _EnableUndo()
+            try:
+                with anyio.fail_after(timeout):
+                    record = await self._run_enable(plan, record, undo, report)
+            except BaseException as exc:
+                with anyio.CancelScope(shield=True):
+                    record = await self._undo_enable(plan, record, undo, exc)
+                if isinstance(exc, TimeoutError):
+                    raise ForgeFailed(
+                        f"enable did not finish within {timeout:g} s and was undone"
+                    ) from None
+                if isinstance(exc, ForgeError | OSError):
+                    raise ForgeFailed(f"enable failed and was undone: {exc}") from exc
+                raise
+            return record
+
+    async def _new_record(
+        self, plan: EnablePlan, unforged: Sequence[Disk], features: Features
+    ) -> SessionRecord:
+        peer = self.conn.peer
+        process = describe_process(peer.pid)
+        machine = await self.conn.execute("qom-get", {"path": "/machine", "property": "type"})
+        now = _now()
+        disks = []
+        for o in plan.overlays:
+            assert o.disk.node
+            assert o.disk.file
+            assert o.disk.format
+            assert o.disk.virtual_size is not None
+            disks.append(
+                DiskRecord(
+                    name=o.disk.name,
+                    qdev=o.disk.qdev,
+                    device_node=o.disk.node,
+                    base_file=os.path.abspath(o.disk.file),
+                    base_format=o.disk.format,
+                    virtual_size=o.disk.virtual_size,
+                    overlay_file=o.overlay_file,
+                    overlay_node=o.format_node,
+                    overlay_file_node=o.file_node,
+                )
+            )
+        warnings: tuple[str, ...] = ()
+        if unforged:
+            names = ", ".join(d.name for d in unforged)
+            warnings = (
+                f"disks not in the forge keep their writes on discard while memory goes back to "
+                f"the moment of enable, so the guest may see them inconsistent: {names}",
+            )
+        return SessionRecord(
+            session_id=plan.session_id,
+            state=State.CREATING,
+            step="planned",
+            strategy=plan.strategy.value,
+            created_at=now,
+            updated_at=now,
+            disks=tuple(disks),
+            unforged_disks=tuple(d.name for d in unforged),
+            memory=MemoryRecord(
+                path=plan.memory_file,
+                transport=plan.transport.value,
+                capabilities=tuple(k for k, v in plan.capabilities.items() if v),
+            ),
+            qemu=QemuRecord(
+                pid=peer.pid,
+                argv=process.argv,
+                cwd=process.cwd,
+                env=dict(process.env),
+                version=str(features.version),
+                machine=str(machine).removesuffix("-machine"),
+                qmp_socket=os.path.abspath(self.conn.socket_path),
+            ),
+            warnings=warnings,
+        )
+
+    def _save(self, record: SessionRecord, **changes: Any) -> SessionRecord:
+        record = record.evolve(updated_at=_now(), **changes)
+        self.store.save(record)
+        return record
+
+    async def _run_job(self, command: Command, job_id: str, what: str, timeout: float) -> None:
+        """Run a job-creating command to its conclusion, check its error, dismiss it."""
+        with self.conn.subscribe(
+            "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == job_id
+        ) as sub:
+            await self.conn.execute(command.name, command.arguments)
+            await sub.wait(lambda ev: ev["data"]["status"] == "concluded", timeout, what)
+        jobs = await self.conn.execute("query-jobs")
+        error = next((j.get("error") for j in jobs if j["id"] == job_id), None)
+        await self.conn.execute("job-dismiss", {"id": job_id})
+        if error:
+            raise ForgeFailed(f"{what} failed: {error}")
+
+    async def _create_overlay(self, overlay: OverlayPlan, undo: _EnableUndo) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        os.close(os.open(overlay.overlay_file, flags, 0o600))
+        undo.files.append(overlay.overlay_file)
+        add_file = overlay.add_file_node()
+        await self.conn.execute(add_file.name, add_file.arguments)
+        undo.nodes.append(overlay.file_node)
+        undo.jobs.append(overlay.create_job)
+        await self._run_job(
+            overlay.create_image(),
+            overlay.create_job,
+            f"creating the overlay {overlay.overlay_file}",
+            _UNDO_TIMEOUT,
+        )
+        undo.jobs.remove(overlay.create_job)
+        add_format = overlay.add_format_node()
+        await self.conn.execute(add_format.name, add_format.arguments)
+        undo.nodes.append(overlay.format_node)
+
+    async def _run_enable(
+        self,
+        plan: EnablePlan,
+        record: SessionRecord,
+        undo: _EnableUndo,
+        report: ProgressCallback,
+    ) -> SessionRecord:
+        conn = self.conn
+        for overlay in plan.overlays:
+            await self._create_overlay(overlay, undo)
+        record = self._save(record, step="overlays-created")
+        report(ProgressEvent("enable", "overlays-created"))
+
+        memory_name = os.path.basename(plan.memory_file)
+        mem_fd = self.state_dir.create_private_file(memory_name)
+        undo.files.append(plan.memory_file)
+        try:
+            if plan.transport is Transport.FDSET_FILE:
+                # QEMU matches fdset members by access mode and opens the file write-only.
+                write_fd = os.open(f"/proc/self/fd/{mem_fd}", os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    undo.fdset_id, _ = await conn.add_fd(
+                        write_fd, opaque=f"forgeqmp {plan.session_id}"
+                    )
+                finally:
+                    os.close(write_fd)
+            else:
+                await conn.pass_fd(mem_fd, plan.fd_name)
+                undo.fd_name = plan.fd_name
+            caps = await conn.execute("query-migrate-capabilities")
+            undo.previous_capabilities = {c["capability"]: bool(c["state"]) for c in caps}
+            set_caps = plan.set_capabilities()
+            await conn.execute(set_caps.name, set_caps.arguments)
+            undo.previous_parameters = dict(await conn.execute("query-migrate-parameters"))
+            set_params = plan.set_parameters()
+            await conn.execute(set_params.name, set_params.arguments)
+            record = self._save(record, step="migration-started")
+
+            with (
+                conn.subscribe("MIGRATION") as migration,
+                conn.subscribe("STOP", "RESUME") as runstate_events,
+            ):
+                started = time.monotonic()
+                if plan.pauses_before_switchover:
+                    await self._save_with_pause(plan, undo, migration, report)
+                else:
+                    await self._save_in_background(plan, undo, migration, report)
+                pause_ms = self._pause_ms(runstate_events.history)
+                saved_s = time.monotonic() - started
+
+            record = self._save(record, step="snapshot-done", pause_ms=pause_ms)
+            report(ProgressEvent("enable", "snapshot-done", {"pause_ms": pause_ms}))
+
+            # QEMU does not fsync the memory file: do it, then fingerprint it from the page cache.
+            await anyio.to_thread.run_sync(os.fsync, mem_fd)
+            self.state_dir.fsync_dir()
+            digest, size = await anyio.to_thread.run_sync(memhash.hash_fd, mem_fd)
+        finally:
+            os.close(mem_fd)
+        await self._release_migration_setup(plan, undo)
+        assert record.memory is not None
+        record = self._save(
+            record,
+            state=State.ACTIVE,
+            step="active",
+            activated_at=_now(),
+            memory=attrs.evolve(record.memory, size=size, sha256=digest),
+        )
+        report(
+            ProgressEvent(
+                "enable",
+                "active",
+                {"pause_ms": pause_ms, "memory_bytes": size, "save_seconds": round(saved_s, 3)},
+            )
+        )
+        return record
+
+    @staticmethod
+    def _pause_ms(events: Sequence[Mapping[str, Any]]) -> float | None:
+        """Guest pause from QEMU's own STOP→RESUME event timestamps (first STOP, last RESUME)."""
+        stops = [_event_time(e) for e in events if e["event"] == "STOP"]
+        resumes = [_event_time(e) for e in events if e["event"] == "RESUME"]
+        if not stops or not resumes:
+            return None
+        return round(max(0.0, resumes[-1] - stops[0]) * 1000, 3)
+
+    async def _wait_migration(self, migration: Any, wanted: str, what: str) -> None:
+        """Wait until the MIGRATION status is ``wanted``; a failed or cancelled migration raises."""
+        ev = await migration.wait(
+            lambda e: e["data"]["status"] in ({wanted} | _MIGRATION_ENDED),
+            DEFAULT_ENABLE_TIMEOUT * 10,  # bounded by the caller's overall deadline
+            what,
+        )
+        status = ev["data"]["status"]
+        if status != wanted:
+            info = await self.conn.execute("query-migrate")
+            desc = info.get("error-desc", "no detail from QEMU")
+            raise ForgeFailed(f"saving the memory state {status}: {desc}")
+
+    async def _save_with_pause(
+        self, plan: EnablePlan, undo: _EnableUndo, migration: Any, report: ProgressCallback
+    ) -> None:
+        conn = self.conn
+        migrate = plan.migrate(undo.fdset_id)
+        await conn.execute(migrate.name, migrate.arguments)
+        undo.migration_started = True
+        report(ProgressEvent("enable", "saving-memory"))
+        await self._wait_migration(migration, "pre-switchover", "the pre-switchover pause")
+        # The guest is paused: snapshot every disk or none.
+        transaction = plan.transaction()
+        await conn.execute(transaction.name, transaction.arguments)
+        undo.snapshotted = True
+        await conn.execute("migrate-continue", {"state": "pre-switchover"})
+        await self._wait_migration(migration, "completed", "the end of the memory save")
+        undo.migration_completed = True
+        await self._resume()
+
+    async def _save_in_background(
+        self, plan: EnablePlan, undo: _EnableUndo, migration: Any, report: ProgressCallback
+    ) -> None:
+        conn = self.conn
+        await conn.execute("stop")
+        undo.stopped_by_us = True
+        transaction = plan.transaction()
+        await conn.execute(transaction.name, transaction.arguments)
+        undo.snapshotted = True
+        migrate = plan.migrate(undo.fdset_id)
+        await conn.execute(migrate.name, migrate.arguments)
+        undo.migration_started = True
+        await conn.execute("cont")
+        undo.stopped_by_us = False
+        report(ProgressEvent("enable", "saving-memory"))
+        await self._wait_migration(migration, "completed", "the end of the background save")
+        undo.migration_completed = True
+
+    async def _resume(self) -> None:
+        """``cont`` once the runstate left ``finish-migrate`` (before, cont is refused)."""
+        while True:
+            status = await self.runstate()
+            if status == "running":
+                return
+            if status != "finish-migrate":
+                await self.conn.execute("cont")
+                return
+            await anyio.sleep(0.001)
+
+    async def _release_migration_setup(self, plan: EnablePlan, undo: _EnableUndo) -> None:
+        """Give back what the save borrowed: the fd/fdset and the migration settings."""
+        conn = self.conn
+        if undo.fdset_id is not None:
+            with contextlib.suppress(QMPCommandError):  # QEMU may have freed it already
+                await conn.execute("remove-fd", {"fdset-id": undo.fdset_id})
+            undo.fdset_id = None
+        if undo.fd_name is not None:
+            with contextlib.suppress(QMPCommandError):  # migration closes it when done
+                await conn.execute("closefd", {"fdname": undo.fd_name})
+            undo.fd_name = None
+        if undo.previous_parameters is not None:
+            restore = plan.restore_parameters(undo.previous_parameters)
+            await conn.execute(restore.name, restore.arguments)
+            undo.previous_parameters = None
+        if undo.previous_capabilities is not None:
+            restore = plan.restore_capabilities(undo.previous_capabilities)
+            await conn.execute(restore.name, restore.arguments)
+            undo.previous_capabilities = None
+
+    async def _undo_enable(
+        self, plan: EnablePlan, record: SessionRecord, undo: _EnableUndo, cause: BaseException
+    ) -> SessionRecord:
+        """Undo a failed enable; returns the Failed record (rolled back, or what is left)."""
+        problems: list[str] = []
+
+        async def attempt(what: str, step: Callable[[], Any]) -> None:
+            try:
+                with anyio.fail_after(_UNDO_TIMEOUT):
+                    await step()
+            except Exception as exc:  # keep undoing the rest; report all that failed
+                log.warning("undo step %s failed: %s", what, exc)
+                problems.append(f"{what}: {exc}")
+
+        conn = self.conn
+        if undo.migration_started and not undo.migration_completed:
+            await attempt("cancelling the memory save", self._cancel_migration)
+        if undo.snapshotted:
+            await attempt(
+                "moving the disks back off their overlays", lambda: self._unsnapshot(plan)
+            )
+        await attempt("resuming the guest", self._resume_if_stopped)
+        for job in list(undo.jobs):
+            await attempt(f"dismissing job {job}", functools.partial(self._drop_job, job))
+        for node in reversed(undo.nodes):
+            await attempt(
+                f"removing node {node}",
+                functools.partial(conn.execute, "blockdev-del", {"node-name": node}),
+            )
+        await attempt(
+            "restoring the migration settings", lambda: self._release_migration_setup(plan, undo)
+        )
+        for path in reversed(undo.files):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                problems.append(f"removing {path}: {exc}")
+        reason = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
+        if isinstance(cause, TimeoutError):
+            reason = "the enable deadline passed"
+        rolled_back = not problems
+        next_step = (
+            "nothing to do: everything was undone and the VM runs as before; enable again when "
+            "the cause is fixed"
+            if rolled_back
+            else "run 'forgeqmp recover'; undo left: " + "; ".join(problems)
+        )
+        try:
+            return self._save(
+                record,
+                state=State.FAILED,
+                failure_phase=State.CREATING,
+                rolled_back=rolled_back,
+                error=f"enable failed at step {record.step}: {reason}",
+                next_step=next_step,
+                finished_at=_now() if rolled_back else None,
+            )
+        except (ForgeError, OSError) as exc:
+            log.error("could not record the failed enable: %s", exc)
+            return record
+
+    async def _cancel_migration(self) -> None:
+        conn = self.conn
+        with conn.subscribe("MIGRATION") as migration:
+            info = await conn.execute("query-migrate")
+            if info.get("status") in _MIGRATION_ENDED or info.get("status") in (None, "none"):
+                return
+            await conn.execute("migrate_cancel")
+            if info.get("status") == "pre-switchover":
+                # Cancelling at the pause needs the migration to be let go on.
+                with contextlib.suppress(QMPCommandError):
+                    await conn.execute("migrate-continue", {"state": "pre-switchover"})
+            await migration.wait(
+                lambda e: e["data"]["status"] in _MIGRATION_ENDED, _UNDO_TIMEOUT, "cancelled"
+            )
+
+    async def _resume_if_stopped(self) -> None:
+        status = await self.runstate()
+        if status in ("paused", "postmigrate", "finish-migrate"):
+            await self._resume()
+
+    async def _drop_job(self, job_id: str) -> None:
+        jobs = await self.conn.execute("query-jobs")
+        job = next((j for j in jobs if j["id"] == job_id), None)
+        if job is None:
+            return
+        if job["status"] != "concluded":
+            with self.conn.subscribe(
+                "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == job_id
+            ) as sub:
+                with contextlib.suppress(QMPCommandError):
+                    await self.conn.execute("job-cancel", {"id": job_id})
+                await sub.wait(
+                    lambda ev: ev["data"]["status"] == "concluded", _UNDO_TIMEOUT, "job end"
+                )
+        await self.conn.execute("job-dismiss", {"id": job_id})
+
+    async def _unsnapshot(self, plan: EnablePlan) -> None:
+        """Put each disk back on its original node by committing its (new, nearly empty) overlay."""
+        blocks = await self.conn.execute("query-block")
+        attached = {
+            str(b.get("qdev")): b["inserted"]["node-name"] for b in blocks if b.get("inserted")
+        }
+        for overlay in plan.overlays:
+            if attached.get(overlay.disk.qdev) != overlay.format_node:
+                continue
+            assert overlay.disk.node is not None
+            await self._commit_active(
+                overlay.format_node, overlay.disk.node, f"{overlay.create_job}-undo"
+            )
+
+    async def _commit_active(self, top_node: str, base_node: str, job_id: str) -> None:
+        """Active commit of ``top_node`` into ``base_node``, completed and dismissed."""
+        conn = self.conn
+        with conn.subscribe(
+            "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == job_id
+        ) as sub:
+            await conn.execute(
+                "block-commit",
+                {
+                    "job-id": job_id,
+                    "device": top_node,
+                    "base-node": base_node,
+                    "auto-dismiss": False,
+                },
+            )
+            ev = await sub.wait(
+                lambda e: e["data"]["status"] in ("ready", "concluded"),
+                _UNDO_TIMEOUT,
+                "commit ready",
+            )
+            if ev["data"]["status"] == "ready":
+                await conn.execute("job-complete", {"id": job_id})
+                await sub.wait(
+                    lambda e: e["data"]["status"] == "concluded", _UNDO_TIMEOUT, "commit end"
+                )
+        jobs = await conn.execute("query-jobs")
+        error = next((j.get("error") for j in jobs if j["id"] == job_id), None)
+        await conn.execute("job-dismiss", {"id": job_id})
+        if error:
+            raise ForgeFailed(f"commit of {top_node} into {base_node} failed: {error}")
+
+
+@contextlib.asynccontextmanager
+async def connect(
+    qmp_socket: str | os.PathLike[str],
+    *,
+    state_dir: str | os.PathLike[str] | None = None,
+    timeout: float = DEFAULT_CONNECT_TIMEOUT,
+) -> AsyncIterator[Instance]:
+    """Connect to a QEMU's QMP socket and open its Forge instance.
+
+    ``state_dir`` holds the session record, the memory file and the lock; by default it is derived
+    from the socket path (:func:`forgeqmp.statedir.default_state_dir`), so two instances never share
+    one.
+
+    :raises QEMUUnreachable: nothing answers QMP on the socket.
+    """
+    directory = StateDir(state_dir if state_dir is not None else default_state_dir(qmp_socket))
+    conn = QMPConnection(qmp_socket)
+    await conn.connect(_check_timeout("timeout", timeout))
+    try:
+        yield Instance(conn, directory)
+    finally:
+        await conn.close()

@@ -1,0 +1,307 @@
+"""The QMP plan of enable: overlays prepared before the pause, memory saved by migration, and one
+``transaction`` of ``blockdev-snapshot`` actions while the guest is paused (sans-IO).
+
+The sequence (measured best, see the QEMU recipe):
+
+1. before anything pauses, per disk: ``blockdev-add`` a file node on a file forgeqmp created itself
+   (O_EXCL), ``blockdev-create`` a qcow2 image on it whose backing file is the disk's image, then
+   ``blockdev-add`` the qcow2 node with ``"backing": null`` (the snapshot links it later);
+2. migration capabilities and parameters set (``pause-before-switchover``, a 20 ms downtime limit,
+   unlimited bandwidth), then ``migrate`` into the memory file passed as an fd;
+3. at the ``pre-switchover`` status the guest is paused: one ``transaction`` snapshots every selected
+   disk or none (all or nothing, verified on 7.2 and 10.0);
+4. ``migrate-continue``, wait ``completed``, wait for the runstate to leave ``finish-migrate``,
+   ``cont``.
+
+The ``background-snapshot`` strategy instead stops the guest, runs the transaction, starts a
+background migration and resumes at once; the migration then completes while the guest runs.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from forgeqmp.disks import Disk, Selection
+from forgeqmp.errors import FeatureMissing
+from forgeqmp.features import Features
+from forgeqmp.plans.command import Command
+
+__all__ = [
+    "DOWNTIME_LIMIT_MS",
+    "MAX_BANDWIDTH",
+    "EnablePlan",
+    "OverlayPlan",
+    "Strategy",
+    "Transport",
+    "choose_strategy",
+    "plan_enable",
+]
+
+#: Downtime the final RAM pass may take (ms); the recipe measured 7–25 ms pauses with it.
+DOWNTIME_LIMIT_MS = 20
+#: Bandwidth limit for the save (bytes/s): effectively none (QEMU's default 128 MiB/s crawls).
+MAX_BANDWIDTH = 1 << 40
+
+
+class Strategy(enum.Enum):
+    """How the memory state is saved. The default is the one that pauses the guest least here."""
+
+    #: Precopy with ``pause-before-switchover``; snapshot in the pause. Default.
+    PRECOPY = "precopy"
+    #: Precopy into a RAM-sized sparse file with ``mapped-ram`` + ``multifd`` (``file:`` only);
+    #: saves and restores faster, pauses more in our measurements.
+    MAPPED_RAM = "mapped-ram"
+    #: Stop, snapshot disks, then save memory while the guest runs (write-protect faults);
+    #: slower save, pause independent of RAM size.
+    BACKGROUND_SNAPSHOT = "background-snapshot"
+
+
+class Transport(enum.Enum):
+    """How QEMU reaches the memory file forgeqmp opened."""
+
+    #: ``file:/dev/fdset/N`` with the fd passed by ``add-fd`` (QEMU >= 8.2 has the file transport).
+    FDSET_FILE = "fdset-file"
+    #: ``fd:NAME`` with the fd passed by ``getfd`` (QEMU without the file transport, e.g. 7.2).
+    FD = "fd"
+
+
+def choose_strategy(
+    features: Features, requested: Strategy | None = None
+) -> tuple[Strategy, Transport]:
+    """Pick the strategy (``requested`` or the default) and the transport QEMU supports for it.
+
+    :raises FeatureMissing: this QEMU cannot do what the strategy needs (the message says what).
+    """
+    strategy = requested or Strategy.PRECOPY
+    missing: list[str] = []
+    if not features.blockdev_snapshot_transaction:
+        missing.append("transaction with blockdev-snapshot and blockdev-add")
+    if "blockdev-create" not in features.commands:
+        missing.append("blockdev-create")
+    if strategy in (Strategy.PRECOPY, Strategy.MAPPED_RAM) and not features.pause_before_switchover:
+        missing.append("the pause-before-switchover migration capability")
+    if strategy is Strategy.MAPPED_RAM and not (features.mapped_ram and features.multifd):
+        missing.append("the mapped-ram and multifd migration capabilities with file: migration")
+    if strategy is Strategy.BACKGROUND_SNAPSHOT and not features.background_snapshot:
+        missing.append("the background-snapshot migration capability")
+    if features.file_transport and features.fdset:
+        transport = Transport.FDSET_FILE
+    elif features.fd_transport and strategy is not Strategy.MAPPED_RAM:
+        transport = Transport.FD
+    else:
+        transport = Transport.FD
+        missing.append("a way to migrate into a passed file descriptor (getfd or add-fd + file:)")
+    if missing:
+        raise FeatureMissing(
+            f"QEMU {features.version} cannot forge with the {strategy.value!r} strategy: it lacks "
+            + "; ".join(missing)
+            + ". Choose another strategy or upgrade QEMU."
+        )
+    return strategy, transport
+
+
+@attrs.frozen
+class OverlayPlan:
+    """The overlay of one disk: its file, its two nodes, and the commands that make or remove it."""
+
+    disk: Disk
+    overlay_file: str
+    file_node: str
+    format_node: str
+    create_job: str
+
+    def add_file_node(self) -> Command:
+        """Open the (empty, forgeqmp-created) overlay file as a file node."""
+        return Command(
+            "blockdev-add",
+            {"driver": "file", "node-name": self.file_node, "filename": self.overlay_file},
+        )
+
+    def create_image(self) -> Command:
+        """Format the file node as qcow2 backed by the disk's image (a job; wait for it)."""
+        assert self.disk.file is not None
+        assert self.disk.format is not None
+        assert self.disk.virtual_size is not None
+        return Command(
+            "blockdev-create",
+            {
+                "job-id": self.create_job,
+                "options": {
+                    "driver": "qcow2",
+                    "file": self.file_node,
+                    "size": self.disk.virtual_size,
+                    "backing-file": self.disk.file,
+                    "backing-fmt": self.disk.format,
+                },
+            },
+        )
+
+    def add_format_node(self) -> Command:
+        """Open the qcow2 overlay without its backing (``blockdev-snapshot`` links it)."""
+        return Command(
+            "blockdev-add",
+            {
+                "driver": "qcow2",
+                "node-name": self.format_node,
+                "file": self.file_node,
+                "backing": None,
+            },
+        )
+
+    def snapshot_action(self) -> dict[str, Any]:
+        """The ``transaction`` action that puts the overlay on top of the disk's node."""
+        assert self.disk.node is not None
+        return {
+            "type": "blockdev-snapshot",
+            "data": {"node": self.disk.node, "overlay": self.format_node},
+        }
+
+    def remove_nodes(self) -> tuple[Command, ...]:
+        """Undo :meth:`add_format_node` and :meth:`add_file_node` (in that order)."""
+        return (
+            Command("blockdev-del", {"node-name": self.format_node}),
+            Command("blockdev-del", {"node-name": self.file_node}),
+        )
+
+
+@attrs.frozen
+class EnablePlan:
+    """Everything enable sends to QEMU, computed before the first command."""
+
+    session_id: str
+    strategy: Strategy
+    transport: Transport
+    overlays: tuple[OverlayPlan, ...]
+    memory_file: str
+    #: Migration capabilities to set for the save (and to restore afterwards).
+    capabilities: Mapping[str, bool]
+    #: Migration parameters to set for the save (and to restore afterwards).
+    parameters: Mapping[str, Any]
+    #: The fd name for the ``fd:`` transport.
+    fd_name: str
+
+    def set_capabilities(self) -> Command:
+        """``migrate-set-capabilities`` for the save."""
+        return Command(
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": k, "state": v} for k, v in self.capabilities.items()]},
+        )
+
+    def restore_capabilities(self, previous: Mapping[str, bool]) -> Command:
+        """Put back the capabilities this plan changed, as they were before."""
+        return Command(
+            "migrate-set-capabilities",
+            {
+                "capabilities": [
+                    {"capability": k, "state": bool(previous.get(k, False))}
+                    for k in reversed(list(self.capabilities))
+                ]
+            },
+        )
+
+    def set_parameters(self) -> Command:
+        """``migrate-set-parameters`` for the save."""
+        return Command("migrate-set-parameters", dict(self.parameters))
+
+    def restore_parameters(self, previous: Mapping[str, Any]) -> Command:
+        """Put back the parameters this plan changed, as they were before."""
+        return Command(
+            "migrate-set-parameters", {k: previous[k] for k in self.parameters if k in previous}
+        )
+
+    def migration_uri(self, fdset_id: int | None) -> str:
+        """The URI of the memory file as QEMU sees it."""
+        if self.transport is Transport.FDSET_FILE:
+            if fdset_id is None:
+                raise ValueError("the file transport needs the fdset id from add-fd")
+            return f"file:/dev/fdset/{fdset_id}"
+        return f"fd:{self.fd_name}"
+
+    def migrate(self, fdset_id: int | None) -> Command:
+        """Start saving the memory state."""
+        return Command("migrate", {"uri": self.migration_uri(fdset_id)})
+
+    def transaction(self) -> Command:
+        """All disks or none: one ``blockdev-snapshot`` per forged disk."""
+        return Command("transaction", {"actions": [o.snapshot_action() for o in self.overlays]})
+
+    @property
+    def pauses_before_switchover(self) -> bool:
+        """True when the transaction runs at the ``pre-switchover`` pause."""
+        return self.strategy is not Strategy.BACKGROUND_SNAPSHOT
+
+
+def _overlay_path(disk: Disk, session_id: str, overlay_dir: str | None) -> str:
+    assert disk.file is not None
+    base_dir, base_name = os.path.split(disk.file)
+    directory = overlay_dir if overlay_dir is not None else base_dir
+    return os.path.join(os.path.abspath(directory), f"{base_name}.forge-{session_id[:8]}.qcow2")
+
+
+def plan_enable(
+    *,
+    session_id: str,
+    selection: Selection,
+    features: Features,
+    memory_file: str,
+    strategy: Strategy | None = None,
+    overlay_dir: str | None = None,
+) -> EnablePlan:
+    """Compute the enable plan. Node names are short (QEMU allows 31 characters) and unique per
+    session: ``fq<8 hex>-<n>-fmt`` / ``-file``; overlay files sit next to their base image (or in
+    ``overlay_dir``) as ``<base name>.forge-<8 hex>.qcow2``.
+
+    :raises FeatureMissing: see :func:`choose_strategy`.
+    """
+    chosen, transport = choose_strategy(features, strategy)
+    tag = f"fq{session_id.replace('-', '')[:8]}"
+    overlays = tuple(
+        OverlayPlan(
+            disk=disk,
+            overlay_file=_overlay_path(disk, session_id, overlay_dir),
+            file_node=f"{tag}-{i}-file",
+            format_node=f"{tag}-{i}-fmt",
+            create_job=f"{tag}-{i}-create",
+        )
+        for i, disk in enumerate(selection.forged)
+    )
+    # "events": QEMU sends MIGRATION events only with it; without them every wait would poll.
+    capabilities: dict[str, bool] = {"events": True}
+    if chosen is Strategy.BACKGROUND_SNAPSHOT:
+        capabilities["background-snapshot"] = True
+    elif chosen is Strategy.MAPPED_RAM:
+        capabilities.update({"pause-before-switchover": True, "multifd": True, "mapped-ram": True})
+    else:
+        capabilities["pause-before-switchover"] = True
+    parameters: dict[str, Any] = {"max-bandwidth": MAX_BANDWIDTH}
+    if chosen is not Strategy.BACKGROUND_SNAPSHOT:
+        parameters["downtime-limit"] = DOWNTIME_LIMIT_MS
+    return EnablePlan(
+        session_id=session_id,
+        strategy=chosen,
+        transport=transport,
+        overlays=overlays,
+        memory_file=memory_file,
+        capabilities=capabilities,
+        parameters=parameters,
+        fd_name=f"{tag}-memory",
+    )
+
+
+def overlays_attached(
+    plan_overlays: Sequence[OverlayPlan], query_block: Sequence[Mapping[str, Any]]
+) -> dict[str, bool]:
+    """For each overlay of the plan: is its format node attached to its disk's device now?
+
+    Used to learn whether a transaction took effect when its reply was lost."""
+    attached = {
+        str(entry.get("qdev")): str(entry["inserted"]["node-name"])
+        for entry in query_block
+        if entry.get("inserted")
+    }
+    return {o.format_node: attached.get(o.disk.qdev) == o.format_node for o in plan_overlays}
