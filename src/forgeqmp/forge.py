@@ -28,6 +28,7 @@ from forgeqmp.errors import (
     ForgeError,
     ForgeFailed,
     InvalidArgument,
+    NoSession,
     QMPCommandError,
     SessionActive,
     TaskRunning,
@@ -47,14 +48,25 @@ from forgeqmp.record import (
     new_session_id,
 )
 from forgeqmp.statedir import InstanceLock, StateDir, default_state_dir
-from forgeqmp.states import Failure, SessionStatus, State
+from forgeqmp.states import Event, Failure, SessionStatus, State
 
-__all__ = ["DEFAULT_ENABLE_TIMEOUT", "Instance", "ProgressEvent", "connect", "status_of"]
+__all__ = [
+    "DEFAULT_COMMIT_TIMEOUT",
+    "DEFAULT_ENABLE_TIMEOUT",
+    "Instance",
+    "ProgressEvent",
+    "connect",
+    "status_of",
+]
 
 log = logging.getLogger(__name__)
 
 #: Seconds enable may take in all (the memory save dominates: ~3 GB/s here, far less under load).
 DEFAULT_ENABLE_TIMEOUT = 600.0
+#: Seconds a commit may take in all (the product's 1 hour default).
+DEFAULT_COMMIT_TIMEOUT = 3600.0
+#: Seconds between two progress polls of a block job.
+PROGRESS_INTERVAL = 0.2
 #: Seconds any undo step may take after a failure.
 _UNDO_TIMEOUT = 60.0
 #: Migration statuses that end a migration.
@@ -101,8 +113,10 @@ def status_of(record: SessionRecord) -> SessionStatus:
     """The sans-IO status (state + failure) a record describes."""
     if record.state is not State.FAILED:
         return SessionStatus(record.state, None)
-    merged = tuple(d.name for d in record.disks if d.merged)
-    pending = tuple(d.name for d in record.disks if not d.merged and d.overlay_node)
+    # Fully merged: the overlay is gone. A disk whose commit started but did not finish is
+    # pending (a later commit finishes it) and also bars discard (see Instance.discard).
+    merged = tuple(d.name for d in record.disks if d.merged and d.overlay_node is None)
+    pending = tuple(d.name for d in record.disks if d.overlay_node is not None)
     failure = Failure(
         phase=record.failure_phase or State.ACTIVE,
         reason=record.error or "unknown failure",
@@ -718,6 +732,239 @@ class Instance:
         await conn.execute("job-dismiss", {"id": job_id})
         if error:
             raise ForgeFailed(f"commit of {top_node} into {base_node} failed: {error}")
+
+    # --- commit ------------------------------------------------------------------------------
+
+    async def commit(
+        self,
+        *,
+        timeout: float = DEFAULT_COMMIT_TIMEOUT,
+        on_progress: ProgressCallback | None = None,
+    ) -> SessionRecord:
+        """Merge every forged disk's overlay into its original, live, disks in parallel.
+
+        The guest runs throughout; its writes during the commit end up in the originals. Returns
+        the Committed record.
+
+        Point of no return: a disk's original starts receiving its overlay's data when its
+        ``block-commit`` starts, so from then on the memory snapshot no longer matches it and
+        discard is refused (the record marks the disk ``merged`` *before* the job starts). The
+        overlay stays valid until the job completes, so a commit stopped by the ``timeout`` or a
+        cancellation leaves each disk either fully merged or still on its overlay; the session
+        is then Failed with that detail per disk, and a later commit finishes the rest.
+
+        :raises InvalidArgument: a bad timeout. Nothing changed.
+        :raises NoSession: no Active session (or no failed commit to finish). Nothing changed.
+        :raises TaskRunning: another task runs on the instance. Nothing changed.
+        :raises ForgeFailed: the commit stopped; the record says which disks are merged.
+        """
+        timeout = _check_timeout("timeout", timeout)
+        report = on_progress or (lambda _event: None)
+        with InstanceLock(self.state_dir, "forgeqmp commit"):
+            record = self._require_session("commit", lambda st: st.can_commit)
+            status = status_of(record).apply(Event.COMMIT)
+            await self._check_no_task()
+            blocks = await self.conn.execute("query-block")
+            attached = _attached_nodes(blocks)
+            pending = [d for d in record.disks if attached.get(d.qdev) == d.overlay_node]
+            record = self._save(
+                record,
+                state=status.state,
+                step="committing",
+                failure_phase=None,
+                error=None,
+                next_step=None,
+            )
+            saver = anyio.Lock()
+            try:
+                with anyio.fail_after(timeout):
+                    async with anyio.create_task_group() as tg:
+                        for disk in pending:
+                            tg.start_soon(self._commit_disk, disk, saver, report)
+            except BaseException as exc:
+                with anyio.CancelScope(shield=True):
+                    record = await self._commit_failed(exc, timeout)
+                if isinstance(exc, TimeoutError | ForgeError | OSError):
+                    raise ForgeFailed(
+                        f"commit stopped: {record.error}; {record.next_step}"
+                    ) from None
+                raise
+            record = self.store.load() or record
+            self._remove_memory_file(record)
+            record = self._save(
+                record,
+                state=State.COMMITTED,
+                step="committed",
+                finished_at=_now(),
+            )
+            report(ProgressEvent("commit", "committed"))
+            return record
+
+    def _require_session(
+        self, operation: str, allowed: Callable[[SessionStatus], bool]
+    ) -> SessionRecord:
+        record = self.store.load()
+        if record is None:
+            raise NoSession(f"there is no forge session to {operation} on this instance")
+        status = status_of(record)
+        if not allowed(status):
+            detail = f"; {record.next_step}" if record.next_step else ""
+            raise NoSession(
+                f"cannot {operation}: session {record.session_id} is {record.state.value}{detail}"
+            )
+        return record
+
+    async def _commit_disk(
+        self, disk: DiskRecord, saver: anyio.Lock, report: ProgressCallback
+    ) -> None:
+        assert disk.overlay_node is not None
+        conn = self.conn
+        job_id = f"{disk.overlay_node.removesuffix('-fmt')}-commit"
+        # Point of no return for discard: recorded before the original receives any data.
+        async with saver:
+            record = self.store.load()
+            assert record is not None
+            self._save(record.evolve_disk(disk.name, merged=True))
+        with conn.subscribe(
+            "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == job_id
+        ) as sub:
+            await conn.execute(
+                "block-commit",
+                {
+                    "job-id": job_id,
+                    "device": disk.overlay_node,
+                    "base-node": disk.device_node,
+                    "auto-dismiss": False,
+                },
+            )
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._report_job_progress, job_id, disk.name, report)
+                ev = await sub.wait(
+                    lambda e: e["data"]["status"] in ("ready", "concluded"),
+                    DEFAULT_COMMIT_TIMEOUT * 24,  # bounded by the caller's deadline
+                    f"the commit of {disk.name} to be ready",
+                )
+                if ev["data"]["status"] == "ready":
+                    await self._complete_job(job_id)
+                    await sub.wait(
+                        lambda e: e["data"]["status"] == "concluded",
+                        _UNDO_TIMEOUT,
+                        f"the commit of {disk.name} to end",
+                    )
+                tg.cancel_scope.cancel()
+        jobs = await conn.execute("query-jobs")
+        error = next((j.get("error") for j in jobs if j["id"] == job_id), None)
+        await conn.execute("job-dismiss", {"id": job_id})
+        if error:
+            raise ForgeFailed(f"committing disk {disk.name} failed: {error}")
+        attached = _attached_nodes(await conn.execute("query-block"))
+        if attached.get(disk.qdev) != disk.device_node:
+            raise ForgeFailed(
+                f"after its commit, disk {disk.name} is on node {attached.get(disk.qdev)!r}, "
+                f"not its original {disk.device_node!r}"
+            )
+        await self._drop_overlay(disk)
+        async with saver:
+            record = self.store.load()
+            assert record is not None
+            self._save(_overlay_gone(record, disk.name))
+        report(ProgressEvent("commit", "disk-merged", {"disk": disk.name}))
+
+    async def _drop_overlay(self, disk: DiskRecord) -> None:
+        """Remove a merged disk's overlay nodes from the graph and its file from the disk."""
+        for node in (disk.overlay_node, disk.overlay_file_node):
+            if node is None:
+                continue
+            try:
+                await self.conn.execute("blockdev-del", {"node-name": node})
+            except QMPCommandError as exc:
+                if "not found" not in exc.desc.lower() and "cannot find" not in exc.desc.lower():
+                    raise
+        if disk.overlay_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(disk.overlay_file)
+
+    async def _complete_job(self, job_id: str) -> None:
+        """``job-complete``, retried while QEMU says the job is not ready yet (transient)."""
+        while True:
+            try:
+                await self.conn.execute("job-complete", {"id": job_id})
+                return
+            except QMPCommandError as exc:
+                if "cannot accept command verb" not in exc.desc and "not ready" not in exc.desc:
+                    raise
+            await anyio.sleep(0.05)
+
+    async def _report_job_progress(self, job_id: str, disk: str, report: ProgressCallback) -> None:
+        last: tuple[int, int] | None = None
+        while True:
+            jobs = await self.conn.execute("query-jobs")
+            job = next((j for j in jobs if j["id"] == job_id), None)
+            if job is not None:
+                now = (int(job["current-progress"]), int(job["total-progress"]))
+                if now != last:
+                    last = now
+                    report(
+                        ProgressEvent(
+                            "commit", "progress", {"disk": disk, "done": now[0], "total": now[1]}
+                        )
+                    )
+            await anyio.sleep(PROGRESS_INTERVAL)
+
+    async def _commit_failed(self, cause: BaseException, timeout: float) -> SessionRecord:
+        """Stop the jobs not past the point of no return; record per disk what is merged."""
+        conn = self.conn
+        with contextlib.suppress(Exception), anyio.fail_after(_UNDO_TIMEOUT):
+            for job in await conn.execute("query-jobs"):
+                if job["type"] == "commit" and job["id"].endswith("-commit"):
+                    await self._drop_job(job["id"])
+        record = self.store.load()
+        assert record is not None
+        attached: dict[str, str] = {}
+        with contextlib.suppress(Exception), anyio.fail_after(_UNDO_TIMEOUT):
+            attached = _attached_nodes(await conn.execute("query-block"))
+        done = [d for d in record.disks if attached.get(d.qdev) == d.device_node]
+        for disk in done:
+            with contextlib.suppress(Exception), anyio.fail_after(_UNDO_TIMEOUT):
+                await self._drop_overlay(disk)
+            record = _overlay_gone(record, disk.name)
+        pending = [d.name for d in record.disks if d.overlay_node is not None]
+        if isinstance(cause, TimeoutError):
+            reason = f"the commit deadline ({timeout:g} s) passed"
+        else:
+            reason = f"{type(cause).__name__}: {cause}"
+        merged_done = ", ".join(d.name for d in done) or "none"
+        return self._save(
+            record,
+            state=State.FAILED,
+            failure_phase=State.COMMITTING,
+            rolled_back=False,
+            error=f"{reason}; disks fully merged: {merged_done}; still on overlays: "
+            + (", ".join(pending) or "none"),
+            next_step="run 'forgeqmp commit' again to finish the disks still on overlays"
+            if pending
+            else "run 'forgeqmp recover' to finish the session",
+        )
+
+    def _remove_memory_file(self, record: SessionRecord) -> None:
+        if record.memory is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(record.memory.path)
+            self.state_dir.fsync_dir()
+
+
+def _overlay_gone(record: SessionRecord, disk: str) -> SessionRecord:
+    """The record with ``disk`` merged and its overlay removed (nothing left to commit)."""
+    return record.evolve_disk(disk, merged=True, overlay_node=None, overlay_file_node=None)
+
+
+def _attached_nodes(query_block: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """qdev path → node-name attached to it now."""
+    return {
+        str(b.get("qdev")): str(b["inserted"]["node-name"])
+        for b in query_block
+        if b.get("qdev") and b.get("inserted")
+    }
 
 
 @contextlib.asynccontextmanager
