@@ -401,6 +401,10 @@ class SessionRecord:
         default=None, converter=_to_opt_float, validator=_opt_duration
     )
     memory_restored: bool | None = attrs.field(default=None, validator=_opt_flag)
+    #: Seconds from the discard call to the VM running again.
+    resume_seconds: float | None = attrs.field(
+        default=None, converter=_to_opt_float, validator=_opt_duration
+    )
     error: str | None = attrs.field(default=None, validator=_opt_text)
     next_step: str | None = attrs.field(default=None, validator=_opt_text)
     warnings: tuple[str, ...] = attrs.field(
@@ -498,6 +502,7 @@ class SessionRecord:
             "finished_at": _iso(self.finished_at),
             "unforged_disks": list(self.unforged_disks),
             "pause_ms": self.pause_ms,
+            "resume_seconds": self.resume_seconds,
             "warnings": list(self.warnings),
             "failure_phase": self.failure_phase.value if self.failure_phase else None,
             "rolled_back": self.rolled_back,
@@ -525,6 +530,7 @@ def no_session_status() -> dict[str, Any]:
         "finished_at": None,
         "unforged_disks": [],
         "pause_ms": None,
+        "resume_seconds": None,
         "warnings": [],
         "failure_phase": None,
         "rolled_back": None,
