@@ -1,5 +1,113 @@
-"""forgeqmp: try-before-you-keep live snapshots of running QEMU VMs, with full memory state."""
+"""forgeqmp: try-before-you-keep live snapshots of running QEMU VMs, with full memory state.
+
+Point it at a running QEMU's QMP socket::
+
+    async with forgeqmp.connect("/run/vm1/qmp.sock") as vm:
+        session = await vm.enable()          # disks + memory, guest paused ~10-25 ms
+        ...                                  # try things in the guest
+        await vm.discard()                   # back to the moment of enable, or:
+        await vm.commit()                    # keep everything
+
+Everything is a coroutine for anyio's asyncio backend (qemu.qmp is asyncio-based).
+"""
 
 from forgeqmp._version import __version__
+from forgeqmp.disks import Disk, Selection, select_disks
+from forgeqmp.errors import (
+    DiskNotForgeable,
+    FeatureMissing,
+    ForgeError,
+    ForgeFailed,
+    IllegalTransition,
+    InstanceLocked,
+    InvalidArgument,
+    NoDiskSelected,
+    NoSession,
+    NotQMP,
+    OperationBlocked,
+    PrerequisiteError,
+    QEMUUnreachable,
+    QMPCommandError,
+    QMPDisconnected,
+    QMPError,
+    QMPTimeout,
+    RecordError,
+    SessionActive,
+    TaskRunning,
+    UnknownDisk,
+    VMNotRunning,
+)
+from forgeqmp.features import Features, probe
+from forgeqmp.forge import (
+    DEFAULT_COMMIT_TIMEOUT,
+    DEFAULT_DISCARD_TIMEOUT,
+    DEFAULT_ENABLE_TIMEOUT,
+    Instance,
+    ProgressEvent,
+    connect,
+    status_of,
+)
+from forgeqmp.launcher import Launcher, LaunchSpec, cold_argv, detached_launcher, incoming_argv
+from forgeqmp.plans.enable import Strategy, Transport
+from forgeqmp.qmp import QMPConnection
+from forgeqmp.record import DiskRecord, MemoryRecord, QemuRecord, RecordStore, SessionRecord
+from forgeqmp.statedir import InstanceLock, StateDir, default_state_dir
+from forgeqmp.states import Event, Failure, SessionStatus, State
 
-__all__ = ["__version__"]
+__all__ = [
+    "DEFAULT_COMMIT_TIMEOUT",
+    "DEFAULT_DISCARD_TIMEOUT",
+    "DEFAULT_ENABLE_TIMEOUT",
+    "Disk",
+    "DiskNotForgeable",
+    "DiskRecord",
+    "Event",
+    "Failure",
+    "FeatureMissing",
+    "Features",
+    "ForgeError",
+    "ForgeFailed",
+    "IllegalTransition",
+    "Instance",
+    "InstanceLock",
+    "InstanceLocked",
+    "InvalidArgument",
+    "LaunchSpec",
+    "Launcher",
+    "MemoryRecord",
+    "NoDiskSelected",
+    "NoSession",
+    "NotQMP",
+    "OperationBlocked",
+    "PrerequisiteError",
+    "ProgressEvent",
+    "QEMUUnreachable",
+    "QMPCommandError",
+    "QMPConnection",
+    "QMPDisconnected",
+    "QMPError",
+    "QMPTimeout",
+    "QemuRecord",
+    "RecordError",
+    "RecordStore",
+    "Selection",
+    "SessionActive",
+    "SessionRecord",
+    "SessionStatus",
+    "State",
+    "StateDir",
+    "Strategy",
+    "TaskRunning",
+    "Transport",
+    "UnknownDisk",
+    "VMNotRunning",
+    "__version__",
+    "cold_argv",
+    "connect",
+    "default_state_dir",
+    "detached_launcher",
+    "incoming_argv",
+    "probe",
+    "select_disks",
+    "status_of",
+]
