@@ -1,0 +1,204 @@
+"""The enable plan is pure data: which QMP commands, with which arguments, for each strategy and
+each QEMU (recorded introspection of 7.2 and 10.0)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from forgeqmp.disks import disks_from_query, select_disks
+from forgeqmp.errors import FeatureMissing
+from forgeqmp.features import Features, features_from_introspection
+from forgeqmp.launcher import cold_argv, incoming_argv
+from forgeqmp.plans.enable import (
+    DOWNTIME_LIMIT_MS,
+    Strategy,
+    Transport,
+    choose_strategy,
+    overlays_attached,
+    plan_enable,
+)
+
+DATA = Path(__file__).parent.parent / "data"
+SID = "0123abcd-0000-4000-8000-000000000000"
+
+
+def load(name: str) -> dict[str, Any]:
+    with gzip.open(DATA / name, "rt") as f:
+        result: dict[str, Any] = json.load(f)
+    return result
+
+
+def features(version: str) -> Features:
+    d = load(f"qemu-{version}.json.gz")
+    return features_from_introspection(d["version"], d["schema"], d["migrate_capabilities"])
+
+
+def selection(version: str, **kw: Any):  # type: ignore[no-untyped-def]
+    data = load(f"qemu-{version}-blockinfo.json.gz")
+    return select_disks(disks_from_query(data["query-block"]), **kw)
+
+
+def test_default_strategy_is_precopy_with_the_file_transport_on_10() -> None:
+    assert choose_strategy(features("10.0")) == (Strategy.PRECOPY, Transport.FDSET_FILE)
+
+
+def test_default_strategy_is_precopy_with_the_fd_transport_on_72() -> None:
+    assert choose_strategy(features("7.2")) == (Strategy.PRECOPY, Transport.FD)
+
+
+def test_mapped_ram_needs_the_file_transport() -> None:
+    assert choose_strategy(features("10.0"), Strategy.MAPPED_RAM)[0] is Strategy.MAPPED_RAM
+    with pytest.raises(FeatureMissing, match="mapped-ram"):
+        choose_strategy(features("7.2"), Strategy.MAPPED_RAM)
+
+
+def test_background_snapshot_is_offered_on_both() -> None:
+    for version in ("7.2", "10.0"):
+        strategy, _ = choose_strategy(features(version), Strategy.BACKGROUND_SNAPSHOT)
+        assert strategy is Strategy.BACKGROUND_SNAPSHOT
+
+
+def test_missing_pause_before_switchover_is_refused_with_what_is_missing() -> None:
+    f = features("10.0")
+    lacking = Features(
+        version=f.version,
+        commands=f.commands,
+        migration_capabilities=f.migration_capabilities - {"pause-before-switchover"},
+        migration_transports=f.migration_transports,
+        migration_parameters=f.migration_parameters,
+        migration_statuses=f.migration_statuses,
+        transaction_actions=f.transaction_actions,
+    )
+    with pytest.raises(FeatureMissing, match="pause-before-switchover") as info:
+        choose_strategy(lacking)
+    assert info.value.exit_code == 3
+
+
+@pytest.mark.parametrize("version", ["7.2", "10.0"])
+def test_plan_for_two_disks(version: str, tmp_path: Path) -> None:
+    plan = plan_enable(
+        session_id=SID,
+        selection=selection(version, all_disks=True),
+        features=features(version),
+        memory_file=str(tmp_path / "mem"),
+    )
+    assert [o.disk.name for o in plan.overlays] == ["d0", "d1"]
+    d0, d1 = plan.overlays
+    assert d0.overlay_file == "/tmp/fq2/d0.qcow2.forge-0123abcd.qcow2"
+    assert d0.format_node == "fq0123abcd-0-fmt"
+    assert len(d0.format_node) <= 31 and len(d0.create_job) <= 31
+    assert d0.add_file_node().arguments == {
+        "driver": "file",
+        "node-name": "fq0123abcd-0-file",
+        "filename": d0.overlay_file,
+    }
+    create = d1.create_image().arguments["options"]
+    assert create["backing-file"] == "/tmp/fq2/d1.raw"
+    assert create["backing-fmt"] == "raw"
+    assert create["size"] == 32 * 1024 * 1024
+    assert d0.add_format_node().arguments["backing"] is None
+    txn = plan.transaction()
+    assert txn.name == "transaction"
+    assert txn.arguments["actions"] == [
+        {"type": "blockdev-snapshot", "data": {"node": "d0-fmt", "overlay": "fq0123abcd-0-fmt"}},
+        {"type": "blockdev-snapshot", "data": {"node": "d1-fmt", "overlay": "fq0123abcd-1-fmt"}},
+    ]
+    assert plan.capabilities == {"events": True, "pause-before-switchover": True}
+    assert plan.parameters["downtime-limit"] == DOWNTIME_LIMIT_MS
+    assert [c.name for c in d0.remove_nodes()] == ["blockdev-del", "blockdev-del"]
+
+
+def test_migration_uri_per_transport(tmp_path: Path) -> None:
+    new = plan_enable(
+        session_id=SID,
+        selection=selection("10.0"),
+        features=features("10.0"),
+        memory_file=str(tmp_path / "m"),
+    )
+    assert new.migrate(7).arguments == {"uri": "file:/dev/fdset/7"}
+    with pytest.raises(ValueError, match="fdset"):
+        new.migrate(None)
+    old = plan_enable(
+        session_id=SID,
+        selection=selection("7.2"),
+        features=features("7.2"),
+        memory_file=str(tmp_path / "m"),
+    )
+    assert old.migrate(None).arguments == {"uri": "fd:fq0123abcd-memory"}
+
+
+def test_settings_are_restored_to_what_they_were(tmp_path: Path) -> None:
+    plan = plan_enable(
+        session_id=SID,
+        selection=selection("10.0"),
+        features=features("10.0"),
+        memory_file=str(tmp_path / "m"),
+        strategy=Strategy.MAPPED_RAM,
+    )
+    previous_caps = {"events": False, "multifd": True}
+    restored = {
+        c["capability"]: c["state"]
+        for c in plan.restore_capabilities(previous_caps).arguments["capabilities"]
+    }
+    assert restored == {
+        "events": False,
+        "multifd": True,
+        "mapped-ram": False,
+        "pause-before-switchover": False,
+    }
+    params = plan.restore_parameters({"max-bandwidth": 134217728, "downtime-limit": 300, "x": 1})
+    assert params.arguments == {"max-bandwidth": 134217728, "downtime-limit": 300}
+
+
+def test_overlay_dir_is_honoured(tmp_path: Path) -> None:
+    plan = plan_enable(
+        session_id=SID,
+        selection=selection("10.0"),
+        features=features("10.0"),
+        memory_file=str(tmp_path / "m"),
+        overlay_dir=str(tmp_path),
+    )
+    assert plan.overlays[0].overlay_file == str(tmp_path / "d0.qcow2.forge-0123abcd.qcow2")
+
+
+def test_overlays_attached_reads_query_block(tmp_path: Path) -> None:
+    plan = plan_enable(
+        session_id=SID,
+        selection=selection("10.0", all_disks=True),
+        features=features("10.0"),
+        memory_file=str(tmp_path / "m"),
+    )
+    blocks = load("qemu-10.0-blockinfo.json.gz")["query-block"]
+    assert overlays_attached(plan.overlays, blocks) == {
+        "fq0123abcd-0-fmt": False,
+        "fq0123abcd-1-fmt": False,
+    }
+    blocks[0]["inserted"]["node-name"] = "fq0123abcd-0-fmt"
+    assert overlays_attached(plan.overlays, blocks)["fq0123abcd-0-fmt"] is True
+
+
+@pytest.mark.parametrize(
+    ("argv", "incoming", "cold"),
+    [
+        (["q", "-m", "1G"], ["q", "-m", "1G", "-incoming", "defer", "-S"], ["q", "-m", "1G"]),
+        (
+            ["q", "-S", "-incoming", "tcp:0:4444", "-m", "1G"],
+            ["q", "-m", "1G", "-incoming", "defer", "-S"],
+            ["q", "-m", "1G"],
+        ),
+        (
+            ["q", "-loadvm", "snap1", "-daemonize"],
+            ["q", "-daemonize", "-incoming", "defer", "-S"],
+            ["q", "-daemonize"],
+        ),
+        (["q", "--incoming=defer"], ["q", "-incoming", "defer", "-S"], ["q"]),
+    ],
+)
+def test_relaunch_argv(argv: list[str], incoming: list[str], cold: list[str]) -> None:
+    assert list(incoming_argv(argv)) == incoming
+    assert list(cold_argv(argv)) == cold
