@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="JSON lines: progress events, then one final object"
     )
     # --json is also accepted after the command (the contract puts it before).
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="JSON lines")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 

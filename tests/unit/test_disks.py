@@ -53,7 +53,8 @@ def test_default_is_the_lowest_bootindex(disks: tuple[Disk, ...]) -> None:
     selection = select_disks(disks)
     assert [d.name for d in selection.forged] == ["d0"]
     assert [d.name for d in selection.unforged] == ["d1"]
-    assert selection.warnings and "d1" in selection.warnings[0]
+    assert selection.warnings
+    assert "d1" in selection.warnings[0]
 
 
 def test_default_without_bootindex_is_the_first_disk(disks: tuple[Disk, ...]) -> None:

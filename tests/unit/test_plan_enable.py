@@ -91,7 +91,8 @@ def test_plan_for_two_disks(version: str, tmp_path: Path) -> None:
     d0, d1 = plan.overlays
     assert d0.overlay_file == "/tmp/fq2/d0.qcow2.forge-0123abcd.qcow2"
     assert d0.format_node == "fq0123abcd-0-fmt"
-    assert len(d0.format_node) <= 31 and len(d0.create_job) <= 31
+    assert len(d0.format_node) <= 31
+    assert len(d0.create_job) <= 31
     assert d0.add_file_node().arguments == {
         "driver": "file",
         "node-name": "fq0123abcd-0-file",

@@ -216,6 +216,32 @@ class ForgeInstance(RuleBasedStateMachine):
         self.apply(E.COMMIT_FAILED, failure)
         self.set_failed(failure)
 
+    @precondition(
+        lambda self: self.state is S.COMMITTING and len(self.disks) - len(self.merged) > 1
+    )
+    @rule(data=st.data())
+    def commit_fails_partway(self, data: st.DataObject) -> None:
+        """The point of no return passed for some disks, not all: the case discard must never undo."""
+        remaining = sorted(set(self.disks) - self.merged)
+        cut = data.draw(st.integers(1, len(remaining) - 1), label="disks merged now")
+        merged = sorted(self.merged | set(remaining[:cut]))
+        failure = Failure(
+            S.COMMITTING,
+            "job-complete timed out",
+            "run commit again to merge the pending disks",
+            merged_disks=merged,
+            pending_disks=remaining[cut:],
+        )
+        self.apply(E.COMMIT_FAILED, failure)
+        self.set_failed(failure)
+
+    @precondition(lambda self: self.state is S.FAILED and self.model_can_commit)
+    @rule()
+    def retry_commit_after_a_failure(self) -> None:
+        self.apply(E.COMMIT)
+        self.state = S.COMMITTING
+        self.clear_failure()
+
     # --- discard ------------------------------------------------------------------------------------
 
     @precondition(lambda self: self.state in {S.ACTIVE, S.FAILED})
@@ -290,9 +316,10 @@ class ForgeInstance(RuleBasedStateMachine):
         }[self.state]
         pending = sorted(set(self.disks) - self.merged)
         # No reason, or no next step: refused when the Failure is built.
-        for bad in ({"reason": blank, "next_step": "s"}, {"reason": "r", "next_step": blank}):
-            with pytest.raises(InvalidArgument):
-                Failure(self.state, **bad)
+        with pytest.raises(InvalidArgument):
+            Failure(self.state, blank, "s")
+        with pytest.raises(InvalidArgument):
+            Failure(self.state, "r", blank)
         # The wrong phase: the failure must name the state the work failed in.
         wrong = data.draw(
             st.sampled_from(sorted(MODEL_UNFINISHED - {self.state, S.FAILED}, key=str))
@@ -385,6 +412,17 @@ class ForgeInstance(RuleBasedStateMachine):
         assert not self.status.can_discard
         with pytest.raises((IllegalTransition, PrerequisiteError)):
             self.status.apply(E.DISCARD)
+        # Nor can a failure report that forgets a merged disk reopen it.
+        event = {S.COMMITTING: E.COMMIT_FAILED, S.FAILED: E.RECOVERED_FAILED}.get(self.status.state)
+        if event is not None:
+            for gone in sorted(self.merged):
+                kept = sorted(self.merged - {gone})
+                pending = sorted(set(self.disks) - set(kept))
+                forgetful = Failure(
+                    S.COMMITTING, "r", "s", merged_disks=kept, pending_disks=pending
+                )
+                with pytest.raises(InvalidArgument, match="forgets"):
+                    self.status.apply(event, forgetful)
 
     @invariant()
     def terminal_states_never_change(self) -> None:
