@@ -1,0 +1,449 @@
+"""A real QEMU running the test guest, for forgeqmp's tests and its users' tests.
+
+:class:`QemuInstance` launches QEMU (TCG by default) with N disks (qcow2 or raw, ``-blockdev`` +
+``-device virtio-blk-pci,id=NAME``), a QMP unix socket, and two serial ports on unix sockets with
+log files a relaunched QEMU appends to: ttyS0 carries the guest's ready marker and its counter,
+ttyS1 the guest's command shell (see :mod:`forgeqmp.testing.guest`).
+
+The API is synchronous and thread-safe: async tests call it through ``anyio.to_thread.run_sync``.
+Background threads stay connected to both serial sockets and reconnect on their own when QEMU is
+replaced by another process started with the same argv (forgeqmp's discard does exactly that), so
+the counter and the shell keep working across a discard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+
+import attrs
+
+from forgeqmp.process import is_alive, wait_gone
+from forgeqmp.testing.builds import QemuBuild
+from forgeqmp.testing.guest import (
+    COUNTER_RE,
+    READY_RE,
+    encode_command,
+    guest_image,
+    parse_frame,
+    pattern_md5,
+    pattern_shell,
+)
+
+__all__ = ["DiskImage", "DiskSpec", "GuestCommandError", "QemuInstance"]
+
+
+@attrs.frozen
+class DiskSpec:
+    """A disk to give the guest: its qdev id, image format and size."""
+
+    name: str
+    format: str = "qcow2"
+    size_mib: int = 64
+
+    def __attrs_post_init__(self) -> None:
+        if self.format not in ("qcow2", "raw"):
+            raise ValueError(f"disk format must be qcow2 or raw, not {self.format!r}")
+        if self.size_mib < 1:
+            raise ValueError("disk size must be at least 1 MiB")
+
+
+@attrs.frozen
+class DiskImage:
+    """A disk of a running instance: its spec and its image file."""
+
+    name: str
+    format: str
+    size_mib: int
+    path: str
+
+
+class GuestCommandError(RuntimeError):
+    """A guest shell command exited with a non-zero status."""
+
+    def __init__(self, command: str, status: int, output: str) -> None:
+        self.command = command
+        self.status = status
+        self.output = output
+        super().__init__(f"guest command failed with status {status}: {command}\n{output}")
+
+
+class _SerialReader(threading.Thread):
+    """Keeps a connection to a QEMU serial socket, reconnecting when QEMU is replaced."""
+
+    def __init__(self, path: str, on_data: Callable[[bytes], None]) -> None:
+        super().__init__(name=f"forgeqmp-serial-{os.path.basename(path)}", daemon=True)
+        self.path = path
+        self._on_data = on_data
+        self._halt = threading.Event()
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self.connected = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(self.path)
+            except OSError:
+                sock.close()
+                self._halt.wait(0.02)
+                continue
+            with self._lock:
+                self._sock = sock
+            self.connected.set()
+            try:
+                while not self._halt.is_set():
+                    data = sock.recv(65536)
+                    if not data:
+                        break
+                    self._on_data(data)
+            except OSError:
+                pass
+            finally:
+                self.connected.clear()
+                with self._lock:
+                    self._sock = None
+                sock.close()
+
+    def send(self, data: bytes, timeout: float) -> None:
+        if not self.connected.wait(timeout):
+            raise TimeoutError(f"not connected to {self.path} within {timeout:g} s")
+        with self._lock:
+            if self._sock is None:
+                raise ConnectionError(f"{self.path} disconnected")
+            self._sock.sendall(data)
+
+    def stop(self) -> None:
+        self._halt.set()
+        with self._lock:
+            if self._sock is not None:
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RDWR)
+        self.join(5)
+
+
+class QemuInstance:
+    """One QEMU running the test guest. Use it as a context manager, or call :meth:`stop`."""
+
+    def __init__(
+        self,
+        build: QemuBuild,
+        workdir: str | os.PathLike[str],
+        disks: Sequence[DiskSpec] = (DiskSpec("disk0"),),
+        *,
+        memory_mib: int = 512,
+        accel: str = "tcg",
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        if accel not in ("tcg", "kvm"):
+            raise ValueError(f"accel must be tcg or kvm, not {accel!r}")
+        self.build = build
+        self.workdir = Path(workdir).absolute()
+        self.specs = tuple(disks)
+        self.memory_mib = memory_mib
+        self.accel = accel
+        self.extra_args = tuple(extra_args)
+        self.qmp_socket = str(self.workdir / "qmp.sock")
+        self.console_socket = str(self.workdir / "console.sock")
+        self.shell_socket = str(self.workdir / "shell.sock")
+        self.pidfile = self.workdir / "qemu.pid"
+        self.disks = tuple(
+            DiskImage(d.name, d.format, d.size_mib, str(self.workdir / f"{d.name}.{d.format}"))
+            for d in self.specs
+        )
+        self._created: list[Path] = []
+        self._process: subprocess.Popen[bytes] | None = None
+        self._cond = threading.Condition()
+        self._console = bytearray()
+        self._shell = bytearray()
+        #: (host monotonic time, boot id, counter) for every counter line seen.
+        self._counters: list[tuple[float, str, int]] = []
+        #: (host monotonic time, boot id) for every ready marker seen.
+        self._ready: list[tuple[float, str]] = []
+        self._readers: list[_SerialReader] = []
+        self.argv: tuple[str, ...] = ()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def _make_argv(self) -> tuple[str, ...]:
+        image = guest_image()
+        w = self.workdir
+        argv = self.build.system_argv(
+            "-machine", "q35", "-accel", self.accel, "-m", str(self.memory_mib), "-smp", "1",
+            "-nodefaults", "-no-user-config", "-display", "none", "-nic", "none",
+            "-kernel", str(image.kernel), "-initrd", str(image.initrd),
+            "-append", f"console=ttyS0 forge.disks={len(self.disks)} quiet",
+            "-chardev", f"socket,id=console,path={self.console_socket},server=on,wait=off,"
+            f"logfile={w / 'console.log'},logappend=on",
+            "-serial", "chardev:console",
+            "-chardev", f"socket,id=shell,path={self.shell_socket},server=on,wait=off,"
+            f"logfile={w / 'shell.log'},logappend=on",
+            "-serial", "chardev:shell",
+            "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
+            "-pidfile", str(self.pidfile),
+        )  # fmt: skip
+        for i, disk in enumerate(self.disks):
+            device = f"virtio-blk-pci,id={disk.name},drive={disk.name}-fmt,serial={disk.name}"
+            if i == 0:
+                device += ",bootindex=1"
+            argv += [
+                "-blockdev", f"driver=file,filename={disk.path},node-name={disk.name}-file",
+                "-blockdev", f"driver={disk.format},file={disk.name}-file,node-name={disk.name}-fmt",
+                "-device", device,
+            ]  # fmt: skip
+        return (*argv, *self.extra_args)
+
+    def start(self, timeout: float = 120.0) -> QemuInstance:
+        """Create the disks, launch QEMU and wait until the guest is ready (its shell listening)."""
+        if not self.workdir.exists():
+            self.workdir.mkdir(parents=True)
+            self._created.append(self.workdir)
+        for disk in self.disks:
+            subprocess.run(
+                [str(self.build.img), "create", "-q", "-f", disk.format, disk.path,
+                 f"{disk.size_mib}M"],
+                check=True,
+                env=self.build.environ(),
+            )  # fmt: skip
+            self._created.append(Path(disk.path))
+        self.argv = self._make_argv()
+        log = open(self.workdir / "qemu.log", "ab")  # noqa: SIM115 - handed to the child
+        try:
+            self._process = subprocess.Popen(
+                self.argv,
+                cwd=self.workdir,
+                env=self.build.environ(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+        self._readers = [
+            _SerialReader(self.console_socket, self._on_console),
+            _SerialReader(self.shell_socket, self._on_shell),
+        ]
+        for reader in self._readers:
+            reader.start()
+        try:
+            self.wait_ready(timeout=timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __enter__(self) -> QemuInstance:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def pid(self) -> int:
+        """The pid of the QEMU running now (from its pidfile: QEMU may have been relaunched)."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                pid = int(self.pidfile.read_text().strip())
+                if self._is_ours(pid):
+                    return pid
+            time.sleep(0.02)
+        raise RuntimeError(f"no QEMU of this instance is running ({self.pidfile})")
+
+    def _is_ours(self, pid: int) -> bool:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+        return str(self.pidfile).encode() in cmdline and is_alive(pid)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop this instance's QEMU (only the one whose pidfile and argv are ours) and the
+        readers. Safe to call twice, and when QEMU already exited."""
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            pid = int(self.pidfile.read_text().strip())
+            if self._is_ours(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+                if not wait_gone(pid, timeout):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    wait_gone(pid, timeout)
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.kill()
+            self._process.wait(timeout)
+        for reader in self._readers:
+            reader.stop()
+        self._readers = []
+
+    def cleanup(self) -> None:
+        """Stop, then remove the files this instance created (and nothing else)."""
+        self.stop()
+        for path in reversed(self._created):
+            with contextlib.suppress(FileNotFoundError):
+                if path.is_dir():
+                    for name in ("qmp.sock", "console.sock", "shell.sock", "qemu.pid",
+                                 "console.log", "shell.log", "qemu.log"):  # fmt: skip
+                        (path / name).unlink(missing_ok=True)
+                    with contextlib.suppress(OSError):
+                        path.rmdir()
+                else:
+                    path.unlink()
+        self._created.clear()
+
+    # --- the console: ready marker and counter -----------------------------------------------
+
+    def _on_console(self, data: bytes) -> None:
+        with self._cond:
+            self._console += data
+            while b"\n" in self._console:
+                line, _, rest = self._console.partition(b"\n")
+                self._console = bytearray(rest)
+                now = time.monotonic()
+                if m := COUNTER_RE.search(line):
+                    self._counters.append((now, m["boot"].decode(), int(m["n"])))
+                elif m := READY_RE.search(line):
+                    self._ready.append((now, m["boot"].decode()))
+            self._cond.notify_all()
+
+    def wait_ready(
+        self, *, since: float | None = None, new_boot: bool = False, timeout: float = 120.0
+    ) -> str:
+        """Wait for a ready marker (after ``since``, host monotonic time; or of a boot not seen
+        before if ``new_boot``); returns its boot id."""
+        known = {boot for _t, boot in self._ready} if new_boot else set()
+
+        def found() -> str | None:
+            for t, boot in self._ready:
+                if (since is None or t >= since) and boot not in known:
+                    return boot
+            return None
+
+        with self._cond:
+            if not self._cond.wait_for(lambda: found() is not None, timeout):
+                raise TimeoutError(f"the guest was not ready within {timeout:g} s")
+            boot = found()
+        assert boot is not None
+        # The shell socket must be connected for commands.
+        if not self._readers[1].connected.wait(timeout):
+            raise TimeoutError("the guest shell socket did not connect")
+        return boot
+
+    def counter(self) -> tuple[str, int]:
+        """The latest (boot id, counter) the guest printed."""
+        with self._cond:
+            if not self._counters:
+                raise RuntimeError("the guest printed no counter yet")
+            _t, boot, n = self._counters[-1]
+            return boot, n
+
+    def wait_counter(
+        self, *, min_value: int | None = None, since: float | None = None, timeout: float = 60.0
+    ) -> tuple[str, int]:
+        """Wait for a counter line (received after ``since``, with a value of at least
+        ``min_value``) and return the first such (boot id, counter)."""
+
+        def found() -> tuple[str, int] | None:
+            for t, boot, n in self._counters:
+                if (since is None or t >= since) and (min_value is None or n >= min_value):
+                    return boot, n
+            return None
+
+        if min_value is None and since is None:
+            since = time.monotonic()
+        with self._cond:
+            if not self._cond.wait_for(lambda: found() is not None, timeout):
+                raise TimeoutError(f"no counter line as asked for within {timeout:g} s")
+            result = found()
+        assert result is not None
+        return result
+
+    def counter_history(self) -> list[tuple[float, str, int]]:
+        """Every (host monotonic time, boot id, counter) seen so far."""
+        with self._cond:
+            return list(self._counters)
+
+    def boot_ids(self) -> list[str]:
+        """Boot ids of every ready marker seen, in order."""
+        with self._cond:
+            return [boot for _t, boot in self._ready]
+
+    # --- the shell ---------------------------------------------------------------------------
+
+    def _on_shell(self, data: bytes) -> None:
+        with self._cond:
+            self._shell += data
+            self._cond.notify_all()
+
+    def run(self, command: str, timeout: float = 120.0) -> tuple[int, str]:
+        """Run ``command`` in the guest shell; returns (exit status, output)."""
+        command_id = secrets.token_hex(8)
+        self._readers[1].send(encode_command(command_id, command, int(timeout) + 1), timeout)
+        with self._cond:
+            if not self._cond.wait_for(
+                lambda: parse_frame(self._shell, command_id) is not None, timeout + 5
+            ):
+                raise TimeoutError(f"the guest did not answer within {timeout:g} s: {command}")
+            frame = parse_frame(self._shell, command_id)
+            assert frame is not None
+            del self._shell[: frame.end]
+        return frame.status, frame.output.decode(errors="replace")
+
+    def check(self, command: str, timeout: float = 120.0) -> str:
+        """Run ``command`` in the guest; its output, or :class:`GuestCommandError`."""
+        status, output = self.run(command, timeout)
+        if status != 0:
+            raise GuestCommandError(command, status, output)
+        return output
+
+    def device_of(self, disk: str) -> str:
+        """The guest's /dev/vdX of the disk whose qdev id (and serial) is ``disk``."""
+        out = self.check(
+            f'for d in /sys/block/vd*; do [ "$(cat $d/serial)" = {disk} ] && echo ${{d##*/}}; done'
+        ).split()
+        if len(out) != 1:
+            raise GuestCommandError(f"find disk {disk}", 1, " ".join(out))
+        return f"/dev/{out[0]}"
+
+    def write_disk(
+        self, disk: str, mib: int, *, seed: str = "forge", offset_mib: int = 0, timeout: float = 600
+    ) -> str:
+        """Write ``mib`` MiB of a deterministic pattern (see :func:`pattern_md5`) at ``offset_mib``
+        through the guest with direct I/O; returns the md5 the host expects for it."""
+        device = self.device_of(disk)
+        self.check(
+            f"({pattern_shell(seed, offset_mib, mib)}) | dd of={device} bs=1M seek={offset_mib} "
+            f"oflag=direct iflag=fullblock 2>/dev/null && sync",
+            timeout,
+        )
+        return pattern_md5(seed, offset_mib, mib)
+
+    def disk_md5(self, disk: str, mib: int, *, offset_mib: int = 0, timeout: float = 600) -> str:
+        """The md5 of ``mib`` MiB at ``offset_mib`` of the disk, read in the guest with direct I/O."""
+        device = self.device_of(disk)
+        out = self.check(
+            f"dd if={device} bs=1M skip={offset_mib} count={mib} iflag=direct 2>/dev/null | md5sum",
+            timeout,
+        )
+        return out.split()[0]
+
+    def fill_memory(self, mib: int, timeout: float = 600) -> None:
+        """Make ``mib`` MiB of guest RAM hold data (a file in the guest's RAM-backed /dev/shm)."""
+        self.check(f"dd if=/dev/urandom of=/dev/shm/fill bs=1M count={mib} 2>/dev/null", timeout)

@@ -1,0 +1,81 @@
+"""Shared helpers of the integration tests: running forgeqmp coroutines from sync tests, and
+observing QEMU's block graph and the files a forge leaves."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+
+import forgeqmp
+from forgeqmp.qmp import connect as qmp_connect
+
+T = TypeVar("T")
+
+
+def run(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """Run an async function to completion on the asyncio backend (the supported one)."""
+    return anyio.run(fn, *args, backend="asyncio")
+
+
+async def qmp(socket: str, command: str, arguments: dict[str, Any] | None = None) -> Any:
+    """One QMP command on a fresh connection."""
+    async with qmp_connect(socket) as conn:
+        return await conn.execute(command, arguments)
+
+
+def block_graph(socket: str) -> tuple[Any, list[str]]:
+    """(device → attached node, backing depth) and the sorted node-names in the graph."""
+
+    async def main() -> tuple[Any, list[str]]:
+        async with qmp_connect(socket) as conn:
+            blocks = await conn.execute("query-block")
+            nodes = await conn.execute("query-named-block-nodes")
+        attached = sorted(
+            (b["qdev"], b["inserted"]["node-name"], b["inserted"].get("backing_file_depth", 0))
+            for b in blocks
+            if b.get("inserted")
+        )
+        return attached, sorted(n["node-name"] for n in nodes)
+
+    return run(main)
+
+
+def files_under(*dirs: str | os.PathLike[str]) -> set[str]:
+    """Every file path below the given directories (to show nothing new was left)."""
+    found: set[str] = set()
+    for top in dirs:
+        for root, _subdirs, names in os.walk(top):
+            found.update(os.path.join(root, n) for n in names)
+    return found
+
+
+def sha256_of(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def state_dir_of(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+async def enable(socket: str, state_dir: Path, **kw: Any) -> forgeqmp.SessionRecord:
+    async with forgeqmp.connect(socket, state_dir=state_dir) as vm:
+        return await vm.enable(**kw)
+
+
+async def commit(socket: str, state_dir: Path, **kw: Any) -> forgeqmp.SessionRecord:
+    async with forgeqmp.connect(socket, state_dir=state_dir) as vm:
+        return await vm.commit(**kw)
+
+
+async def discard(socket: str, state_dir: Path, **kw: Any) -> forgeqmp.SessionRecord:
+    async with forgeqmp.connect(socket, state_dir=state_dir) as vm:
+        return await vm.discard(**kw)

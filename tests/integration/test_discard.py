@@ -1,0 +1,124 @@
+"""Discard on real QEMU (every installed build) with a 2-disk guest: the disks go back to their
+contents at enable and the guest resumes from the memory state (its counter goes back); a damaged
+or missing memory file gives a cold start on the reverted disks, with the reason."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import forgeqmp
+from forgeqmp.launcher import LaunchSpec, detached_launcher
+from forgeqmp.states import State
+from forgeqmp.testing import DiskSpec
+
+from .helpers import discard, enable, run, sha256_of
+
+pytestmark = pytest.mark.qemu
+
+TWO_DISKS = [DiskSpec("d0", "qcow2", 64), DiskSpec("d1", "raw", 64)]
+
+
+def forge_and_change(vm: Any, state: Path) -> tuple[forgeqmp.SessionRecord, dict[str, str], dict[str, str], tuple[str, int]]:
+    """Write data A, enable, write data B: returns the record, A's md5 per disk, the originals'
+    sha256 at enable, and the counter at enable."""
+    sums = {d: vm.write_disk(d, 16, seed=f"{d}A") for d in ("d0", "d1")}
+    at_enable = vm.wait_counter()
+    record = run(enable, vm.qmp_socket, state, all_disks=True)
+    originals = {d.name: sha256_of(d.base_file) for d in record.disks}
+    for d in ("d0", "d1"):
+        assert vm.write_disk(d, 16, seed=f"{d}B") != sums[d]
+    vm.wait_counter(min_value=at_enable[1] + 15)
+    return record, sums, originals, at_enable
+
+
+def check_disks_reverted(vm: Any, record: forgeqmp.SessionRecord, sums: dict[str, str], originals: dict[str, str]) -> None:
+    for disk in record.disks:
+        assert sha256_of(disk.base_file) == originals[disk.name]
+        assert disk.overlay_file is not None
+        assert not os.path.exists(disk.overlay_file)
+    assert record.memory is not None
+    assert not os.path.exists(record.memory.path)
+    for d, expected in sums.items():
+        assert vm.disk_md5(d, 16) == expected
+
+
+@pytest.mark.parametrize("memory_mib", [512, 2048])
+def test_discard_resumes_from_memory_on_reverted_disks(qemu_factory, tmp_path: Path, memory_mib: int) -> None:  # type: ignore[no-untyped-def]
+    vm = qemu_factory(disks=TWO_DISKS, memory_mib=memory_mib)
+    if memory_mib > 512:
+        vm.fill_memory(memory_mib // 2)
+    state = tmp_path / "state"
+    record, sums, originals, at_enable = forge_and_change(vm, state)
+    latest = vm.counter()
+
+    done = run(discard, vm.qmp_socket, state)
+    assert done.state is State.DISCARDED
+    assert done.memory_restored is True
+    assert done.error is None
+    assert done.resume_seconds is not None
+    assert done.resume_seconds > 0
+    # The same boot goes on from about the counter at enable: not 0, not the latest value.
+    resumed = vm.wait_counter(after_discard=True)
+    assert resumed[0] == at_enable[0]
+    assert at_enable[1] <= resumed[1] < latest[1]
+    check_disks_reverted(vm, record, sums, originals)
+
+
+def flip_byte(path: str) -> None:
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek(size // 2)
+        byte = f.read(1)
+        f.seek(size // 2)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
+def truncate(path: str) -> None:
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [(flip_byte, "altered"), (truncate, "truncated"), (os.unlink, "missing")],
+    ids=["flipped-byte", "truncated", "missing"],
+)
+def test_damaged_memory_gives_a_cold_start_on_reverted_disks(qemu_factory, tmp_path: Path, damage, reason: str) -> None:  # type: ignore[no-untyped-def]
+    vm = qemu_factory(disks=TWO_DISKS)
+    state = tmp_path / "state"
+    record, sums, originals, at_enable = forge_and_change(vm, state)
+    assert record.memory is not None
+    damage(record.memory.path)
+
+    done = run(discard, vm.qmp_socket, state)
+    assert done.state is State.DISCARDED
+    assert done.memory_restored is False
+    assert reason in (done.error or ""), done.error
+    booted = vm.wait_ready(new_boot=True)
+    assert booted != at_enable[0]
+    check_disks_reverted(vm, record, sums, originals)
+
+
+def test_custom_launcher_starts_qemu(qemu_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    vm = qemu_factory(disks=TWO_DISKS)
+    state = tmp_path / "state"
+    record, sums, originals, at_enable = forge_and_change(vm, state)
+    launched: list[LaunchSpec] = []
+
+    async def launcher(spec: LaunchSpec) -> None:
+        launched.append(spec)
+        await detached_launcher(spec)
+
+    done = run(discard, vm.qmp_socket, state, launcher=launcher)
+    assert done.memory_restored is True
+    assert len(launched) == 1
+    spec = launched[0]
+    assert spec.incoming
+    assert spec.argv[-3:] == ("-incoming", "defer", "-S")
+    assert spec.argv[:-3] == record.qemu.argv
+    assert spec.cwd == record.qemu.cwd
+    assert vm.wait_counter(after_discard=True)[0] == at_enable[0]
+    check_disks_reverted(vm, record, sums, originals)

@@ -1,0 +1,303 @@
+"""Enable on real QEMU (every installed build) with a 2-disk guest, one qcow2 and one raw: the
+Active session, every refused prerequisite (nothing changed), every injected failure (all undone)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+import forgeqmp
+from forgeqmp import memhash
+from forgeqmp.errors import (
+    ForgeFailed,
+    InstanceLocked,
+    NoDiskSelected,
+    SessionActive,
+    TaskRunning,
+    UnknownDisk,
+    VMNotRunning,
+)
+from forgeqmp.plans.enable import EnablePlan
+from forgeqmp.plans.command import Command
+from forgeqmp.statedir import InstanceLock, StateDir
+from forgeqmp.states import State
+from forgeqmp.testing import DiskSpec
+
+from .helpers import block_graph, enable, files_under, qmp, run
+
+pytestmark = pytest.mark.qemu
+
+TWO_DISKS = [DiskSpec("d0", "qcow2", 64), DiskSpec("d1", "raw", 64)]
+
+
+@pytest.fixture
+def vm(qemu_factory):  # type: ignore[no-untyped-def]
+    return qemu_factory(disks=TWO_DISKS)
+
+
+def snapshot(vm: Any, state: Path) -> tuple[Any, set[str]]:
+    """What must not change when enable is refused or undone: the block graph and the files."""
+    return block_graph(vm.qmp_socket), files_under(os.path.dirname(vm.disks[0].path), state)
+
+
+def test_enable_reaches_active_while_the_guest_runs(vm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    state = tmp_path / "state"
+    before = vm.wait_counter()
+    progress: list[forgeqmp.ProgressEvent] = []
+    record = run(enable, vm.qmp_socket, state, all_disks=True, on_progress=progress.append)
+
+    assert record.state is State.ACTIVE
+    assert [d.name for d in record.disks] == ["d0", "d1"]
+    assert record.unforged_disks == ()
+    assert record.pause_ms is not None
+    assert record.pause_ms > 0
+    assert [e.step for e in progress][-1] == "active"
+    # The overlays are attached to the devices, on top of the originals.
+    attached, nodes = block_graph(vm.qmp_socket)
+    assert [(node, depth) for _qdev, node, depth in attached] == [
+        (record.disks[0].overlay_node, 1),
+        (record.disks[1].overlay_node, 1),
+    ]
+    for disk in record.disks:
+        assert disk.overlay_file is not None
+        assert os.path.exists(disk.overlay_file)
+        assert disk.overlay_file_node in nodes
+    # The memory file: private, complete, fingerprinted.
+    assert record.memory is not None
+    info = os.stat(record.memory.path)
+    assert stat.S_IMODE(info.st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
+    assert (record.memory.sha256, record.memory.size) == memhash.hash_file(record.memory.path)
+    assert record.memory.size > 1024 * 1024
+    # The guest kept running: same boot, counter advancing.
+    after = vm.wait_counter(min_value=before[1] + 5)
+    assert after[0] == before[0]
+    assert run(qmp, vm.qmp_socket, "query-status")["status"] == "running"
+    # The record on disk says the same; migration settings were given back.
+    assert forgeqmp.RecordStore(StateDir(state)).load() == record
+    caps = {c["capability"]: c["state"] for c in run(qmp, vm.qmp_socket, "query-migrate-capabilities")}
+    assert caps["pause-before-switchover"] is False
+    assert caps["events"] is False
+
+
+def test_default_selection_is_the_primary_disk_and_is_warned(vm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    record = run(enable, vm.qmp_socket, tmp_path / "state")
+    assert [d.name for d in record.disks] == ["d0"]
+    assert record.unforged_disks == ("d1",)
+    assert record.warnings
+    assert "d1" in record.warnings[0]
+
+
+@contextlib.contextmanager
+def paused(socket: str) -> Iterator[None]:
+    run(qmp, socket, "stop")
+    try:
+        yield
+    finally:
+        run(qmp, socket, "cont")
+
+
+@contextlib.contextmanager
+def block_job_running(socket: str) -> Iterator[None]:
+    """A backup job throttled to a crawl: another task on the instance."""
+    run(qmp, socket, "blockdev-add", {"driver": "null-co", "node-name": "busy", "size": 64 << 20})
+    run(
+        qmp,
+        socket,
+        "blockdev-backup",
+        {"job-id": "busy", "device": "d1-fmt", "target": "busy", "sync": "full", "speed": 1},
+    )
+    try:
+        yield
+    finally:
+
+        async def stop() -> None:
+            async with forgeqmp.QMPConnection(socket) as conn:
+                with conn.subscribe("JOB_STATUS_CHANGE") as ev:
+                    await conn.execute("job-cancel", {"id": "busy"})
+                    await ev.wait(lambda e: e["data"]["status"] == "null", 10, "job gone")
+                await conn.execute("blockdev-del", {"node-name": "busy"})
+
+        run(stop)
+
+
+@contextlib.contextmanager
+def migration_running(socket: str) -> Iterator[None]:
+    """A migration into a pipe nobody reads: it stays active."""
+    read_end, write_end = os.pipe()
+
+    async def start() -> None:
+        async with forgeqmp.QMPConnection(socket) as conn:
+            await conn.pass_fd(write_end, "busy")
+            await conn.execute("migrate", {"uri": "fd:busy"})
+
+    run(start)
+    try:
+        yield
+    finally:
+
+        async def stop() -> None:
+            async with forgeqmp.QMPConnection(socket) as conn:
+                await conn.execute("migrate_cancel")
+                os.close(read_end)  # unblocks the writer
+                for _ in range(500):
+                    status = (await conn.execute("query-migrate")).get("status")
+                    if status in ("cancelled", "failed", "completed"):
+                        break
+                    await anyio.sleep(0.02)
+                if (await conn.execute("query-status"))["status"] != "running":
+                    await conn.execute("cont")
+
+        run(stop)
+        os.close(write_end)
+
+
+def test_prerequisites_refuse_and_change_nothing(vm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    state = tmp_path / "state"
+    with InstanceLock(StateDir(state)):
+        pass  # the state dir and its lock file exist from here on
+    before = snapshot(vm, state)
+
+    def refused(error: type[Exception], **kw: Any) -> Exception:
+        with pytest.raises(error) as info:
+            run(enable, vm.qmp_socket, state, **kw)
+        assert snapshot(vm, state) == before, f"{error.__name__} left something changed"
+        return info.value
+
+    with paused(vm.qmp_socket):
+        assert refused(VMNotRunning).exit_code == 3
+    assert refused(UnknownDisk, disks=["nope"]).exit_code == 2
+    assert refused(NoDiskSelected, disks=[]).exit_code == 3
+    with InstanceLock(StateDir(state), "another controller"):
+        err = refused(InstanceLocked)
+        assert "another controller" in str(err)
+    with block_job_running(vm.qmp_socket):
+        assert "block job" in str(refused(TaskRunning))
+    with migration_running(vm.qmp_socket):
+        assert "migration" in str(refused(TaskRunning))
+
+    record = run(enable, vm.qmp_socket, state)
+    assert record.state is State.ACTIVE
+    during = snapshot(vm, state)
+    with pytest.raises(SessionActive):
+        run(enable, vm.qmp_socket, state, all_disks=True)
+    assert snapshot(vm, state) == during
+
+
+def assert_undone(vm: Any, state: Path, before: Any, cause: str) -> forgeqmp.SessionRecord:
+    record = forgeqmp.RecordStore(StateDir(state)).load()
+    assert record is not None
+    assert record.state is State.FAILED
+    assert record.rolled_back, record.next_step
+    assert cause in (record.error or ""), record.error
+    assert forgeqmp.status_of(record).finished  # the instance is free for a new attempt
+    graph, files = snapshot(vm, state)
+    assert graph == before[0]
+    assert files - before[1] <= {str(state / "session.json")}
+    assert run(qmp, vm.qmp_socket, "query-status")["status"] == "running"
+    assert run(qmp, vm.qmp_socket, "query-migrate").get("status") in (None, "cancelled", "failed")
+    assert run(qmp, vm.qmp_socket, "query-jobs") == []
+    return record
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str) -> Iterator[Path]:
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+
+
+@needs_root
+def test_memory_file_enospc_is_undone(vm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    with tmpfs(tmp_path / "state", "size=2m,mode=0700") as state:
+        with InstanceLock(StateDir(state)):
+            pass
+        before = snapshot(vm, state)
+        with pytest.raises(ForgeFailed):
+            run(enable, vm.qmp_socket, state, all_disks=True)
+        assert_undone(vm, state, before, "saving the memory state")
+        subprocess.run(["mount", "-o", "remount,size=2g", str(state)], check=True)
+        assert run(enable, vm.qmp_socket, state, all_disks=True).state is State.ACTIVE
+
+
+@needs_root
+def test_unwritable_overlay_dir_is_undone(vm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    state = tmp_path / "state"
+    with InstanceLock(StateDir(state)):
+        pass
+    before = snapshot(vm, state)
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as readonly:
+        with pytest.raises(ForgeFailed):
+            run(enable, vm.qmp_socket, state, all_disks=True, overlay_dir=readonly)
+    assert_undone(vm, state, before, "Read-only file system")
+
+
+def test_invalid_transaction_action_is_undone(vm, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The transaction runs while the guest is paused at pre-switchover: when QEMU refuses it, the
+    migration is cancelled, the guest resumes, every node and file is removed."""
+    state = tmp_path / "state"
+    with InstanceLock(StateDir(state)):
+        pass
+    before = snapshot(vm, state)
+    counter = vm.wait_counter()
+    real = EnablePlan.transaction
+
+    def broken(self: EnablePlan) -> Command:
+        command = real(self)
+        bogus = {"type": "blockdev-snapshot", "data": {"node": "d0-fmt", "overlay": "no-such"}}
+        return Command(command.name, {"actions": [*command.arguments["actions"], bogus]})
+
+    monkeypatch.setattr(EnablePlan, "transaction", broken)
+    with pytest.raises(ForgeFailed):
+        run(enable, vm.qmp_socket, state, all_disks=True)
+    assert_undone(vm, state, before, "transaction")
+    assert vm.wait_counter(min_value=counter[1] + 3)[0] == counter[0]
+
+
+def test_cancelled_enable_is_undone(vm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    state = tmp_path / "state"
+    with InstanceLock(StateDir(state)):
+        pass
+    before = snapshot(vm, state)
+
+    async def main() -> None:
+        async with forgeqmp.connect(vm.qmp_socket, state_dir=state) as instance:
+            with anyio.CancelScope() as scope:
+
+                def on_progress(event: forgeqmp.ProgressEvent) -> None:
+                    if event.step == "saving-memory":
+                        scope.cancel()
+
+                await instance.enable(all_disks=True, on_progress=on_progress)
+            assert scope.cancelled_caught
+
+    run(main)
+    assert_undone(vm, state, before, "Cancelled")
+
+
+def test_bad_arguments_are_refused_before_anything(vm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    state = tmp_path / "state"
+    for kw in (
+        {"timeout": 0},
+        {"timeout": float("nan")},
+        {"strategy": "teleport"},
+        {"disks": ["d0"], "all_disks": True},
+        {"overlay_dir": str(tmp_path / "missing")},
+    ):
+        with pytest.raises(forgeqmp.InvalidArgument):
+            run(enable, vm.qmp_socket, state, **kw)
+    assert not state.exists() or files_under(state) <= {str(state / "lock")}

@@ -1,0 +1,92 @@
+"""The QMP driver against real QEMU (every installed build): commands, events, fd passing, the
+feature probe and the identity of the process behind the socket."""
+
+from __future__ import annotations
+
+import os
+
+import anyio
+import pytest
+
+from forgeqmp.errors import QMPCommandError, QMPDisconnected, QMPTimeout
+from forgeqmp.features import probe
+from forgeqmp.process import describe_process
+from forgeqmp.qmp import connect
+
+from .helpers import run
+
+pytestmark = pytest.mark.qemu
+
+
+def test_command_event_fd_passing_and_probe(qemu_instance, qemu_build) -> None:  # type: ignore[no-untyped-def]
+    socket = qemu_instance.qmp_socket
+
+    async def main() -> None:
+        async with connect(socket) as conn:
+            # A command and its typed error.
+            status = await conn.execute("query-status")
+            assert status["status"] == "running"
+            with pytest.raises(QMPCommandError) as info:
+                await conn.execute("no-such-command")
+            assert info.value.error_class == "CommandNotFound"
+
+            # Events: subscribed before the command that triggers them.
+            with conn.subscribe("STOP", "RESUME") as events:
+                await conn.execute("stop")
+                stop = await events.next(5, "STOP")
+                await conn.execute("cont")
+                resume = await events.next(5, "RESUME")
+            assert (stop["event"], resume["event"]) == ("STOP", "RESUME")
+            with conn.subscribe("NO_SUCH_EVENT") as never, pytest.raises(QMPTimeout):
+                await never.next(0.2, "an event that never comes")
+
+            # fd passing: getfd (fd: URIs) and add-fd (fdsets).
+            read_end, write_end = os.pipe()
+            try:
+                await conn.pass_fd(write_end, "forgeqmp-test")
+                await conn.execute("closefd", {"fdname": "forgeqmp-test"})
+                fdset_id, qemu_fd = await conn.add_fd(read_end, opaque="forgeqmp-test")
+                fdsets = await conn.execute("query-fdsets")
+                ours = [s for s in fdsets if s["fdset-id"] == fdset_id]
+                assert ours
+                assert ours[0]["fds"][0]["fd"] == qemu_fd
+                assert ours[0]["fds"][0]["opaque"] == "forgeqmp-test"
+                await conn.execute("remove-fd", {"fdset-id": fdset_id})
+            finally:
+                os.close(read_end)
+                os.close(write_end)
+
+            # The feature probe: asked of QEMU, not derived from the version.
+            features = await probe(conn)
+            assert f"{features.version.major}.{features.version.minor}" == qemu_build.name
+            assert features.fd_transport
+            assert features.pause_before_switchover
+            assert features.mapped_ram == (features.version.major >= 10)
+            assert features.file_transport == (features.version.major >= 10)
+
+            # The process behind the socket.
+            assert conn.peer.pid == qemu_instance.pid
+            process = describe_process(conn.peer.pid)
+            assert list(process.argv) == list(qemu_instance.argv)
+
+    run(main)
+
+
+def test_disconnect_is_typed_and_waits_end(qemu_factory) -> None:  # type: ignore[no-untyped-def]
+    vm = qemu_factory()
+
+    async def main() -> None:
+        async with connect(vm.qmp_socket) as conn:
+            with conn.subscribe("NO_SUCH_EVENT") as never:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(vm_kill, vm)
+                    with anyio.fail_after(10), pytest.raises(QMPDisconnected):
+                        await never.next(60, "an event")
+            with pytest.raises(QMPDisconnected):
+                await conn.execute("query-status")
+
+    async def vm_kill(instance) -> None:  # type: ignore[no-untyped-def]
+        await anyio.sleep(0.2)
+        await anyio.to_thread.run_sync(instance.stop)
+
+    run(main)
