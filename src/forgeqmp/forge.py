@@ -126,6 +126,8 @@ def status_of(record: SessionRecord) -> SessionStatus:
     # pending (a later commit finishes it) and also bars discard (see Instance.discard).
     merged = tuple(d.name for d in record.disks if d.merged and d.overlay_node is None)
     pending = tuple(d.name for d in record.disks if d.overlay_node is not None)
+    if record.rolled_back:  # everything was undone: the planned overlays never stayed
+        merged = pending = ()
     failure = Failure(
         phase=record.failure_phase or State.ACTIVE,
         reason=record.error or "unknown failure",
@@ -326,6 +328,7 @@ class Instance:
                     record = await self._run_enable(plan, record, undo, report)
             except BaseException as exc:
                 with anyio.CancelScope(shield=True):
+                    record = self._reload(record)
                     record = await self._undo_enable(plan, record, undo, exc)
                 if isinstance(exc, TimeoutError):
                     raise ForgeFailed(
@@ -394,6 +397,14 @@ class Instance:
             ),
             warnings=warnings,
         )
+
+    def _reload(self, record: SessionRecord) -> SessionRecord:
+        """The latest saved version of ``record`` (steps save as they go)."""
+        try:
+            saved = self.store.load()
+        except ForgeError:
+            return record
+        return saved if saved is not None and saved.session_id == record.session_id else record
 
     def _save(self, record: SessionRecord, **changes: Any) -> SessionRecord:
         record = record.evolve(updated_at=_now(), **changes)
@@ -798,7 +809,7 @@ class Instance:
                         f"commit stopped: {record.error}; {record.next_step}"
                     ) from None
                 raise
-            record = self.store.load() or record
+            record = self._reload(record)
             self._remove_memory_file(record)
             record = self._save(
                 record,

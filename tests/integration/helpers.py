@@ -3,6 +3,7 @@ observing QEMU's block graph and the files a forge leaves."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Awaitable, Callable
@@ -17,9 +18,9 @@ from forgeqmp.qmp import connect as qmp_connect
 T = TypeVar("T")
 
 
-def run(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+def run(fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
     """Run an async function to completion on the asyncio backend (the supported one)."""
-    return anyio.run(fn, *args, backend="asyncio")
+    return anyio.run(functools.partial(fn, *args, **kwargs), backend="asyncio")
 
 
 async def qmp(socket: str, command: str, arguments: dict[str, Any] | None = None) -> Any:

@@ -54,7 +54,9 @@ def test_commit_merges_every_write_live(qemu_factory, tmp_path: Path) -> None:  
         vm.write_disk(d, WRITE_MIB, seed=f"{d}a")
 
     # The guest keeps writing while the commit runs: those writes must land in the originals too.
-    during = threading.Thread(target=vm.write_disk, args=("d0", 16), kwargs={"seed": "late", "offset_mib": WRITE_MIB})
+    during = threading.Thread(
+        target=vm.write_disk, args=("d0", 16), kwargs={"seed": "late", "offset_mib": WRITE_MIB}
+    )
     progress: list[forgeqmp.ProgressEvent] = []
     started_at = vm.counter_history()[-1][0] if vm.counter_history() else None
     during.start()
@@ -67,7 +69,9 @@ def test_commit_merges_every_write_live(qemu_factory, tmp_path: Path) -> None:  
 
     # Progress per disk, monotonic, reaching its total.
     for d in ("d0", "d1"):
-        done = [e.detail["done"] for e in progress if e.step == "progress" and e.detail["disk"] == d]
+        done = [
+            e.detail["done"] for e in progress if e.step == "progress" and e.detail["disk"] == d
+        ]
         assert done, f"no progress event for {d}"
         assert done == sorted(done)
         assert any(e.step == "disk-merged" and e.detail["disk"] == d for e in progress)
@@ -91,7 +95,9 @@ def test_commit_merges_every_write_live(qemu_factory, tmp_path: Path) -> None:  
     # After QEMU exits, the originals hold exactly the guest's data.
     vm.stop()
     for spec in vm.disks:
-        assert host_md5(vm, spec, 0, WRITE_MIB, tmp_path) == pattern_md5(f"{spec.name}a", 0, WRITE_MIB)
+        assert host_md5(vm, spec, 0, WRITE_MIB, tmp_path) == pattern_md5(
+            f"{spec.name}a", 0, WRITE_MIB
+        )
     d0 = next(d for d in vm.disks if d.name == "d0")
     assert host_md5(vm, d0, WRITE_MIB, 16, tmp_path) == pattern_md5("late", WRITE_MIB, 16)
 

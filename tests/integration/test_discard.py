@@ -22,7 +22,9 @@ pytestmark = pytest.mark.qemu
 TWO_DISKS = [DiskSpec("d0", "qcow2", 64), DiskSpec("d1", "raw", 64)]
 
 
-def forge_and_change(vm: Any, state: Path) -> tuple[forgeqmp.SessionRecord, dict[str, str], dict[str, str], tuple[str, int]]:
+def forge_and_change(
+    vm: Any, state: Path
+) -> tuple[forgeqmp.SessionRecord, dict[str, str], dict[str, str], tuple[str, int]]:
     """Write data A, enable, write data B: returns the record, A's md5 per disk, the originals'
     sha256 at enable, and the counter at enable."""
     sums = {d: vm.write_disk(d, 16, seed=f"{d}A") for d in ("d0", "d1")}
@@ -35,7 +37,9 @@ def forge_and_change(vm: Any, state: Path) -> tuple[forgeqmp.SessionRecord, dict
     return record, sums, originals, at_enable
 
 
-def check_disks_reverted(vm: Any, record: forgeqmp.SessionRecord, sums: dict[str, str], originals: dict[str, str]) -> None:
+def check_disks_reverted(
+    vm: Any, record: forgeqmp.SessionRecord, sums: dict[str, str], originals: dict[str, str]
+) -> None:
     for disk in record.disks:
         assert sha256_of(disk.base_file) == originals[disk.name]
         assert disk.overlay_file is not None
@@ -47,7 +51,9 @@ def check_disks_reverted(vm: Any, record: forgeqmp.SessionRecord, sums: dict[str
 
 
 @pytest.mark.parametrize("memory_mib", [512, 2048])
-def test_discard_resumes_from_memory_on_reverted_disks(qemu_factory, tmp_path: Path, memory_mib: int) -> None:  # type: ignore[no-untyped-def]
+def test_discard_resumes_from_memory_on_reverted_disks(
+    qemu_factory, tmp_path: Path, memory_mib: int
+) -> None:  # type: ignore[no-untyped-def]
     vm = qemu_factory(disks=TWO_DISKS, memory_mib=memory_mib)
     if memory_mib > 512:
         vm.fill_memory(memory_mib // 2)
@@ -86,7 +92,9 @@ def truncate(path: str) -> None:
     [(flip_byte, "altered"), (truncate, "truncated"), (os.unlink, "missing")],
     ids=["flipped-byte", "truncated", "missing"],
 )
-def test_damaged_memory_gives_a_cold_start_on_reverted_disks(qemu_factory, tmp_path: Path, damage, reason: str) -> None:  # type: ignore[no-untyped-def]
+def test_damaged_memory_gives_a_cold_start_on_reverted_disks(
+    qemu_factory, tmp_path: Path, damage, reason: str
+) -> None:  # type: ignore[no-untyped-def]
     vm = qemu_factory(disks=TWO_DISKS)
     state = tmp_path / "state"
     record, sums, originals, at_enable = forge_and_change(vm, state)

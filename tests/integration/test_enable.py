@@ -25,8 +25,8 @@ from forgeqmp.errors import (
     UnknownDisk,
     VMNotRunning,
 )
-from forgeqmp.plans.enable import EnablePlan
 from forgeqmp.plans.command import Command
+from forgeqmp.plans.enable import EnablePlan
 from forgeqmp.statedir import InstanceLock, StateDir
 from forgeqmp.states import State
 from forgeqmp.testing import DiskSpec
@@ -83,7 +83,9 @@ def test_enable_reaches_active_while_the_guest_runs(vm, tmp_path: Path) -> None:
     assert run(qmp, vm.qmp_socket, "query-status")["status"] == "running"
     # The record on disk says the same; migration settings were given back.
     assert forgeqmp.RecordStore(StateDir(state)).load() == record
-    caps = {c["capability"]: c["state"] for c in run(qmp, vm.qmp_socket, "query-migrate-capabilities")}
+    caps = {
+        c["capability"]: c["state"] for c in run(qmp, vm.qmp_socket, "query-migrate-capabilities")
+    }
     assert caps["pause-before-switchover"] is False
     assert caps["events"] is False
 
@@ -164,9 +166,9 @@ def test_prerequisites_refuse_and_change_nothing(vm, tmp_path: Path) -> None:  #
     state = tmp_path / "state"
     with InstanceLock(StateDir(state)):
         pass  # the state dir and its lock file exist from here on
-    before = snapshot(vm, state)
 
     def refused(error: type[Exception], **kw: Any) -> Exception:
+        before = snapshot(vm, state)
         with pytest.raises(error) as info:
             run(enable, vm.qmp_socket, state, **kw)
         assert snapshot(vm, state) == before, f"{error.__name__} left something changed"
@@ -240,9 +242,8 @@ def test_unwritable_overlay_dir_is_undone(vm, tmp_path: Path) -> None:  # type: 
     with InstanceLock(StateDir(state)):
         pass
     before = snapshot(vm, state)
-    with tmpfs(tmp_path / "ro", "ro,size=1m") as readonly:
-        with pytest.raises(ForgeFailed):
-            run(enable, vm.qmp_socket, state, all_disks=True, overlay_dir=readonly)
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as readonly, pytest.raises(ForgeFailed):
+        run(enable, vm.qmp_socket, state, all_disks=True, overlay_dir=readonly)
     assert_undone(vm, state, before, "Read-only file system")
 
 
