@@ -4,6 +4,7 @@ with per-disk progress, the guest never stopping, and a timed-out commit finishe
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import subprocess
 import threading
@@ -78,7 +79,7 @@ def test_commit_merges_every_write_live(qemu_factory, tmp_path: Path) -> None:  
 
     # The guest never stopped: no gap over a second in its counter during the commit.
     history = [t for t, _boot, _n in vm.counter_history() if started_at is None or t >= started_at]
-    gaps = [b - a for a, b in zip(history, history[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(history)]
     assert gaps
     assert max(gaps) < 1.0, f"the guest stalled {max(gaps):.2f} s"
 

@@ -416,7 +416,7 @@ class QemuInstance:
     def device_of(self, disk: str) -> str:
         """The guest's /dev/vdX of the disk whose qdev id (and serial) is ``disk``."""
         out = self.check(
-            f'for d in /sys/block/vd*; do [ "$(cat $d/serial)" = {disk} ] && echo ${{d##*/}}; done'
+            f'for d in /sys/block/vd*; do [ "$(cat $d/serial)" = {disk} ] && echo ${{d##*/}}; done; true'
         ).split()
         if len(out) != 1:
             raise GuestCommandError(f"find disk {disk}", 1, " ".join(out))
