@@ -1071,7 +1071,9 @@ class Instance:
                         problem = await self._restore(record, launch)
                     else:
                         problem = "the memory file is missing"
-                problem = problem or verdict.get("problem")
+                # The digest check says exactly what is wrong with the file; prefer it to the
+                # symptom the load showed (a truncated file fails the load too).
+                problem = verdict.get("problem") or problem
                 if problem is None:
                     await self.conn.execute("cont")
                     restored = True

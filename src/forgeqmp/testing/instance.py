@@ -341,10 +341,19 @@ class QemuInstance:
                 raise TimeoutError(f"the guest was not ready within {timeout:g} s")
             boot = found()
         assert boot is not None
-        # The shell socket must be connected for commands.
+        # The shell socket must be connected, and the guest's shell loop must have opened ttyS1:
+        # bytes that reach a serial port no process has open are dropped by the guest kernel,
+        # and the ready marker can come first (the loop starts in the background). Ping it.
         if not self._readers[1].connected.wait(timeout):
             raise TimeoutError("the guest shell socket did not connect")
-        return boot
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.run("true", timeout=1)
+                return boot
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the guest shell did not answer") from None
 
     def counter(self) -> tuple[str, int]:
         """The latest (boot id, counter) the guest printed."""
@@ -398,7 +407,7 @@ class QemuInstance:
         self._readers[1].send(encode_command(command_id, command, int(timeout) + 1), timeout)
         with self._cond:
             if not self._cond.wait_for(
-                lambda: parse_frame(self._shell, command_id) is not None, timeout + 5
+                lambda: parse_frame(self._shell, command_id) is not None, timeout + 1
             ):
                 raise TimeoutError(f"the guest did not answer within {timeout:g} s: {command}")
             frame = parse_frame(self._shell, command_id)
