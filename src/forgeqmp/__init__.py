@@ -44,6 +44,7 @@ from forgeqmp.forge import (
     DEFAULT_ENABLE_TIMEOUT,
     Instance,
     ProgressEvent,
+    StateListener,
     connect,
     status_of,
 )
@@ -94,6 +95,7 @@ __all__ = [
     "SessionActive",
     "SessionRecord",
     "SessionStatus",
+    "StateListener",
     "State",
     "StateDir",
     "Strategy",

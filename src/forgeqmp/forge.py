@@ -113,6 +113,9 @@ class ProgressEvent:
 
 ProgressCallback = Callable[[ProgressEvent], None]
 
+#: Called with the session record each time its state changes (see :meth:`Instance.follow`).
+StateListener = Callable[[SessionRecord], None]
+
 
 def _now() -> datetime:
     return datetime.now(UTC)
@@ -180,6 +183,23 @@ class Instance:
         self.state_dir = state_dir
         self.store = RecordStore(state_dir)
         self._features: Features | None = None
+        self._state_listeners: list[StateListener] = []
+
+    def follow(self, listener: StateListener) -> Callable[[], None]:
+        """Call ``listener(record)`` each time a session of this instance changes state (after the
+        new state is on disk). Returns a function that stops following.
+
+        Listeners run in the event loop's thread and must not block; an exception in one is
+        propagated (it is the caller's bug, not a QEMU failure). Other processes follow a session
+        by reading its record (:meth:`session`, ``forgeqmp status``).
+        """
+        self._state_listeners.append(listener)
+
+        def stop() -> None:
+            with contextlib.suppress(ValueError):
+                self._state_listeners.remove(listener)
+
+        return stop
 
     # --- queries -----------------------------------------------------------------------------
 
@@ -322,6 +342,7 @@ class Instance:
             if previous is not None:
                 self.store.archive(force=True)
             self.store.save(record)
+            self._state_changed(record)
             undo = _EnableUndo()
             try:
                 with anyio.fail_after(timeout):
@@ -407,9 +428,16 @@ class Instance:
         return saved if saved is not None and saved.session_id == record.session_id else record
 
     def _save(self, record: SessionRecord, **changes: Any) -> SessionRecord:
+        previous = record.state
         record = record.evolve(updated_at=_now(), **changes)
         self.store.save(record)
+        if record.state is not previous:
+            self._state_changed(record)
         return record
+
+    def _state_changed(self, record: SessionRecord) -> None:
+        for listener in list(self._state_listeners):
+            listener(record)
 
     async def _run_job(self, command: Command, job_id: str, what: str, timeout: float) -> None:
         """Run a job-creating command to its conclusion, check its error, dismiss it."""
