@@ -1180,11 +1180,12 @@ class Instance:
         await self.conn.reconnect()
         conn = self.conn
         try:
-            caps = [c for c in memory.capabilities if c in _RESTORE_CAPABILITIES]
-            await conn.execute(
-                "migrate-set-capabilities",
-                {"capabilities": [{"capability": c, "state": True} for c in ("events", *caps)]},
-            )
+            caps = ("events", *(c for c in memory.capabilities if c in _RESTORE_CAPABILITIES))
+
+            def set_caps(state: bool) -> dict[str, Any]:
+                return {"capabilities": [{"capability": c, "state": state} for c in caps]}
+
+            await conn.execute("migrate-set-capabilities", set_caps(True))
             fd = os.open(memory.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 if memory.transport == Transport.FDSET_FILE.value:
@@ -1203,6 +1204,9 @@ class Instance:
                     "the memory state to load",
                 )
             if ev["data"]["status"] == "completed":
+                # The relaunched QEMU is the platform's VM again: leave its migration settings
+                # at their defaults (multifd/mapped-ram would change its next migration).
+                await conn.execute("migrate-set-capabilities", set_caps(False))
                 return None
             info = await conn.execute("query-migrate")
             return f"loading the memory state failed: {info.get('error-desc', 'no detail')}"

@@ -21,6 +21,7 @@ from forgeqmp.plans.enable import (
     choose_strategy,
     overlays_attached,
     plan_enable,
+    save_capabilities,
 )
 
 DATA = Path(__file__).parent.parent / "data"
@@ -109,7 +110,10 @@ def test_plan_for_two_disks(version: str, tmp_path: Path) -> None:
         {"type": "blockdev-snapshot", "data": {"node": "d0-fmt", "overlay": "fq0123abcd-0-fmt"}},
         {"type": "blockdev-snapshot", "data": {"node": "d1-fmt", "overlay": "fq0123abcd-1-fmt"}},
     ]
-    assert plan.capabilities == {"events": True, "pause-before-switchover": True}
+    on = {name for name, state in plan.capabilities.items() if state}
+    assert on == {"events", "pause-before-switchover"}
+    # Every other capability QEMU knows is turned off for the save (see save_capabilities).
+    assert set(plan.capabilities) == set(features(version).migration_capabilities)
     assert plan.parameters["downtime-limit"] == DOWNTIME_LIMIT_MS
     assert [c.name for c in d0.remove_nodes()] == ["blockdev-del", "blockdev-del"]
 
@@ -146,12 +150,9 @@ def test_settings_are_restored_to_what_they_were(tmp_path: Path) -> None:
         c["capability"]: c["state"]
         for c in plan.restore_capabilities(previous_caps).arguments["capabilities"]
     }
-    assert restored == {
-        "events": False,
-        "multifd": True,
-        "mapped-ram": False,
-        "pause-before-switchover": False,
-    }
+    assert restored == {name: previous_caps.get(name, False) for name in plan.capabilities}
+    assert restored["multifd"] is True
+    assert restored["events"] is False
     params = plan.restore_parameters({"max-bandwidth": 134217728, "downtime-limit": 300, "x": 1})
     assert params.arguments == {"max-bandwidth": 134217728, "downtime-limit": 300}
 
@@ -203,3 +204,20 @@ def test_overlays_attached_reads_query_block(tmp_path: Path) -> None:
 def test_relaunch_argv(argv: list[str], incoming: list[str], cold: list[str]) -> None:
     assert list(incoming_argv(argv)) == incoming
     assert list(cold_argv(argv)) == cold
+
+
+@pytest.mark.parametrize("strategy", list(Strategy))
+def test_save_turns_off_what_an_earlier_restore_left_on(strategy: Strategy) -> None:
+    """After a discard of a mapped-ram session the relaunched QEMU may still have multifd and
+    mapped-ram on; a background snapshot refuses multifd, and a precopy save must not write
+    mapped-ram. The save sets every known capability, on exactly for what the strategy needs."""
+    known = features("10.0").migration_capabilities
+    caps = save_capabilities(strategy, known)
+    assert set(caps) == set(known)
+    needed = {
+        Strategy.PRECOPY: {"events", "pause-before-switchover"},
+        Strategy.MAPPED_RAM: {"events", "pause-before-switchover", "multifd", "mapped-ram"},
+        Strategy.BACKGROUND_SNAPSHOT: {"events", "background-snapshot"},
+    }[strategy]
+    assert {name for name, on in caps.items() if on} == needed
+    assert caps["x-ignore-shared"] is False

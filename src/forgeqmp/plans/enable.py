@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -59,6 +59,14 @@ class Strategy(enum.Enum):
     #: Stop, snapshot disks, then save memory while the guest runs (write-protect faults);
     #: slower save, pause independent of RAM size.
     BACKGROUND_SNAPSHOT = "background-snapshot"
+
+
+#: The migration capabilities each strategy turns on (everything else is turned off).
+_STRATEGY_CAPABILITIES: Mapping[Strategy, frozenset[str]] = {
+    Strategy.PRECOPY: frozenset({"pause-before-switchover"}),
+    Strategy.MAPPED_RAM: frozenset({"pause-before-switchover", "multifd", "mapped-ram"}),
+    Strategy.BACKGROUND_SNAPSHOT: frozenset({"background-snapshot"}),
+}
 
 
 class Transport(enum.Enum):
@@ -243,6 +251,21 @@ def _overlay_path(disk: Disk, session_id: str, overlay_dir: str | None) -> str:
     return os.path.join(os.path.abspath(directory), f"{base_name}.forge-{session_id[:8]}.qcow2")
 
 
+def save_capabilities(strategy: Strategy, known: Iterable[str]) -> dict[str, bool]:
+    """Every migration capability QEMU knows, on for what ``strategy`` needs and off otherwise.
+
+    Whatever the VM's owner (or an earlier restore: ``mapped-ram`` and ``multifd`` must be on to
+    load such a file) left set would otherwise change the stream: ``x-ignore-shared`` leaves RAM
+    out of the file, ``block`` puts disks in it, ``multifd`` refuses ``background-snapshot``...
+    The previous values are put back after the save (:meth:`EnablePlan.restore_capabilities`).
+    QEMU checks the combination once all values of one ``migrate-set-capabilities`` are applied,
+    so the order does not matter.
+    """
+    # "events": QEMU sends MIGRATION events only with it; without them every wait would poll.
+    wanted = {"events"} | _STRATEGY_CAPABILITIES[strategy]
+    return {name: name in wanted for name in sorted(set(known) | wanted)}
+
+
 def plan_enable(
     *,
     session_id: str,
@@ -270,14 +293,7 @@ def plan_enable(
         )
         for i, disk in enumerate(selection.forged)
     )
-    # "events": QEMU sends MIGRATION events only with it; without them every wait would poll.
-    capabilities: dict[str, bool] = {"events": True}
-    if chosen is Strategy.BACKGROUND_SNAPSHOT:
-        capabilities["background-snapshot"] = True
-    elif chosen is Strategy.MAPPED_RAM:
-        capabilities.update({"pause-before-switchover": True, "multifd": True, "mapped-ram": True})
-    else:
-        capabilities["pause-before-switchover"] = True
+    capabilities = save_capabilities(chosen, features.migration_capabilities)
     parameters: dict[str, Any] = {"max-bandwidth": MAX_BANDWIDTH}
     if chosen is not Strategy.BACKGROUND_SNAPSHOT:
         parameters["downtime-limit"] = DOWNTIME_LIMIT_MS
