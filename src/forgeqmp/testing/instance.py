@@ -42,6 +42,12 @@ from forgeqmp.testing.guest import (
 __all__ = ["DiskImage", "DiskSpec", "GuestCommandError", "QemuInstance"]
 
 
+#: The files QEMU and the harness create in an instance's workdir (besides the disk images).
+_QEMU_FILES = (
+    "qmp.sock", "console.sock", "shell.sock", "qemu.pid", "console.log", "shell.log", "qemu.log",
+)  # fmt: skip
+
+
 @attrs.frozen
 class DiskSpec:
     """A disk to give the guest: its qdev id, image format and size."""
@@ -208,6 +214,10 @@ class QemuInstance:
         if not self.workdir.exists():
             self.workdir.mkdir(parents=True)
             self._created.append(self.workdir)
+        # QEMU's own files: ours to remove at cleanup unless they were there before.
+        self._created += [
+            path for name in _QEMU_FILES if not (path := self.workdir / name).exists()
+        ]
         for disk in self.disks:
             subprocess.run(
                 [str(self.build.img), "create", "-q", "-f", disk.format, disk.path,
@@ -299,11 +309,8 @@ class QemuInstance:
         for path in reversed(self._created):
             with contextlib.suppress(FileNotFoundError):
                 if path.is_dir():
-                    for name in ("qmp.sock", "console.sock", "shell.sock", "qemu.pid",
-                                 "console.log", "shell.log", "qemu.log"):  # fmt: skip
-                        (path / name).unlink(missing_ok=True)
                     with contextlib.suppress(OSError):
-                        path.rmdir()
+                        path.rmdir()  # only if empty: never someone else's files
                 else:
                     path.unlink()
         self._created.clear()
