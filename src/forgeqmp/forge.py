@@ -182,7 +182,9 @@ class Instance:
         self.conn = conn
         self.state_dir = state_dir
         self.store = RecordStore(state_dir)
-        self._features: Features | None = None
+        #: The features of the QEMU process they were probed on (discard restarts QEMU, and a
+        #: platform's launcher may start another binary).
+        self._features: tuple[int, Features] | None = None
         self._state_listeners: list[StateListener] = []
 
     def follow(self, listener: StateListener) -> Callable[[], None]:
@@ -204,10 +206,11 @@ class Instance:
     # --- queries -----------------------------------------------------------------------------
 
     async def features(self) -> Features:
-        """What this QEMU supports (probed once per connection)."""
-        if self._features is None:
-            self._features = await probe(self.conn)
-        return self._features
+        """What this QEMU supports (probed once per QEMU process: again after a relaunch)."""
+        pid = self.conn.peer.pid
+        if self._features is None or self._features[0] != pid:
+            self._features = (pid, await probe(self.conn))
+        return self._features[1]
 
     def session(self) -> SessionRecord | None:
         """The current session record (None if this instance never had one or it was archived)."""
