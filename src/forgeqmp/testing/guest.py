@@ -20,13 +20,16 @@ parsers) so the two cannot drift apart. Nothing here starts QEMU; see :mod:`forg
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import hashlib
 import io
+import lzma
 import os
 import re
 import stat
 import tempfile
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -48,6 +51,7 @@ __all__ = [
     "parse_frame",
     "pattern_block",
     "pattern_md5",
+    "pvh_kernel",
     "write_cpio",
 ]
 
@@ -295,7 +299,79 @@ def guest_image(prefix: Path | None = None, *, cache: Path | None = None) -> Gue
             )
     version_file = guest / "kernel-version"
     version = version_file.read_text().strip() if version_file.exists() else "unknown"
-    return GuestImage(kernel, build_initramfs(busybox, modules, cache=cache), version)
+    bootable = pvh_kernel(kernel, cache=cache) or kernel
+    return GuestImage(bootable, build_initramfs(busybox, modules, cache=cache), version)
+
+
+#: ELF note of a kernel that can be entered directly in 32-bit protected mode (PVH boot).
+_XEN_ELFNOTE_PHYS32_ENTRY = 18
+
+
+def _has_pvh_entry(elf: bytes) -> bool:
+    """Whether the (64-bit little-endian) ELF has a ``Xen`` PHYS32_ENTRY note in a PT_NOTE segment."""
+    if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
+        return False
+    phoff, phentsize, phnum = (
+        int.from_bytes(elf[32:40], "little"),
+        int.from_bytes(elf[54:56], "little"),
+        int.from_bytes(elf[56:58], "little"),
+    )
+    for i in range(phnum):
+        ph = elf[phoff + i * phentsize : phoff + (i + 1) * phentsize]
+        if int.from_bytes(ph[0:4], "little") != 4:  # PT_NOTE
+            continue
+        offset, size = int.from_bytes(ph[8:16], "little"), int.from_bytes(ph[32:40], "little")
+        notes, pos = elf[offset : offset + size], 0
+        while pos + 12 <= len(notes):
+            namesz, descsz, kind = (
+                int.from_bytes(notes[pos + k : pos + k + 4], "little") for k in (0, 4, 8)
+            )
+            name = notes[pos + 12 : pos + 12 + namesz].rstrip(b"\0")
+            if name == b"Xen" and kind == _XEN_ELFNOTE_PHYS32_ENTRY:
+                return True
+            pos += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
+    return False
+
+
+def pvh_kernel(vmlinuz: Path, *, cache: Path | None = None) -> Path | None:
+    """The uncompressed ELF kernel inside ``vmlinuz``, if it supports PVH boot; else None.
+
+    QEMU loads such an ELF directly (``-kernel vmlinux``): no firmware real-mode boot and no
+    decompression under TCG, which measured 6-8 s shorter from start to the first console line on
+    both QEMU 7.2 and 10.0. Extracted once (pure Python, the payload is xz or gzip) and cached by
+    the hash of the bzImage.
+    """
+    data = vmlinuz.read_bytes()
+    directory = cache if cache is not None else cache_dir()
+    target = directory / f"vmlinux-{hashlib.sha256(data).hexdigest()[:24]}.elf"
+    if target.is_file():
+        return target
+    elf = b""
+    for magic in (b"\xfd7zXZ\x00", b"\x1f\x8b\x08"):
+        start = data.find(magic)
+        if start < 0:
+            continue
+        # The payload is followed by other data: decompressor objects stop at the stream's end.
+        with contextlib.suppress(lzma.LZMAError, zlib.error):
+            if magic.startswith(b"\xfd"):
+                elf = lzma.LZMADecompressor().decompress(data[start:])
+            else:
+                elf = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data[start:])
+        if elf:
+            break
+    if not elf or not _has_pvh_entry(elf):
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".vmlinux-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(elf)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
 
 
 # --- the shell protocol on ttyS1 ------------------------------------------------------------------
@@ -365,9 +441,18 @@ def pattern_md5(seed: str, offset_mib: int, mib: int) -> str:
 
 
 def pattern_shell(seed: str, offset_mib: int, mib: int) -> str:
-    """A guest shell pipeline printing the same bytes as :func:`pattern_block` on stdout."""
+    """A guest shell pipeline printing the same bytes as :func:`pattern_block` on stdout.
+
+    Each MiB is built by doubling in RAM (4 KiB of lines, x16, x16) rather than by ``yes | head -c
+    1M``: busybox moves a pipe in small reads, which under TCG made that 6-7x slower.
+    """
+    line = (
+        f"\"$(printf '%-{_PATTERN_LINE - 1}.{_PATTERN_LINE - 1}s' "
+        f'"$(printf \'forge %s %08d\' {seed} $i)")"'
+    )
+    a, b = "/dev/shm/.forge-pattern-a.$$", "/dev/shm/.forge-pattern-b.$$"
     return (
         f"i={offset_mib}; while [ $i -lt {offset_mib + mib} ]; do "
-        f"yes \"$(printf '%-{_PATTERN_LINE - 1}.{_PATTERN_LINE - 1}s' "
-        f'"$(printf \'forge %s %08d\' {seed} $i)")" | head -c {MIB}; i=$((i + 1)); done'
+        f"yes {line} | head -c 4096 > {a}; cat {' '.join([a] * 16)} > {b}; "
+        f"cat {' '.join([b] * 16)}; i=$((i + 1)); done; rm -f {a} {b}"
     )
