@@ -47,6 +47,17 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation (Sphinx + MyST): docs/_build/html; warnings fail the build."""
+    session.install("-e", ".[docs,test]")  # test: the pytest plugin is documented too
+    # -E: read every page again, so pages generated from the code or tolerant of missing pages
+    # are never stale.
+    session.run(
+        "sphinx-build", "-E", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html"
+    )
+
+
+@nox.session
 def demo(session: nox.Session) -> None:
     """The main job: a real VM booted and forged (see README)."""
     setup_system(session)
