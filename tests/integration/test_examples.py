@@ -113,3 +113,22 @@ def test_pytest_example_passes(qemu_build: QemuBuild) -> None:
         env={"FORGEQMP_QEMU": qemu_build.name},
     )
     assert "1 passed" in done.stdout
+
+
+def test_demo_runs_end_to_end(qemu_build: QemuBuild) -> None:
+    """The main job (README's first command runs it through nox): every step, then its own checks."""
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "demo.py"), "--qemu", qemu_build.name, "--memory", "256"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, f"demo exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    out = done.stdout
+    assert "memory restored: True" in out
+    assert "same boot: True" in out
+    assert "the 'before' data" in out.split("== 4.")[1].split("== 5.")[0]
+    assert "the 'keep' data" in out.split("== 7.")[1]
+    assert "overlay or memory files left: none" in out
