@@ -47,6 +47,30 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def load(session: nox.Session) -> None:
+    """The big load runs (``slow``): 8 guests x 5 cycles and 16 guests x 2 cycles forged,
+    discarded and committed at once, on every installed QEMU (about 15 minutes on 2 cores)."""
+    setup_system(session)
+    session.install("-e", ".[test]")
+    session.env["FORGEQMP_REQUIRE_QEMU"] = "1"
+    session.run(
+        "pytest", "-m", "slow", "-s", "tests/integration/test_load.py", *(session.posargs or ["-q"])
+    )
+
+
+@nox.session
+def faults(session: nox.Session) -> None:
+    """The full fault matrix (``slow``): the controller and QEMU SIGKILLed at every step of enable,
+    commit and discard, then recover, on every installed QEMU (docs/fault-matrix.md)."""
+    setup_system(session)
+    session.install("-e", ".[test]")
+    session.env["FORGEQMP_REQUIRE_QEMU"] = "1"
+    session.run(
+        "pytest", "-m", "slow", "tests/integration/test_recover.py", *(session.posargs or ["-q"])
+    )
+
+
+@nox.session
 def docs(session: nox.Session) -> None:
     """The documentation (Sphinx + MyST): docs/_build/html; warnings fail the build."""
     session.install("-e", ".[docs,test]")  # test: the pytest plugin is documented too

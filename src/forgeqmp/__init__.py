@@ -48,10 +48,20 @@ from forgeqmp.forge import (
     connect,
     status_of,
 )
+from forgeqmp.guard import (
+    QMP_RULES,
+    Operation,
+    QMPRule,
+    check_operation,
+    check_qmp_command,
+    parse_operation,
+)
 from forgeqmp.launcher import Launcher, LaunchSpec, cold_argv, detached_launcher, incoming_argv
 from forgeqmp.plans.enable import Strategy, Transport
+from forgeqmp.power import active_argv, start_argv
 from forgeqmp.qmp import QMPConnection
 from forgeqmp.record import DiskRecord, MemoryRecord, QemuRecord, RecordStore, SessionRecord
+from forgeqmp.recover import Observation, RecoveryPlan, reconcile
 from forgeqmp.statedir import InstanceLock, StateDir, default_state_dir
 from forgeqmp.states import Event, Failure, SessionStatus, State
 
@@ -59,6 +69,7 @@ __all__ = [
     "DEFAULT_COMMIT_TIMEOUT",
     "DEFAULT_DISCARD_TIMEOUT",
     "DEFAULT_ENABLE_TIMEOUT",
+    "QMP_RULES",
     "Disk",
     "DiskNotForgeable",
     "DiskRecord",
@@ -79,6 +90,8 @@ __all__ = [
     "NoDiskSelected",
     "NoSession",
     "NotQMP",
+    "Observation",
+    "Operation",
     "OperationBlocked",
     "PrerequisiteError",
     "ProgressEvent",
@@ -87,10 +100,12 @@ __all__ = [
     "QMPConnection",
     "QMPDisconnected",
     "QMPError",
+    "QMPRule",
     "QMPTimeout",
     "QemuRecord",
     "RecordError",
     "RecordStore",
+    "RecoveryPlan",
     "Selection",
     "SessionActive",
     "SessionRecord",
@@ -104,12 +119,18 @@ __all__ = [
     "UnknownDisk",
     "VMNotRunning",
     "__version__",
+    "active_argv",
+    "check_operation",
+    "check_qmp_command",
     "cold_argv",
     "connect",
     "default_state_dir",
     "detached_launcher",
     "incoming_argv",
+    "parse_operation",
     "probe",
+    "reconcile",
     "select_disks",
+    "start_argv",
     "status_of",
 ]

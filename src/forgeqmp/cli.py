@@ -8,22 +8,29 @@ Exit codes: 0 success; 2 usage error or invalid argument; 3 refused by a prerequ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any, NoReturn, TextIO
 
 import anyio
 
 from forgeqmp._version import __version__
-from forgeqmp.errors import ForgeError, InvalidArgument
-from forgeqmp.forge import DEFAULT_COMMIT_TIMEOUT, Instance, ProgressEvent, connect
+from forgeqmp.errors import ForgeError, InvalidArgument, OperationBlocked, RecordError
+from forgeqmp.forge import DEFAULT_COMMIT_TIMEOUT, Instance, ProgressEvent, connect, status_of
+from forgeqmp.guard import ALWAYS_ALLOWED, BLOCKED_OPERATIONS, check_recorded, parse_operation
 from forgeqmp.plans.enable import Strategy
+from forgeqmp.power import start_argv
 from forgeqmp.record import RecordStore, SessionRecord, no_session_status
+from forgeqmp.recover_driver import DEFAULT_RECOVER_TIMEOUT, stale
 from forgeqmp.statedir import StateDir, default_state_dir
+from forgeqmp.states import State
+from forgeqmp.terminal import ProgressView, print_report, state_label
 
 __all__ = ["build_parser", "main"]
 
@@ -116,28 +123,68 @@ def build_parser() -> argparse.ArgumentParser:
         "discard", parents=[common], help="revert the disks and resume the VM from the memory state"
     )
     discard.add_argument("--timeout", type=_seconds, default=300.0, metavar="SECONDS")
+    discard.add_argument(
+        "--cold", action="store_true", help="start the VM cold instead of from the memory state"
+    )
+
+    recover = commands.add_parser(
+        "recover",
+        parents=[common],
+        help="after a crash: reconcile the session with QEMU and the files, reach a true state",
+    )
+    recover.add_argument(
+        "--timeout", type=_seconds, default=DEFAULT_RECOVER_TIMEOUT, metavar="SECONDS"
+    )
+
+    check = commands.add_parser(
+        "check",
+        parents=[common],
+        help="exit 0 if a platform operation is allowed now, 3 if a forge session blocks it",
+        description="Reads only the session record (in the state dir derived from --qmp, or "
+        "--state-dir): it answers whether QEMU runs or not, and never connects to it. Exit 0: "
+        "allowed; 3: blocked (why and how to finish the session on stderr); 2: unknown "
+        "operation.",
+    )
+    check.add_argument(
+        "operation",
+        metavar="OPERATION",
+        help="blocked during a session: "
+        + " ".join(op.value for op in BLOCKED_OPERATIONS)
+        + "; always allowed: "
+        + " ".join(op.value for op in ALWAYS_ALLOWED),
+    )
     return parser
 
 
 class _Output:
-    """Human text or JSON lines, on stdout; errors on stderr."""
+    """Human text or JSON lines, on stdout; errors on stderr. Progress: JSON lines with --json,
+    live bars and steps on a terminal (rich), nothing otherwise."""
 
-    def __init__(self, as_json: bool, stream: TextIO = sys.stdout) -> None:
+    def __init__(self, as_json: bool, stream: TextIO | None = None) -> None:
         self.as_json = as_json
-        self.stream = stream
+        self.stream = stream if stream is not None else sys.stdout
+        self._view: ProgressView | None = None
 
     def progress(self, event: ProgressEvent) -> None:
         if self.as_json:
             self._line(event.as_dict())
         elif self.stream.isatty():
-            detail = " ".join(f"{k}={v}" for k, v in event.detail.items())
-            print(f"{event.operation}: {event.step} {detail}".rstrip(), file=self.stream)
+            if self._view is None:
+                self._view = ProgressView(self.stream)
+            self._view.update(event)
+
+    def close(self) -> None:
+        """End the live progress display, if any (before anything else is printed)."""
+        if self._view is not None:
+            self._view.close()
+            self._view = None
 
     def final(self, status: dict[str, Any], text: str) -> None:
+        self.close()
         if self.as_json:
             self._line(status)
         else:
-            print(text, file=self.stream)
+            print_report(self.stream, text, status.get("state"))
 
     def _line(self, obj: dict[str, Any]) -> None:
         self.stream.write(json.dumps(obj, sort_keys=False) + "\n")
@@ -145,14 +192,28 @@ class _Output:
 
 
 def _describe(record: SessionRecord | None) -> str:
+    """The session for people; its first line ends with the state label (coloured on a tty)."""
     if record is None:
-        return "no forge session"
-    lines = [f"session {record.session_id}: {record.state.value}"]
+        return "no forge session on this instance"
+    lines = [f"forge session {record.session_id}: {state_label(record.state.value)}"]
     if record.activated_at:
-        lines.append(f"  active since {record.activated_at.isoformat(timespec='seconds')}")
+        when = record.activated_at.isoformat(timespec="seconds")
+        if record.state is State.ACTIVE:
+            age = int((datetime.now(UTC) - record.activated_at).total_seconds())
+            when += f" (active for {age // 3600}h{age % 3600 // 60:02d}m{age % 60:02d}s)"
+        lines.append(f"  activated: {when}")
+    if record.disks:
+        lines.append("  forged disks:")
     for disk in record.disks:
-        where = disk.overlay_file or ("merged" if disk.merged else "-")
-        lines.append(f"  disk {disk.name}: {disk.base_file} -> {where}")
+        if disk.merged:
+            overlay = "merged into the base" if disk.overlay_node is None else "being merged"
+            overlay = f"{disk.overlay_file} ({overlay})" if disk.overlay_file else overlay
+        elif record.state is State.DISCARDED or record.rolled_back:
+            overlay = f"{disk.overlay_file} (removed)" if disk.overlay_file else "none"
+        else:
+            overlay = disk.overlay_file or "not created yet"
+        lines.append(f"    {disk.name}: base {disk.base_file}")
+        lines.append(f"    {' ' * len(disk.name)}  overlay {overlay}")
     if record.pause_ms is not None:
         lines.append(f"  guest pause at enable: {record.pause_ms:.1f} ms")
     if record.memory_restored is not None:
@@ -172,21 +233,72 @@ def _status_of(record: SessionRecord | None) -> dict[str, Any]:
 
 
 def _state_dir(args: argparse.Namespace) -> StateDir:
-    return StateDir(args.state_dir or default_state_dir(args.qmp))
+    # An explicit but empty --state-dir is refused (InvalidArgument), not taken as the default.
+    given = args.state_dir
+    return StateDir(given if given is not None else default_state_dir(args.qmp))
 
 
 async def _with_instance(
-    args: argparse.Namespace, action: Callable[[Instance], Awaitable[SessionRecord]]
-) -> SessionRecord:
-    async with connect(args.qmp, state_dir=_state_dir(args).path) as vm:
+    args: argparse.Namespace, action: Callable[[Instance], Awaitable[SessionRecord | None]]
+) -> SessionRecord | None:
+    # The contract: commit, discard and recover also work on a stopped QEMU.
+    offline = args.command in ("commit", "discard", "recover")
+    async with connect(args.qmp, state_dir=_state_dir(args).path, allow_offline=offline) as vm:
         return await action(vm)
+
+
+def _status(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """``status``: the record, flagged stale when the operation it shows was interrupted."""
+    state_dir = _state_dir(args)
+    record = RecordStore(state_dir).load()
+    status, text = _status_of(record), _describe(record)
+    status["stale"] = False
+    status["start_argv"] = None  # how to start the VM now without bypassing the forge
+    if record is not None:
+        reason = stale(state_dir, record)
+        if reason is not None:
+            status.update(stale=True, next_step=reason)
+            text += f"\n  stale: {reason}"
+        with contextlib.suppress(ForgeError):
+            status["start_argv"] = list(start_argv(record))
+    return status, text
+
+
+def _check(args: argparse.Namespace, out: _Output) -> int:
+    """``check OPERATION``: from the session record alone (QEMU is never contacted)."""
+    operation = parse_operation(args.operation)  # unknown: InvalidArgument, exit 2
+    state_dir = _state_dir(args)
+    try:
+        record = check_recorded(RecordStore(state_dir).load, operation)
+    except OperationBlocked as exc:
+        print(f"forgeqmp: {exc}", file=sys.stderr)
+        if out.as_json:
+            try:
+                status = _status_of(RecordStore(state_dir).load())
+            except ForgeError:
+                status = _status_of(None)
+            status.update(operation=operation.value, allowed=False, error=str(exc))
+            status["exit_code"] = exc.exit_code
+            out.final(status, "")
+        return exc.exit_code
+    if record is None:
+        why = "there is no forge session on this instance"
+    elif status_of(record).finished:
+        why = f"the last forge session is {record.state.value}, which is finished"
+    else:
+        why = f"it is safe during a forge session: {operation.why}"
+    status = _status_of(record)
+    status.update(operation=operation.value, allowed=True)
+    out.final(status, f"{operation.value} is allowed: {why}")
+    return EXIT_OK
 
 
 def _run(args: argparse.Namespace, out: _Output) -> int:
     if args.command == "status":
-        record = RecordStore(_state_dir(args)).load()
-        out.final(_status_of(record), _describe(record))
+        out.final(*_status(args))
         return EXIT_OK
+    if args.command == "check":
+        return _check(args, out)
 
     def enable(vm: Instance) -> Awaitable[SessionRecord]:
         return vm.enable(
@@ -202,9 +314,17 @@ def _run(args: argparse.Namespace, out: _Output) -> int:
         return vm.commit(timeout=args.timeout, on_progress=out.progress)
 
     def discard(vm: Instance) -> Awaitable[SessionRecord]:
-        return vm.discard(timeout=args.timeout, on_progress=out.progress)
+        return vm.discard(timeout=args.timeout, on_progress=out.progress, cold=args.cold)
 
-    actions = {"enable": enable, "commit": commit, "discard": discard}
+    def recover(vm: Instance) -> Awaitable[SessionRecord | None]:
+        return vm.recover(timeout=args.timeout, on_progress=out.progress)
+
+    actions: dict[str, Callable[[Instance], Awaitable[SessionRecord | None]]] = {
+        "enable": enable,
+        "commit": commit,
+        "discard": discard,
+        "recover": recover,
+    }
     if args.command == "enable" and args.disk and args.all_disks:
         raise InvalidArgument("give --disk or --all-disks, not both")
     record = anyio.run(_with_instance, args, actions[args.command])
@@ -225,7 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args, out)
     except ForgeError as exc:
-        print(f"forgeqmp: {exc}", file=sys.stderr)
+        out.close()
+        print(f"forgeqmp: {_with_next_step(exc)}", file=sys.stderr)
         if args.json:
             try:
                 record = RecordStore(_state_dir(args)).load()
@@ -237,5 +358,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             out.final(status, "")
         return exc.exit_code
     except KeyboardInterrupt:
-        print("forgeqmp: interrupted", file=sys.stderr)
+        out.close()
+        print(
+            "forgeqmp: interrupted; run 'forgeqmp status' to see the state the session was left "
+            "in (an operation cut short says so there, and 'forgeqmp recover' finishes it)",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
+
+
+def _with_next_step(exc: ForgeError) -> str:
+    """The error's message; a failure (exit 4) that does not say where to look gets the
+    contract's pointer to ``status``."""
+    message = str(exc)
+    if (
+        exc.exit_code == EXIT_FAILED
+        and not isinstance(exc, RecordError)  # its message has its own advice
+        and "forgeqmp status" not in message
+    ):
+        message += "; 'forgeqmp status' shows the state it left and what to do next"
+    return message

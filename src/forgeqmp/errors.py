@@ -137,9 +137,28 @@ class FeatureMissing(PrerequisiteError):
 
 
 class OperationBlocked(ForgeError):
-    """A platform operation is refused while a forge session is unfinished."""
+    """A platform operation (or a QMP command) is refused while a forge session is unfinished.
+
+    ``operation`` is what was refused, ``session_id`` and ``state`` the session it waits on (None
+    when the record cannot be read), ``next_step`` how to finish that session.
+    """
 
     exit_code = 3
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        operation: str | None = None,
+        session_id: str | None = None,
+        state: str | None = None,
+        next_step: str | None = None,
+    ) -> None:
+        self.operation = operation
+        self.session_id = session_id
+        self.state = state
+        self.next_step = next_step
+        super().__init__(message)
 
 
 # --- 4: the operation failed ---------------------------------------------------------------------

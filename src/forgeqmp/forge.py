@@ -15,7 +15,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,16 +23,20 @@ import anyio
 import anyio.to_thread
 import attrs
 
-from forgeqmp import memhash
+from forgeqmp import crashpoints, guard, memhash
 from forgeqmp.disks import Disk, disks_from_query, qom_path_of, select_disks
 from forgeqmp.errors import (
     ForgeError,
     ForgeFailed,
+    InstanceLocked,
     InvalidArgument,
     NoSession,
+    NotQMP,
     PrerequisiteError,
+    QEMUUnreachable,
     QMPCommandError,
     QMPError,
+    RecordError,
     SessionActive,
     TaskRunning,
     VMNotRunning,
@@ -41,6 +45,14 @@ from forgeqmp.features import Features, probe
 from forgeqmp.launcher import Launcher, LaunchSpec, cold_argv, detached_launcher, incoming_argv
 from forgeqmp.plans.command import Command
 from forgeqmp.plans.enable import EnablePlan, OverlayPlan, Strategy, Transport, plan_enable
+from forgeqmp.power import (
+    active_argv,
+    commit_overlay,
+    find_qemu_img,
+    qemu_down,
+    recorded_qemu_alive,
+    start_argv,
+)
 from forgeqmp.process import describe_process, wait_gone
 from forgeqmp.qmp import DEFAULT_CONNECT_TIMEOUT, QMPConnection
 from forgeqmp.record import (
@@ -216,6 +228,59 @@ class Instance:
         """The current session record (None if this instance never had one or it was archived)."""
         return self.store.load()
 
+    @property
+    def online(self) -> bool:
+        """Whether QEMU is connected; False for an instance opened while QEMU is not running
+        (``connect(..., allow_offline=True)``)."""
+        return self.conn.connected
+
+    def start_spec(self) -> LaunchSpec:
+        """How a platform must start this VM now, so that a (re)start never bypasses the forge.
+
+        While a session is Active (or a commit is unfinished) the argv puts each forged disk on
+        its overlay, backed by its original, under the recorded node names
+        (:func:`forgeqmp.power.active_argv`); otherwise it is the recorded command line. Pass it
+        to your launcher (or :func:`forgeqmp.launcher.detached_launcher`), then run ``status``.
+
+        :raises NoSession: there is no session record (start the VM as you always do).
+        :raises SessionActive: an operation is under way or was interrupted: recover first.
+        :raises PrerequisiteError: the command line cannot be retargeted (``-drive`` disks).
+        """
+        record = self.store.load()
+        if record is None:
+            raise NoSession("there is no forge session: start the VM with its own command line")
+        return attrs.evolve(self._spec(record, incoming=False), argv=start_argv(record))
+
+    async def recover(
+        self,
+        *,
+        launcher: Launcher | None = None,
+        timeout: float | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> SessionRecord | None:
+        """Reconcile the session record with what is really there after a crash of this process
+        or of QEMU, at any step, and return the record of the true state reached: Active (the
+        forge intact), Committed, Discarded, or Failed with the exact reason and safe next step.
+
+        It looks at QEMU (if one runs: block graph, jobs, migration) and at the session's files,
+        then finishes what was past its point of no return (a commit job, a discard whose QEMU
+        is gone, starting QEMU with ``launcher``) and undoes what was not (an interrupted
+        enable). It is idempotent, works while QEMU is not running (open the instance with
+        ``allow_offline=True``), and never deletes a file the session did not create.
+        Returns None when there is no session. See :mod:`forgeqmp.recover` for the rules.
+
+        :raises QEMUUnreachable: QEMU runs but does not answer: nothing was changed.
+        :raises ForgeFailed: recover could not finish; the record says why and what to do.
+        """
+        from forgeqmp.recover_driver import DEFAULT_RECOVER_TIMEOUT, run_recover
+
+        return await run_recover(
+            self,
+            launcher=launcher,
+            timeout=DEFAULT_RECOVER_TIMEOUT if timeout is None else timeout,
+            report=on_progress,
+        )
+
     async def disks(self) -> tuple[Disk, ...]:
         """The VM's disk devices, with their attached nodes and boot order."""
         blocks = await self.conn.execute("query-block")
@@ -238,6 +303,68 @@ class Instance:
         """QEMU's runstate (``running``, ``paused``, ``suspended``...)."""
         reply = await self.conn.execute("query-status")
         return str(reply["status"])
+
+    # --- the guard (see forgeqmp.guard) ------------------------------------------------------
+
+    def check(self, operation: guard.Operation | str) -> SessionRecord | None:
+        """Refuse a platform ``operation`` (``"reinstall"``, ``Operation.BACKUP``...) while this
+        instance's forge session is unfinished; returns the session record (None if none).
+
+        Only the session record is read, so it works whether QEMU runs or not. An unreadable
+        record blocks every operation a session could block.
+
+        :raises InvalidArgument: no such operation.
+        :raises OperationBlocked: the operation must wait; the error names the session, its
+            state and how to finish it.
+        """
+        return guard.check_recorded(self.store.load, operation)
+
+    async def execute_guarded(
+        self,
+        command: str,
+        arguments: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Any:
+        """Send a QMP command, unless it would break this instance's unfinished forge session
+        (resizing or removing a forged disk, a backup of it, a medium change, a migration, a
+        link toggle, quit while forgeqmp works...: :data:`forgeqmp.guard.QMP_RULES`), and return
+        QEMU's reply.
+
+        A command the guard lists is checked and sent while this instance's lock is held, so no
+        forge operation starts in between; any other command goes straight to QEMU.
+
+        :raises OperationBlocked: the guard refuses the command; nothing was sent.
+        :raises InstanceLocked: a forge operation holds the instance and the guard would allow
+            the command after it: wait for it to finish. Nothing was sent.
+        :raises QMPError: QEMU refused the command, or did not answer.
+        """
+        if not guard.may_refuse(command, arguments):
+            return await self.conn.execute(command, arguments, timeout=timeout)
+        lock = InstanceLock(self.state_dir, f"forgeqmp guarded {command}")
+        try:
+            lock.acquire()
+        except InstanceLocked:
+            # A forge operation is under way: refuse by its record if that says so.
+            await self._guard_command(command, arguments)
+            raise
+        try:
+            await self._guard_command(command, arguments)
+            return await self.conn.execute(command, arguments, timeout=timeout)
+        finally:
+            lock.release()
+
+    async def _guard_command(self, command: str, arguments: Mapping[str, Any] | None) -> None:
+        try:
+            record = self.store.load()
+        except RecordError as exc:
+            raise guard.record_unreadable(f"QMP command {command}", exc) from exc
+        if record is None or status_of(record).finished:
+            return
+        nodes = None
+        if self.conn.connected:  # the graph names nodes the record does not (the originals')
+            nodes = await self.conn.execute("query-named-block-nodes", {"flat": True})
+        guard.check_qmp_command(record, command, arguments, block_nodes=nodes)
 
     async def _check_no_task(self) -> None:
         jobs = await self.conn.execute("query-jobs")
@@ -304,14 +431,27 @@ class Instance:
                 raise InvalidArgument(
                     f"unknown strategy {strategy!r}; use one of {known}"
                 ) from None
+        elif strategy is not None and not isinstance(strategy, Strategy):
+            raise InvalidArgument(f"strategy must be a Strategy or its name, not {strategy!r}")
         if disks is not None and isinstance(disks, str):
             disks = [disks]
+        if disks is not None:
+            if isinstance(disks, bytes | bytearray) or not isinstance(disks, Iterable):
+                raise InvalidArgument(f"disks must be a list of disk names, not {disks!r}")
+            disks = list(disks)
+            if not all(isinstance(name, str) for name in disks):
+                raise InvalidArgument(f"disk names must be strings, not {disks!r}")
         if disks is not None and all_disks:
             raise InvalidArgument("name disks or choose all disks, not both")
         if overlay_dir is not None:
+            if not isinstance(overlay_dir, str | os.PathLike) or not os.fspath(overlay_dir):
+                raise InvalidArgument(f"overlay_dir must be a directory path, not {overlay_dir!r}")
             overlay_dir = os.path.abspath(overlay_dir)
-            if not os.path.isdir(overlay_dir):
-                raise InvalidArgument(f"overlay directory {overlay_dir} does not exist")
+            if not isinstance(overlay_dir, str) or not os.path.isdir(overlay_dir):
+                raise InvalidArgument(
+                    f"overlay directory {overlay_dir} does not exist; create it, or pass an "
+                    "existing directory"
+                )
         report = on_progress or (lambda _event: None)
 
         with InstanceLock(self.state_dir, "forgeqmp enable"):
@@ -346,6 +486,7 @@ class Instance:
                 self.store.archive(force=True)
             self.store.save(record)
             self._state_changed(record)
+            self._crash_point("enable", "planned")
             undo = _EnableUndo()
             try:
                 with anyio.fail_after(timeout):
@@ -442,6 +583,11 @@ class Instance:
         for listener in list(self._state_listeners):
             listener(record)
 
+    def _crash_point(self, operation: str, step: str) -> None:
+        """A step boundary: the fault-matrix tests crash here (see :mod:`forgeqmp.crashpoints`)."""
+        peer = self.conn._peer  # the QEMU talked to now, if any
+        crashpoints.reached(operation, step, peer.pid if peer is not None else None)
+
     async def _run_job(self, command: Command, job_id: str, what: str, timeout: float) -> None:
         """Run a job-creating command to its conclusion, check its error, dismiss it."""
         with self.conn.subscribe(
@@ -485,6 +631,7 @@ class Instance:
         for overlay in plan.overlays:
             await self._create_overlay(overlay, undo)
         record = self._save(record, step="overlays-created")
+        self._crash_point("enable", "overlays-created")
         report(ProgressEvent("enable", "overlays-created"))
 
         memory_name = os.path.basename(plan.memory_file)
@@ -511,6 +658,7 @@ class Instance:
             set_params = plan.set_parameters()
             await conn.execute(set_params.name, set_params.arguments)
             record = self._save(record, step="migration-started")
+            self._crash_point("enable", "migration-started")
 
             with (
                 conn.subscribe("MIGRATION") as migration,
@@ -525,6 +673,7 @@ class Instance:
                 saved_s = time.monotonic() - started
 
             record = self._save(record, step="snapshot-done", pause_ms=pause_ms)
+            self._crash_point("enable", "snapshot-done")
             report(ProgressEvent("enable", "snapshot-done", {"pause_ms": pause_ms}))
 
             # QEMU does not fsync the memory file: do it, then fingerprint it from the page cache.
@@ -542,6 +691,7 @@ class Instance:
             activated_at=_now(),
             memory=attrs.evolve(record.memory, size=size, sha256=digest),
         )
+        self._crash_point("enable", "active")
         report(
             ProgressEvent(
                 "enable",
@@ -573,6 +723,43 @@ class Instance:
             desc = info.get("error-desc", "no detail from QEMU")
             raise ForgeFailed(f"saving the memory state {status}: {desc}")
 
+    async def _with_memory_progress(
+        self, report: ProgressCallback, wait: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Run ``wait`` while reporting the memory save's progress (``progress`` events with
+        ``done``/``total`` bytes and ``bytes_per_second``) every PROGRESS_INTERVAL.
+
+        ``wait``'s exception is re-raised as is, not wrapped in an ExceptionGroup."""
+        failed: list[Exception] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._report_memory_progress, report)
+            try:
+                await wait()
+            except Exception as exc:  # re-raised below, outside the task group
+                failed.append(exc)
+            finally:
+                tg.cancel_scope.cancel()
+        if failed:
+            raise failed[0]
+
+    async def _report_memory_progress(self, report: ProgressCallback) -> None:
+        with contextlib.suppress(QMPError):  # progress is informative: never fail the save
+            while True:
+                info = await self.conn.execute("query-migrate")
+                ram = info.get("ram")
+                if info.get("status") == "active" and isinstance(ram, Mapping):
+                    total = int(ram.get("total", 0))
+                    done = max(0, total - int(ram.get("remaining", 0)))
+                    rate = round(float(ram.get("mbps", 0.0)) * 125_000)  # Mbit/s → bytes/s
+                    report(
+                        ProgressEvent(
+                            "enable",
+                            "progress",
+                            {"done": done, "total": total, "bytes_per_second": rate},
+                        )
+                    )
+                await anyio.sleep(PROGRESS_INTERVAL)
+
     async def _save_with_pause(
         self, plan: EnablePlan, undo: _EnableUndo, migration: Any, report: ProgressCallback
     ) -> None:
@@ -581,11 +768,16 @@ class Instance:
         await conn.execute(migrate.name, migrate.arguments)
         undo.migration_started = True
         report(ProgressEvent("enable", "saving-memory"))
-        await self._wait_migration(migration, "pre-switchover", "the pre-switchover pause")
+        await self._with_memory_progress(
+            report,
+            lambda: self._wait_migration(migration, "pre-switchover", "the pre-switchover pause"),
+        )
+        self._crash_point("enable", "pre-switchover")
         # The guest is paused: snapshot every disk or none.
         transaction = plan.transaction()
         await conn.execute(transaction.name, transaction.arguments)
         undo.snapshotted = True
+        self._crash_point("enable", "snapshot-transaction-done")
         await conn.execute("migrate-continue", {"state": "pre-switchover"})
         await self._wait_migration(migration, "completed", "the end of the memory save")
         undo.migration_completed = True
@@ -606,7 +798,10 @@ class Instance:
         await conn.execute("cont")
         undo.stopped_by_us = False
         report(ProgressEvent("enable", "saving-memory"))
-        await self._wait_migration(migration, "completed", "the end of the background save")
+        await self._with_memory_progress(
+            report,
+            lambda: self._wait_migration(migration, "completed", "the end of the background save"),
+        )
         undo.migration_completed = True
 
     async def _resume(self) -> None:
@@ -657,10 +852,15 @@ class Instance:
         conn = self.conn
         if undo.migration_started and not undo.migration_completed:
             await attempt("cancelling the memory save", self._cancel_migration)
+        keep_overlays = False
         if undo.snapshotted:
+            before = len(problems)
             await attempt(
                 "moving the disks back off their overlays", lambda: self._unsnapshot(plan)
             )
+            # An overlay a disk may still be on holds the guest's writes since the snapshot:
+            # never delete it; recover merges it back (live, or offline once QEMU is gone).
+            keep_overlays = len(problems) > before
         await attempt("resuming the guest", self._resume_if_stopped)
         for job in list(undo.jobs):
             await attempt(f"dismissing job {job}", functools.partial(self._drop_job, job))
@@ -672,7 +872,11 @@ class Instance:
         await attempt(
             "restoring the migration settings", lambda: self._release_migration_setup(plan, undo)
         )
+        overlays = {o.overlay_file for o in plan.overlays}
         for path in reversed(undo.files):
+            if keep_overlays and path in overlays:
+                problems.append(f"kept {path}: it may hold writes of the guest")
+                continue
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -683,6 +887,7 @@ class Instance:
         if isinstance(cause, TimeoutError):
             reason = "the enable deadline passed"
         rolled_back = not problems
+        record = self._reload(record)  # the undo records disks moved back off their overlays
         next_step = (
             "nothing to do: everything was undone and the VM runs as before; enable again when "
             "the cause is fixed"
@@ -749,12 +954,20 @@ class Instance:
             if attached.get(overlay.disk.qdev) != overlay.format_node:
                 continue
             assert overlay.disk.node is not None
-            await self._commit_active(
-                overlay.format_node, overlay.disk.node, f"{overlay.create_job}-undo"
+            await self._commit_back(
+                overlay.disk.name,
+                overlay.disk.qdev,
+                overlay.format_node,
+                overlay.disk.node,
+                f"{overlay.create_job}-undo",
             )
 
-    async def _commit_active(self, top_node: str, base_node: str, job_id: str) -> None:
-        """Active commit of ``top_node`` into ``base_node``, completed and dismissed."""
+    async def _commit_back(
+        self, disk: str, qdev: str, top_node: str, base_node: str, job_id: str
+    ) -> None:
+        """Undo a snapshot: commit the overlay into the original, then record (before the guest
+        may write into the original) that the disk left its overlay, so that a crash can never
+        make recover merge the then stale overlay over newer writes."""
         conn = self.conn
         with conn.subscribe(
             "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == job_id
@@ -768,21 +981,16 @@ class Instance:
                     "auto-dismiss": False,
                 },
             )
-            ev = await sub.wait(
+            await sub.wait(
                 lambda e: e["data"]["status"] in ("ready", "concluded"),
                 _UNDO_TIMEOUT,
                 "commit ready",
             )
-            if ev["data"]["status"] == "ready":
-                await conn.execute("job-complete", {"id": job_id})
-                await sub.wait(
-                    lambda e: e["data"]["status"] == "concluded", _UNDO_TIMEOUT, "commit end"
-                )
-        jobs = await conn.execute("query-jobs")
-        error = next((j.get("error") for j in jobs if j["id"] == job_id), None)
-        await conn.execute("job-dismiss", {"id": job_id})
-        if error:
-            raise ForgeFailed(f"commit of {top_node} into {base_node} failed: {error}")
+
+        def left_overlay(record: SessionRecord) -> SessionRecord:
+            return record.evolve_disk(disk, overlay_node=None, overlay_file_node=None)
+
+        await self._pivot(disk, qdev, base_node, job_id, left_overlay, mark_step=False)
 
     # --- commit ------------------------------------------------------------------------------
 
@@ -811,9 +1019,13 @@ class Instance:
         """
         timeout = _check_timeout("timeout", timeout)
         report = on_progress or (lambda _event: None)
+        # Refused without a session before taking the lock, which would create the state dir.
+        self._require_session("commit", lambda st: st.can_commit)
         with InstanceLock(self.state_dir, "forgeqmp commit"):
             record = self._require_session("commit", lambda st: st.can_commit)
             status = status_of(record).apply(Event.COMMIT)
+            if not self.conn.connected:
+                return await self._commit_offline(record, timeout, report)
             await self._check_no_task()
             blocks = await self.conn.execute("query-block")
             attached = _attached_nodes(blocks)
@@ -826,6 +1038,7 @@ class Instance:
                 error=None,
                 next_step=None,
             )
+            self._crash_point("commit", "committing")
             saver = anyio.Lock()
             try:
                 with anyio.fail_after(timeout):
@@ -834,7 +1047,7 @@ class Instance:
                             tg.start_soon(self._commit_disk, disk, saver, report)
             except BaseException as exc:
                 with anyio.CancelScope(shield=True):
-                    record = await self._commit_failed(exc, timeout)
+                    record = await self._commit_failed(exc, timeout, pending)
                 if isinstance(exc, TimeoutError | ForgeError | OSError):
                     raise ForgeFailed(
                         f"commit stopped: {record.error}; {record.next_step}"
@@ -848,6 +1061,7 @@ class Instance:
                 step="committed",
                 finished_at=_now(),
             )
+            self._crash_point("commit", "committed")
             report(ProgressEvent("commit", "committed"))
             return record
 
@@ -856,7 +1070,11 @@ class Instance:
     ) -> SessionRecord:
         record = self.store.load()
         if record is None:
-            raise NoSession(f"there is no forge session to {operation} on this instance")
+            raise NoSession(
+                f"there is no forge session to {operation} on this instance (state dir "
+                f"{self.state_dir.path}); start one with 'forgeqmp enable', or pass the "
+                "--state-dir the session was enabled with"
+            )
         status = status_of(record)
         if not allowed(status):
             detail = f"; {record.next_step}" if record.next_step else ""
@@ -873,9 +1091,8 @@ class Instance:
         job_id = f"{disk.overlay_node.removesuffix('-fmt')}-commit"
         # Point of no return for discard: recorded before the original receives any data.
         async with saver:
-            record = self.store.load()
-            assert record is not None
-            self._save(record.evolve_disk(disk.name, merged=True))
+            self._save(self._current().evolve_disk(disk.name, merged=True))
+            self._crash_point("commit", "disk-marked")
         with conn.subscribe(
             "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == job_id
         ) as sub:
@@ -888,38 +1105,112 @@ class Instance:
                     "auto-dismiss": False,
                 },
             )
+            self._crash_point("commit", "job-started")
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._report_job_progress, job_id, disk.name, report)
-                ev = await sub.wait(
+                await sub.wait(
                     lambda e: e["data"]["status"] in ("ready", "concluded"),
                     DEFAULT_COMMIT_TIMEOUT * 24,  # bounded by the caller's deadline
                     f"the commit of {disk.name} to be ready",
                 )
-                if ev["data"]["status"] == "ready":
-                    await self._complete_job(job_id)
-                    await sub.wait(
-                        lambda e: e["data"]["status"] == "concluded",
-                        _UNDO_TIMEOUT,
-                        f"the commit of {disk.name} to end",
-                    )
                 tg.cancel_scope.cancel()
-        jobs = await conn.execute("query-jobs")
-        error = next((j.get("error") for j in jobs if j["id"] == job_id), None)
-        await conn.execute("job-dismiss", {"id": job_id})
-        if error:
-            raise ForgeFailed(f"committing disk {disk.name} failed: {error}")
-        attached = _attached_nodes(await conn.execute("query-block"))
-        if attached.get(disk.qdev) != disk.device_node:
-            raise ForgeFailed(
-                f"after its commit, disk {disk.name} is on node {attached.get(disk.qdev)!r}, "
-                f"not its original {disk.device_node!r}"
-            )
+        self._crash_point("commit", "job-ready")
+        await self._pivot(
+            disk.name,
+            disk.qdev,
+            disk.device_node,
+            job_id,
+            lambda record: _overlay_gone(record, disk.name),
+            mark_step=True,
+            lock=saver,
+        )
         await self._drop_overlay(disk)
-        async with saver:
-            record = self.store.load()
-            assert record is not None
-            self._save(_overlay_gone(record, disk.name))
+        self._crash_point("commit", "disk-merged")
         report(ProgressEvent("commit", "disk-merged", {"disk": disk.name}))
+
+    def _current(self) -> SessionRecord:
+        """The session record as saved now (there must be one: callers hold the lock)."""
+        record = self.store.load()
+        if record is None:
+            raise ForgeFailed(
+                f"the session record {self.store.path} disappeared while forgeqmp worked on it; "
+                "run 'forgeqmp recover'"
+            )
+        return record
+
+    async def _pivot(
+        self,
+        disk: str,
+        qdev: str,
+        base_node: str,
+        job_id: str,
+        update: Callable[[SessionRecord], SessionRecord],
+        *,
+        mark_step: bool,
+        lock: anyio.Lock | None = None,
+        operation: str = "commit",
+    ) -> None:
+        """Complete the ready commit job ``job_id`` that moves ``disk`` onto its original node,
+        with the guest paused from just before the switch until the record says so (``update``).
+
+        While the guest is paused nothing writes into the original, so wherever QEMU or this
+        process dies, either the overlay or the original holds every write and the record says
+        which: recover never merges a stale overlay over newer data. The pause lasts the final
+        sync of the job (it was in sync already) and one record write: milliseconds.
+        ``mark_step`` records ``pivoting:<disk>`` while the guest is paused, so that recover
+        knows to resume it.
+        """
+        conn = self.conn
+        async with lock if lock is not None else contextlib.nullcontext():
+            paused = await self.runstate() == "running"
+            if paused:
+                if mark_step:
+                    self._save(self._current(), step=f"pivoting:{disk}")
+                await conn.execute("stop")
+                self._crash_point(operation, "pivoting")
+            resumed = False
+            try:
+                with conn.subscribe(
+                    "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == job_id
+                ) as sub:
+                    jobs = await conn.execute("query-jobs")
+                    status = next((j["status"] for j in jobs if j["id"] == job_id), None)
+                    if status is None:
+                        raise ForgeFailed(f"the commit job {job_id} of disk {disk} disappeared")
+                    if status == "ready":
+                        await self._complete_job(job_id)
+                    elif status not in ("pending", "waiting", "aborting", "concluded"):
+                        raise ForgeFailed(f"the commit job {job_id} is {status}, not ready")
+                    if status != "concluded":
+                        await sub.wait(
+                            lambda e: e["data"]["status"] == "concluded",
+                            _UNDO_TIMEOUT,
+                            f"the commit of {disk} to end",
+                        )
+                jobs = await conn.execute("query-jobs")
+                error = next((j.get("error") for j in jobs if j["id"] == job_id), None)
+                await conn.execute("job-dismiss", {"id": job_id})
+                if error:
+                    raise ForgeFailed(f"committing disk {disk} failed: {error}")
+                attached = _attached_nodes(await conn.execute("query-block"))
+                if attached.get(qdev) != base_node:
+                    raise ForgeFailed(
+                        f"after its commit, disk {disk} is on node {attached.get(qdev)!r}, "
+                        f"not its original {base_node!r}"
+                    )
+                self._crash_point(operation, "pivoted")
+                changes: dict[str, Any] = {"step": "committing"} if mark_step else {}
+                self._save(update(self._current()), **changes)
+            finally:
+                if paused:
+                    with anyio.CancelScope(shield=True), contextlib.suppress(QMPError):
+                        await conn.execute("cont")
+                        resumed = True
+                if mark_step and (resumed or not paused):
+                    with contextlib.suppress(ForgeError, OSError):
+                        record = self._current()
+                        if record.step == f"pivoting:{disk}":
+                            self._save(record, step="committing")
 
     async def _drop_overlay(self, disk: DiskRecord) -> None:
         """Remove a merged disk's overlay nodes from the graph and its file from the disk."""
@@ -962,8 +1253,13 @@ class Instance:
                     )
             await anyio.sleep(PROGRESS_INTERVAL)
 
-    async def _commit_failed(self, cause: BaseException, timeout: float) -> SessionRecord:
-        """Stop the jobs not past the point of no return; record per disk what is merged."""
+    async def _commit_failed(
+        self, cause: BaseException, timeout: float, started: Sequence[DiskRecord] = ()
+    ) -> SessionRecord:
+        """Stop the jobs not past the point of no return; record per disk what is merged.
+
+        ``started``: the disks as they were when the commit started (their overlay node names,
+        which the record drops once a disk is back on its original)."""
         conn = self.conn
         with contextlib.suppress(Exception), anyio.fail_after(_UNDO_TIMEOUT):
             for job in await conn.execute("query-jobs"):
@@ -975,9 +1271,10 @@ class Instance:
         with contextlib.suppress(Exception), anyio.fail_after(_UNDO_TIMEOUT):
             attached = _attached_nodes(await conn.execute("query-block"))
         done = [d for d in record.disks if attached.get(d.qdev) == d.device_node]
+        originals = {d.name: d for d in started}
         for disk in done:
             with contextlib.suppress(Exception), anyio.fail_after(_UNDO_TIMEOUT):
-                await self._drop_overlay(disk)
+                await self._drop_overlay(originals.get(disk.name, disk))
             record = _overlay_gone(record, disk.name)
         pending = [d.name for d in record.disks if d.overlay_node is not None]
         if isinstance(cause, TimeoutError):
@@ -997,6 +1294,84 @@ class Instance:
             else "run 'forgeqmp recover' to finish the session",
         )
 
+    async def _commit_offline(
+        self, record: SessionRecord, timeout: float, report: ProgressCallback
+    ) -> SessionRecord:
+        """Commit while QEMU is not running: ``qemu-img commit`` of each overlay into its
+        original, disks in parallel, with the records and point of no return of the live
+        commit (so an interrupted offline commit is finished by the next commit, live or not)."""
+        qemu_img = find_qemu_img(record)
+        pending = [d for d in record.disks if d.overlay_node is not None]
+        for disk in pending:
+            if disk.overlay_file is None or not os.path.exists(disk.overlay_file):
+                raise PrerequisiteError(
+                    f"the overlay {disk.overlay_file} of disk {disk.name} is missing, so its "
+                    "writes cannot be merged; run 'forgeqmp recover' to see what is left"
+                )
+        record = self._save(
+            record,
+            state=State.COMMITTING,
+            step="committing",
+            failure_phase=None,
+            error=None,
+            next_step=None,
+        )
+        self._crash_point("commit", "committing")
+        report(ProgressEvent("commit", "offline", {"disks": [d.name for d in pending]}))
+        saver = anyio.Lock()
+
+        async def merge(disk: DiskRecord) -> None:
+            async with saver:
+                self._save(self._current().evolve_disk(disk.name, merged=True))
+                self._crash_point("commit", "disk-marked")
+            await commit_overlay(qemu_img, disk, record.qemu.env)
+            async with saver:
+                self._save(_overlay_gone(self._current(), disk.name))
+            if disk.overlay_file is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(disk.overlay_file)
+            self._crash_point("commit", "disk-merged")
+            report(ProgressEvent("commit", "disk-merged", {"disk": disk.name}))
+
+        try:
+            with anyio.fail_after(timeout):
+                async with anyio.create_task_group() as tg:
+                    for disk in pending:
+                        tg.start_soon(merge, disk)
+        except BaseException as exc:
+            record = self._current()
+            left = [d.name for d in record.disks if d.overlay_node is not None]
+            done = [d.name for d in record.disks if d.overlay_node is None]
+            reason = (
+                f"the commit deadline ({timeout:g} s) passed"
+                if isinstance(exc, TimeoutError)
+                else f"{type(exc).__name__}: {exc}"
+            )
+            record = self._save(
+                record,
+                state=State.FAILED,
+                failure_phase=State.COMMITTING,
+                rolled_back=False,
+                error=f"{reason}; disks fully merged: {', '.join(done) or 'none'}; still on "
+                f"overlays: {', '.join(left) or 'none'}",
+                next_step="run 'forgeqmp commit' again to finish the disks still on overlays",
+            )
+            if isinstance(exc, TimeoutError | ForgeError | OSError):
+                raise ForgeFailed(f"commit stopped: {record.error}; {record.next_step}") from None
+            raise
+        record = self._current()
+        self._remove_memory_file(record)
+        record = self._save(
+            record,
+            state=State.COMMITTED,
+            step="committed",
+            finished_at=_now(),
+            next_step="the VM is stopped: start it with its original command line",
+        )
+        self._crash_point("commit", "committed")
+        report(ProgressEvent("commit", "committed"))
+        return record
+
     def _remove_memory_file(self, record: SessionRecord) -> None:
         if record.memory is not None:
             with contextlib.suppress(FileNotFoundError):
@@ -1011,6 +1386,7 @@ class Instance:
         launcher: Launcher | None = None,
         timeout: float = DEFAULT_DISCARD_TIMEOUT,
         on_progress: ProgressCallback | None = None,
+        cold: bool = False,
     ) -> SessionRecord:
         """Revert the forged disks to their contents at enable and resume the VM from the memory
         state saved then (same processes, same counters).
@@ -1022,7 +1398,11 @@ class Instance:
         resumed when it matched. If the memory cannot be restored (file missing, digest mismatch,
         incoming migration failed), the VM is started cold on the reverted disks and the record
         says so (``memory_restored`` false, ``error`` the reason). ``launcher`` starts QEMU (see
-        :mod:`forgeqmp.launcher`); the default re-runs the recorded argv detached.
+        :mod:`forgeqmp.launcher`); the default re-runs the recorded argv detached. ``cold``
+        starts the VM cold on the reverted disks without restoring the memory state.
+
+        It also works while QEMU is not running (the instance was opened with
+        ``connect(..., allow_offline=True)``): the disks are reverted and the VM is started.
 
         :raises NoSession: no Active session, or a disk already merged by a commit.
         :raises PrerequisiteError: QEMU no longer runs the recorded configuration. Nothing changed.
@@ -1032,6 +1412,8 @@ class Instance:
         report = on_progress or (lambda _event: None)
         launch = launcher or functools.partial(detached_launcher, timeout=timeout)
         started = time.monotonic()
+        # Refused without a session before taking the lock, which would create the state dir.
+        self._require_session("discard", lambda st: st.can_discard)
         with InstanceLock(self.state_dir, "forgeqmp discard"):
             record = self._require_session("discard", lambda st: st.can_discard)
             touched = [d.name for d in record.disks if d.merged]
@@ -1045,17 +1427,29 @@ class Instance:
             if self.conn.connected:
                 await self._check_recorded_configuration(record)
             record = self._save(record, state=State.DISCARDING, step="stopping-qemu")
+            self._crash_point("discard", "stopping-qemu")
             report(ProgressEvent("discard", "stopping-qemu"))
             with anyio.CancelScope(shield=True):
-                record = await self._run_discard(record, launch, timeout, report, started)
+                record = await self._run_discard(
+                    record, launch, timeout, report, started, cold=cold
+                )
             return record
+
+    async def _finish_discard(
+        self, record: SessionRecord, launch: Launcher, timeout: float, report: ProgressCallback
+    ) -> SessionRecord:
+        """Finish an interrupted discard (for recover): stop whatever QEMU is connected, start
+        QEMU on the originals and restore the memory state, or cold-start."""
+        with anyio.CancelScope(shield=True):
+            record = await self._run_discard(record, launch, timeout, report, time.monotonic())
+        return record
 
     async def _check_recorded_configuration(self, record: SessionRecord) -> None:
         """Refuse to restore onto anything but the recorded configuration: swapped or resized
         disks would restore silently wrong."""
         pid = self.conn.peer.pid
         current = describe_process(pid)
-        if current.argv != record.qemu.argv:
+        if current.argv != record.qemu.argv and not _is_active_argv(current.argv, record):
             raise PrerequisiteError(
                 "QEMU now runs with another command line than at enable, so the memory state "
                 "may not fit it; restart it with the recorded one (forgeqmp status shows it) "
@@ -1065,7 +1459,8 @@ class Instance:
         if str(machine).removesuffix("-machine") != record.qemu.machine:
             raise PrerequisiteError(
                 f"the machine type is {machine}, not {record.qemu.machine} as at enable; "
-                "the memory state cannot be restored onto it"
+                "the memory state cannot be restored onto it; start QEMU with the recorded command "
+                "line (forgeqmp status shows it), or commit instead"
             )
         disks = {d.qdev: d for d in await self.disks()}
         for disk in record.disks:
@@ -1073,7 +1468,8 @@ class Instance:
             if now is None or now.virtual_size != disk.virtual_size:
                 raise PrerequisiteError(
                     f"disk {disk.name} is missing or has another size than at enable; the memory "
-                    "state cannot be restored onto this configuration"
+                    "state cannot be restored onto this configuration; put the disk back as it was "
+                    "at enable, or commit instead"
                 )
 
     async def _run_discard(
@@ -1083,6 +1479,8 @@ class Instance:
         timeout: float,
         report: ProgressCallback,
         started: float,
+        *,
+        cold: bool = False,
     ) -> SessionRecord:
         memory = record.memory
         verdict: dict[str, str | None] = {}
@@ -1097,14 +1495,18 @@ class Instance:
                     tg.start_soon(verify)
                     await self._stop_qemu(record)
                     record = self._save(record, step="qemu-stopped")
-                    if memory is not None and os.path.exists(memory.path):
+                    self._crash_point("discard", "qemu-stopped")
+                    if cold:
+                        problem = "a cold start was asked for"
+                    elif memory is not None and os.path.exists(memory.path):
                         report(ProgressEvent("discard", "restoring-memory"))
                         problem = await self._restore(record, launch)
                     else:
                         problem = "the memory file is missing"
                 # The digest check says exactly what is wrong with the file; prefer it to the
                 # symptom the load showed (a truncated file fails the load too).
-                problem = verdict.get("problem") or problem
+                if not cold:
+                    problem = verdict.get("problem") or problem
                 if problem is None:
                     await self.conn.execute("cont")
                     restored = True
@@ -1140,6 +1542,7 @@ class Instance:
             error=None if restored else f"memory not restored, VM cold-started: {problem}",
             finished_at=_now(),
         )
+        self._crash_point("discard", "discarded")
         report(
             ProgressEvent(
                 "discard", "running", {"memory_restored": restored, "resume_seconds": seconds}
@@ -1165,6 +1568,8 @@ class Instance:
             pid = self.conn.peer.pid
             with contextlib.suppress(QMPError):
                 await self.conn.execute("quit", timeout=10)
+        elif not recorded_qemu_alive(record):
+            return  # QEMU is not running (the recorded pid is gone or now another program's)
         await self.conn.close()
         gone = await anyio.to_thread.run_sync(wait_gone, pid, 30.0)
         if not gone:
@@ -1181,6 +1586,7 @@ class Instance:
         assert memory is not None
         await launch(self._spec(record, incoming=True))
         await self.conn.reconnect()
+        self._crash_point("discard", "qemu-launched")
         conn = self.conn
         try:
             caps = ("events", *(c for c in memory.capabilities if c in _RESTORE_CAPABILITIES))
@@ -1189,6 +1595,7 @@ class Instance:
                 return {"capabilities": [{"capability": c, "state": state} for c in caps]}
 
             await conn.execute("migrate-set-capabilities", set_caps(True))
+            fdset_id: int | None = None
             fd = os.open(memory.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 if memory.transport == Transport.FDSET_FILE.value:
@@ -1206,10 +1613,17 @@ class Instance:
                     DEFAULT_DISCARD_TIMEOUT * 10,  # bounded by the caller's deadline
                     "the memory state to load",
                 )
+            if fdset_id is not None:
+                # QEMU keeps an fdset's descriptor open until it is removed: without this the
+                # deleted memory file (guest RAM) stays allocated, and readable through
+                # /proc/<pid>/fd, for as long as the VM runs.
+                with contextlib.suppress(QMPCommandError):
+                    await conn.execute("remove-fd", {"fdset-id": fdset_id})
             if ev["data"]["status"] == "completed":
                 # The relaunched QEMU is the platform's VM again: leave its migration settings
                 # at their defaults (multifd/mapped-ram would change its next migration).
                 await conn.execute("migrate-set-capabilities", set_caps(False))
+                self._crash_point("discard", "memory-loaded")
                 return None
             info = await conn.execute("query-migrate")
             return f"loading the memory state failed: {info.get('error-desc', 'no detail')}"
@@ -1247,6 +1661,14 @@ def _memory_problem(memory: MemoryRecord | None) -> str | None:
     return None
 
 
+def _is_active_argv(argv: Sequence[str], record: SessionRecord) -> bool:
+    """``argv`` is the command line that runs the session's disks on their overlays."""
+    try:
+        return tuple(argv) == active_argv(record)
+    except PrerequisiteError:
+        return False
+
+
 def _overlay_gone(record: SessionRecord, disk: str) -> SessionRecord:
     """The record with ``disk`` merged and its overlay removed (nothing left to commit)."""
     return record.evolve_disk(disk, merged=True, overlay_node=None, overlay_file_node=None)
@@ -1267,6 +1689,7 @@ async def connect(
     *,
     state_dir: str | os.PathLike[str] | None = None,
     timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    allow_offline: bool = False,
 ) -> AsyncIterator[Instance]:
     """Connect to a QEMU's QMP socket and open its Forge instance.
 
@@ -1274,11 +1697,24 @@ async def connect(
     from the socket path (:func:`forgeqmp.statedir.default_state_dir`), so two instances never share
     one.
 
-    :raises QEMUUnreachable: nothing answers QMP on the socket.
+    ``allow_offline``: when QEMU is provably not running (nobody listens on the socket and the
+    recorded QEMU process is gone, see :func:`forgeqmp.power.qemu_down`), open the instance
+    anyway, without a connection (``instance.online`` is False): ``status``, ``recover``,
+    ``commit`` (merges with qemu-img) and ``discard`` (starts the VM) work on a stopped VM.
+
+    :raises QEMUUnreachable: nothing answers QMP on the socket (and, with ``allow_offline``,
+        QEMU may still be running: it is never treated as stopped then).
     """
     directory = StateDir(state_dir if state_dir is not None else default_state_dir(qmp_socket))
     conn = QMPConnection(qmp_socket)
-    await conn.connect(_check_timeout("timeout", timeout))
+    try:
+        await conn.connect(_check_timeout("timeout", timeout))
+    except QEMUUnreachable as exc:
+        if not allow_offline or isinstance(exc, NotQMP):
+            raise
+        if not qemu_down(os.fspath(qmp_socket), RecordStore(directory).load()):
+            raise
+        log.info("QEMU is not running on %s: the instance is opened offline", qmp_socket)
     try:
         yield Instance(conn, directory)
     finally:

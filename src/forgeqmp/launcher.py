@@ -46,7 +46,8 @@ class LaunchSpec:
     qmp_socket: str
     #: True when QEMU waits for ``migrate-incoming`` (the memory restore), False for a cold start.
     incoming: bool
-    #: Where the default launcher sends QEMU's stdout and stderr.
+    #: Where the default launcher sends QEMU's stdout and stderr (appended; created with mode
+    #: 0600; a symlink there is refused).
     log_file: str | None = None
 
 
@@ -115,7 +116,14 @@ def _spawn(spec: LaunchSpec) -> subprocess.Popen[bytes]:
     if os.path.exists(spec.qmp_socket):
         os.unlink(spec.qmp_socket)
     target = spec.log_file or os.devnull
-    with open(target, "ab") as log:
+    # Private (0600) whatever the umask, and never through a planted symlink: QEMU's messages
+    # name the VM's files, and the log sits next to the memory file in the state dir.
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        log_fd = os.open(target, flags, 0o600)
+    except OSError as exc:
+        raise ForgeFailed(f"cannot open QEMU's log {target}: {exc.strerror}") from exc
+    with open(log_fd, "ab") as log:
         try:
             return subprocess.Popen(
                 list(spec.argv),

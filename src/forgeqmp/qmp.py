@@ -39,6 +39,7 @@ from qemu.qmp.protocol import ConnectError, Runstate, StateError
 from qemu.qmp.qmp_client import GreetingError, NegotiationError
 
 from forgeqmp.errors import (
+    InvalidArgument,
     NotQMP,
     QEMUUnreachable,
     QMPCommandError,
@@ -194,6 +195,10 @@ class QMPConnection:
         if not (command_timeout > 0 and math.isfinite(command_timeout)):
             raise ValueError(f"command_timeout must be a positive number, not {command_timeout!r}")
         self.socket_path = os.fspath(socket_path)
+        if not self.socket_path or "\0" in self.socket_path:
+            raise InvalidArgument(
+                f"invalid QMP socket path {self.socket_path!r}: give the path of QEMU's QMP socket"
+            )
         self.command_timeout = command_timeout
         self._name = name or f"forgeqmp:{os.path.basename(self.socket_path)}"
         self._client = QMPClient(self._name)

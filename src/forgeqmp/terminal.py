@@ -1,0 +1,205 @@
+"""What the CLI shows a person at a terminal: live progress and the session state in the colours
+control panels use, rendered with rich.
+
+Only the human side of the CLI comes through here: with ``--json`` the CLI prints JSON lines, and
+when its output is not a terminal it prints no progress at all (rich also drops colours there).
+"""
+
+from __future__ import annotations
+
+import time
+import types
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.filesize import decimal
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+from rich.text import Text
+
+from forgeqmp.forge import ProgressEvent
+
+__all__ = ["STATE_STYLES", "ProgressView", "print_report", "state_label", "styled_report"]
+
+#: The rich style of each state (``status --json``'s ``state``): working states blue, active
+#: yellow, committed green, discarded grey, failed red.
+STATE_STYLES: Mapping[str, str] = types.MappingProxyType(
+    {
+        "creating": "bold blue",
+        "committing": "bold blue",
+        "discarding": "bold blue",
+        "active": "bold yellow",
+        "committed": "bold green",
+        "discarded": "grey50",
+        "failed": "bold red",
+        "none": "dim",
+    }
+)
+
+#: How steps of :class:`~forgeqmp.forge.ProgressEvent` read on a terminal.
+STEP_LABELS: Mapping[tuple[str, str], str] = types.MappingProxyType(
+    {
+        ("enable", "planned"): "planned",
+        ("enable", "overlays-created"): "overlays created",
+        ("enable", "saving-memory"): "saving the memory state",
+        ("enable", "snapshot-done"): "disks snapshotted",
+        ("enable", "active"): "session active",
+        ("commit", "offline"): "QEMU is not running: merging with qemu-img",
+        ("commit", "disk-merged"): "disk merged",
+        ("commit", "committed"): "committed",
+        ("discard", "stopping-qemu"): "stopping QEMU",
+        ("discard", "restoring-memory"): "restoring the memory state",
+        ("discard", "cold-start"): "starting the VM cold",
+        ("discard", "running"): "VM running",
+    }
+)
+
+
+def state_label(state: str) -> str:
+    """A state as people read it: ``Active``, ``Committing``... (``none``: ``no session``)."""
+    return "no session" if state == "none" else state.capitalize()
+
+
+def styled_report(text: str, state: str | None) -> Text:
+    """``text`` (the CLI's description of a session) with the state label on its first line in
+    the state's colour."""
+    out = Text(text)
+    style = STATE_STYLES.get(state or "")
+    if style is not None and state is not None:
+        label = state_label(state)
+        at = text.split("\n", 1)[0].rfind(label)
+        if at >= 0:
+            out.stylize(style, at, at + len(label))
+    return out
+
+
+def print_report(stream: TextIO, text: str, state: str | None) -> None:
+    """Print ``text`` with its state coloured (plain when ``stream`` is not a terminal)."""
+    console = Console(file=stream, highlight=False, soft_wrap=True)
+    console.print(styled_report(text, state))
+
+
+def _detail(detail: Mapping[str, Any]) -> str:
+    parts: list[str] = []
+    for key, value in detail.items():
+        if key == "disks" and isinstance(value, list):
+            parts.append("disks " + ", ".join(str(v) for v in value))
+        elif key == "disk":
+            parts.append(f"disk {value}")
+        elif key == "pause_ms" and value is not None:
+            parts.append(f"guest paused {value:.1f} ms")
+        elif key == "memory_bytes" and isinstance(value, int):
+            parts.append(f"memory state {decimal(value)}")
+        elif key in ("save_seconds", "resume_seconds") and value is not None:
+            parts.append(f"in {value:.2f} s")
+        elif key == "memory_restored":
+            parts.append("resumed from memory" if value else "memory not restored")
+        elif value is not None:
+            parts.append(f"{key.replace('_', ' ')}: {value}")
+    return ", ".join(parts)
+
+
+class _BytesOnly(ProgressColumn):
+    """A column shown for byte-counting tasks only (the step spinner has none)."""
+
+    def __init__(self, column: ProgressColumn) -> None:
+        super().__init__()
+        self._column = column
+
+    def render(self, task: Task) -> Any:
+        if not task.fields.get("bytes"):
+            return Text("")
+        return self._column.render(task)
+
+
+class ProgressView:
+    """Live progress of one CLI command: each step on its own line with the time it was reached,
+    a spinner on the step under way, and a bar with bytes and rate for the memory save (enable)
+    and for each disk (commit).
+
+    Feed it the command's :class:`~forgeqmp.forge.ProgressEvent` with :meth:`update`, and call
+    :meth:`close` once the command ended (successfully or not).
+    """
+
+    def __init__(self, stream: TextIO, *, console: Console | None = None) -> None:
+        self.console = console or Console(file=stream, highlight=False)
+        self._progress = Progress(
+            SpinnerColumn(finished_text="[green]✓[/]"),
+            TextColumn("{task.description}"),
+            _BytesOnly(BarColumn(bar_width=30)),
+            _BytesOnly(DownloadColumn()),
+            _BytesOnly(TransferSpeedColumn()),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self._started = False
+        self._t0 = time.monotonic()
+        self._bars: dict[str, TaskID] = {}
+        self._step: TaskID | None = None
+
+    def update(self, event: ProgressEvent) -> None:
+        """Show ``event``."""
+        if not self._started:
+            self._progress.start()
+            self._started = True
+        if event.step == "progress":
+            self._advance(event)
+            return
+        if event.step == "disk-merged":
+            self._finish_bar(f"disk:{event.detail.get('disk')}")
+        elif event.operation == "enable" and event.step in ("snapshot-done", "active"):
+            self._finish_bar("memory")
+        label = STEP_LABELS.get((event.operation, event.step), event.step.replace("-", " "))
+        detail = _detail(event.detail)
+        elapsed = time.monotonic() - self._t0
+        line = Text(f"{elapsed:7.2f} s  ", style="dim")
+        line.append(f"{event.operation}: {label}")
+        if detail:
+            line.append(f" ({detail})", style="dim")
+        self._progress.console.print(line)
+        description = f"{event.operation}: {label}"
+        if self._step is None:
+            self._step = self._progress.add_task(description, total=None)
+        else:
+            self._progress.update(self._step, description=description)
+
+    def _advance(self, event: ProgressEvent) -> None:
+        disk = event.detail.get("disk")
+        key = f"disk:{disk}" if disk is not None else "memory"
+        total, done = event.detail.get("total"), event.detail.get("done")
+        if key not in self._bars:
+            what = f"disk {disk}" if disk is not None else "memory state"
+            self._bars[key] = self._progress.add_task(
+                f"{event.operation}: {what}", total=total or None, bytes=True
+            )
+        self._progress.update(self._bars[key], total=total or None, completed=done or 0)
+
+    def _finish_bar(self, key: str) -> None:
+        task = self._bars.get(key)
+        if task is not None:
+            total = self._progress.tasks[self._index(task)].total
+            self._progress.update(task, completed=total or 0, total=total or 1)
+
+    def _index(self, task: TaskID) -> int:
+        return next(i for i, t in enumerate(self._progress.tasks) if t.id == task)
+
+    def close(self) -> None:
+        """Stop the live display (idempotent); the lines printed stay on the terminal."""
+        if not self._started:
+            return
+        self._started = False
+        if self._step is not None:
+            self._progress.update(self._step, total=1, completed=1)
+        self._progress.stop()

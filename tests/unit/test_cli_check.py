@@ -1,0 +1,264 @@
+"""``forgeqmp check OPERATION`` (shared/design/cli-contract.md): exit 0 allowed, 3 blocked with the
+reason on stderr, 2 unknown operation; from the session record alone, QEMU never contacted. And
+the human side of ``status``: the coloured state, activation time and forged disks."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from forgeqmp.cli import main
+from forgeqmp.record import DiskRecord, MemoryRecord, QemuRecord, RecordStore, SessionRecord
+from forgeqmp.statedir import StateDir, default_state_dir
+from forgeqmp.states import State
+
+SID = "5b1d0c2e-8f3a-4c6d-9e7b-1a2b3c4d5e6f"
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+BLOCKED = [
+    "reinstall",
+    "resize",
+    "migrate",
+    "suspend",
+    "unsuspend",
+    "disk-add",
+    "disk-remove",
+    "disk-resize",
+    "backup",
+    "iso-mount",
+    "iso-unmount",
+    "image-create",
+    "public-interface",
+    "destroy",
+]
+ALLOWED = ["start", "stop", "restart", "kill", "console"]
+STATUS_KEYS = {"state", "activated_at", "disks", "memory_file", "memory_restored", "error"}
+
+
+def make_record(state: State, **changes: Any) -> SessionRecord:
+    values: dict[str, Any] = {
+        "session_id": SID,
+        "state": state,
+        "step": state.value,
+        "strategy": "precopy",
+        "created_at": T0,
+        "activated_at": T0 + timedelta(seconds=1),
+        "updated_at": T0 + timedelta(seconds=2),
+        "disks": (
+            DiskRecord(
+                name="disk0",
+                qdev="/machine/peripheral/disk0/virtio-backend",
+                device_node="disk0-fmt",
+                base_file="/vm/disk0.qcow2",
+                base_format="qcow2",
+                virtual_size=64 << 20,
+                overlay_file="/vm/disk0.fq.qcow2",
+                overlay_node="fq-0-fmt",
+                overlay_file_node="fq-0-file",
+            ),
+        ),
+        "memory": MemoryRecord(path="/state/memory.bin", transport="fd"),
+        "qemu": QemuRecord(
+            pid=4242,
+            argv=("qemu-system-x86_64",),
+            cwd="/vm",
+            env={},
+            version="10.0.2",
+            machine="pc-q35-10.0",
+            qmp_socket="/vm/qmp.sock",
+        ),
+    }
+    values.update(changes)
+    return SessionRecord(**values)
+
+
+RECORDS: dict[str, tuple[SessionRecord | None, bool]] = {
+    "none": (None, False),
+    "creating": (make_record(State.CREATING, activated_at=None), True),
+    "active": (make_record(State.ACTIVE), True),
+    "committing": (make_record(State.COMMITTING), True),
+    "discarding": (make_record(State.DISCARDING), True),
+    "committed": (make_record(State.COMMITTED), False),
+    "discarded": (make_record(State.DISCARDED), False),
+    "failed": (
+        make_record(
+            State.FAILED,
+            failure_phase=State.DISCARDING,
+            error="discard could not start the VM",
+            next_step="start it with: qemu-system-x86_64, then run 'forgeqmp recover'",
+        ),
+        True,
+    ),
+    "failed-rolled-back": (
+        make_record(
+            State.FAILED,
+            failure_phase=State.CREATING,
+            rolled_back=True,
+            error="enable failed",
+            next_step="nothing to do: everything was undone",
+        ),
+        False,
+    ),
+}
+
+
+def state_dir_with(tmp_path: Path, record: SessionRecord | None) -> Path:
+    path = tmp_path / "state"
+    state = StateDir(path)
+    state.ensure()
+    if record is not None:
+        RecordStore(state).save(record)
+    return path
+
+
+def check(
+    capsys: pytest.CaptureFixture[str], state: Path | None, operation: str, *extra: str
+) -> tuple[int, str, str]:
+    # No QEMU listens on this socket: check must never need one.
+    argv = ["--qmp", str(state.parent / "qmp.sock") if state else "/nonexistent/qmp.sock"]
+    if state is not None:
+        argv += ["--state-dir", str(state)]
+    code = main([*argv, *extra, "check", operation])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("subject", list(RECORDS))
+def test_exit_codes_for_every_operation_in_every_state(
+    subject: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    record, unfinished = RECORDS[subject]
+    state = state_dir_with(tmp_path, record)
+    for operation in BLOCKED + ALLOWED:
+        code, out, err = check(capsys, state, operation)
+        if unfinished and operation in BLOCKED:
+            assert code == 3, (operation, out, err)
+            assert out == ""
+            assert err.startswith(f"forgeqmp: {operation} is blocked: forge session {SID} is ")
+            assert ("recover" in err) or ("'forgeqmp commit'" in err)
+        else:
+            assert (code, err) == (0, ""), (operation, err)
+            assert out.startswith(f"{operation} is allowed: ")
+
+
+def test_the_blocked_message_says_why_and_how_to_finish(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = state_dir_with(tmp_path, RECORDS["active"][0])
+    code, _, err = check(capsys, state, "backup")
+    assert code == 3
+    assert "is active, and a backup now copies a trial state" in err
+    assert "'forgeqmp commit' keeps what changed since enable" in err
+    assert "'forgeqmp discard' throws it away" in err
+    state = state_dir_with(tmp_path / "f", RECORDS["failed"][0])
+    code, _, err = check(capsys, state, "destroy")
+    assert code == 3
+    assert "is failed" in err
+    assert "then run 'forgeqmp recover'" in err
+
+
+@pytest.mark.parametrize("operation", ["snapshot", "", "reboot", "disk add"])
+def test_an_unknown_operation_is_exit_2(
+    operation: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = state_dir_with(tmp_path, RECORDS["active"][0])
+    code, out, err = check(capsys, state, operation)
+    assert code == 2
+    assert out == ""
+    assert "unknown operation" in err
+    assert all(name in err for name in BLOCKED + ALLOWED)
+
+
+def test_a_missing_operation_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--qmp", str(tmp_path / "qmp.sock"), "check"])
+    assert info.value.code == 2
+    assert "OPERATION" in capsys.readouterr().err
+
+
+def test_an_unreadable_record_blocks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = state_dir_with(tmp_path, None)
+    (state / "session.json").write_text('{"format": 1}')
+    code, _, err = check(capsys, state, "reinstall")
+    assert code == 3
+    assert "record cannot be read" in err
+    assert check(capsys, state, "console")[0] == 0
+
+
+def test_json_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = state_dir_with(tmp_path, RECORDS["active"][0])
+    code, out, err = check(capsys, state, "migrate", "--json")
+    assert code == 3
+    assert err.startswith("forgeqmp: migrate is blocked")
+    obj = json.loads(out.splitlines()[-1])
+    assert set(obj) >= STATUS_KEYS
+    assert (obj["state"], obj["operation"], obj["allowed"], obj["exit_code"]) == (
+        "active",
+        "migrate",
+        False,
+        3,
+    )
+    assert obj["error"] == err.removeprefix("forgeqmp: ").strip()
+    code, out, _ = check(capsys, state, "kill", "--json")
+    obj = json.loads(out)
+    assert (code, obj["state"], obj["operation"], obj["allowed"]) == (0, "active", "kill", True)
+
+
+def test_the_state_dir_derives_from_the_socket(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FORGEQMP_STATE_HOME", str(tmp_path / "home"))
+    socket = tmp_path / "vm1" / "qmp.sock"  # nothing listens there: QEMU is not running
+    state = StateDir(default_state_dir(socket))
+    state.ensure()
+    RecordStore(state).save(RECORDS["committing"][0])  # type: ignore[arg-type]
+    assert main(["--qmp", str(socket), "check", "disk-remove"]) == 3
+    assert "is committing" in capsys.readouterr().err
+    monkeypatch.setenv("FORGEQMP_QMP", str(socket))
+    assert main(["check", "restart"]) == 0
+    other = tmp_path / "vm2" / "qmp.sock"
+    assert main(["--qmp", str(other), "check", "disk-remove"]) == 0  # another instance
+
+
+# --- status, for people --------------------------------------------------------------------------
+
+
+def test_status_text_shows_state_activation_and_disks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = state_dir_with(tmp_path, RECORDS["active"][0])
+    assert main(["--qmp", str(tmp_path / "qmp.sock"), "--state-dir", str(state), "status"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == f"forge session {SID}: Active"
+    assert "\x1b[" not in out  # not a terminal: no colour codes
+    assert "  activated: 2024-05-01T12:00:01+00:00 (active for " in out
+    assert "    disk0: base /vm/disk0.qcow2" in lines
+    assert "           overlay /vm/disk0.fq.qcow2" in lines
+
+
+def test_status_text_without_a_session(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = state_dir_with(tmp_path, None)
+    assert main(["--qmp", str(tmp_path / "qmp.sock"), "--state-dir", str(state), "status"]) == 0
+    assert capsys.readouterr().out == "no forge session on this instance\n"
+
+
+def test_error_messages_say_what_to_do_next(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Exit 5 (unreachable) already says what to check; a usage error says to see --help.
+    code = main(["--qmp", str(tmp_path / "nothing.sock"), "--state-dir", str(tmp_path), "enable"])
+    err = capsys.readouterr().err
+    assert code == 5
+    assert "check that QEMU is running" in err
+    state = state_dir_with(tmp_path / "x", None)
+    code = main(["--qmp", str(tmp_path / "qmp.sock"), "--state-dir", str(state), "commit"])
+    err = capsys.readouterr().err
+    assert code == 3  # QEMU is provably down: commit opens offline, and finds no session
+    assert "no forge session to commit" in err
+    assert "start one with 'forgeqmp enable'" in err
