@@ -228,6 +228,15 @@ class Instance:
         """The current session record (None if this instance never had one or it was archived)."""
         return self.store.load()
 
+    def stale(self) -> str | None:
+        """Why the session record cannot be trusted as it reads, or None: it shows an operation
+        (creating, committing, discarding) that no process is running any more (nobody holds the
+        instance's lock), so it was interrupted. Run :meth:`recover` then."""
+        from forgeqmp.recover_driver import stale
+
+        record = self.store.load()
+        return None if record is None else stale(self.state_dir, record)
+
     @property
     def online(self) -> bool:
         """Whether QEMU is connected; False for an instance opened while QEMU is not running

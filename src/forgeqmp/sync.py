@@ -61,6 +61,7 @@ class SyncInstance:
     enable = _blocking(Instance.enable)
     commit = _blocking(Instance.commit)
     discard = _blocking(Instance.discard)
+    recover = _blocking(Instance.recover)
     runstate = _blocking(Instance.runstate)
 
     def features(self) -> Features:
@@ -86,12 +87,13 @@ def connect(
     *,
     state_dir: str | os.PathLike[str] | None = None,
     timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    allow_offline: bool = False,
 ) -> Iterator[SyncInstance]:
     """Blocking :func:`forgeqmp.connect`: the same arguments, the same errors."""
     with (
         anyio.from_thread.start_blocking_portal(backend="asyncio") as portal,
         portal.wrap_async_context_manager(
-            _connect(qmp_socket, state_dir=state_dir, timeout=timeout)
+            _connect(qmp_socket, state_dir=state_dir, timeout=timeout, allow_offline=allow_offline)
         ) as instance,
     ):
         yield SyncInstance(instance, portal)

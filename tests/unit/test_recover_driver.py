@@ -239,3 +239,12 @@ def test_every_operation_lists_its_crash_points() -> None:
                 operation,
                 step,
             )
+
+
+def test_recover_waits_for_no_one_while_another_controller_works(tmp_path: Path) -> None:
+    save(tmp_path, make_record(tmp_path, State.COMMITTING, "committing"))
+    with InstanceLock(StateDir(tmp_path / "state"), "forgeqmp commit"):
+        code, status = run_cli(tmp_path, "recover")
+    assert code == 3  # refused: nothing changed
+    assert "another forgeqmp process" in status["error"]
+    assert status["state"] == "committing"
