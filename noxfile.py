@@ -82,6 +82,15 @@ def docs(session: nox.Session) -> None:
 
 
 @nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks against the raw QEMU baseline (docs/performance.md): ``-- --quick`` takes a few
+    minutes; without it, the full matrix on every installed QEMU. Tables in benchmarks/results/."""
+    setup_system(session)
+    session.install("-e", ".")
+    session.run("python", "-m", "benchmarks", *session.posargs)
+
+
+@nox.session
 def demo(session: nox.Session) -> None:
     """The main job: a real VM booted and forged (see README)."""
     setup_system(session)

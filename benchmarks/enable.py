@@ -1,0 +1,225 @@
+"""Enable: guest pause, counter stall, save rate and total time of every strategy forgeqmp offers
+on a build, each next to the raw recipe with the same strategy and transport, plus a raw plain
+``file:`` save; idle and while the guest dirties memory.
+
+Each run is cleaned up by a commit of the (nearly empty) overlay, untimed, so the next one starts
+from the same guest. The variants take turns within a run (a different one first each run).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+import forgeqmp
+from benchmarks import raw as rawqmp
+from benchmarks.common import (
+    Dirtier,
+    Lab,
+    Rows,
+    Settings,
+    allocated_bytes,
+    counter_stall_ms,
+    next_counter_after,
+    ratio,
+    rotated,
+    run_async,
+    say,
+    unlink_all,
+)
+from forgeqmp.plans.enable import Strategy, choose_strategy
+from forgeqmp.testing import QemuInstance
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of saving: who drives it (forgeqmp or raw), strategy and transport."""
+
+    impl: str
+    strategy: str
+    transport: str
+    #: forgeqmp picks the transport itself; ``forced`` means the benchmark overrode its choice.
+    forced: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.strategy} / {self.transport}" + (" (forced)" if self.forced else "")
+
+
+async def _features(socket: str) -> forgeqmp.Features:
+    async with forgeqmp.connect(socket) as vm:
+        return await vm.features()
+
+
+def variants(vm: QemuInstance) -> list[Variant]:
+    """forgeqmp's strategies on this build (its own transport choice, plus precopy forced onto
+    ``fd:`` where it would pick the file transport), each with its raw twin, and raw ``file:``."""
+    features = run_async(_features, vm.qmp_socket)
+    found: list[Variant] = []
+    for strategy in Strategy:
+        try:
+            _s, transport = choose_strategy(features, strategy)
+        except forgeqmp.FeatureMissing:
+            continue
+        found.append(Variant("forgeqmp", strategy.value, transport.value))
+        found.append(Variant("raw", strategy.value, transport.value))
+        if strategy is Strategy.PRECOPY and transport.value != "fd" and features.fd_transport:
+            found.append(Variant("forgeqmp", strategy.value, "fd", forced=True))
+            found.append(Variant("raw", strategy.value, "fd"))
+    if features.file_transport:
+        found.append(Variant("raw", "precopy", "file"))
+    return found
+
+
+def _without_file_transport(features: forgeqmp.Features) -> forgeqmp.Features:
+    return attrs.evolve(features, migration_transports=frozenset())
+
+
+async def forge_once(vm: QemuInstance, state_dir: Path, variant: Variant) -> dict[str, Any]:
+    """One forgeqmp enable (timed), then an untimed commit to get the guest back."""
+    progress: dict[str, Any] = {}
+
+    def on_progress(event: forgeqmp.ProgressEvent) -> None:
+        if event.step == "active":
+            progress.update(event.detail)
+
+    async with forgeqmp.connect(vm.qmp_socket, state_dir=state_dir) as instance:
+        features = await instance.features()  # probed once per QEMU process: not timed
+        if variant.forced:
+            # forgeqmp has no public transport option: make its probe see no file transport.
+            instance._features = (instance.conn.peer.pid, _without_file_transport(features))
+        t0 = time.monotonic()
+        record = await instance.enable(strategy=variant.strategy, on_progress=on_progress)
+        t1 = time.monotonic()
+        migration = await instance.conn.execute("query-migrate")
+        assert record.memory is not None
+        written = allocated_bytes(record.memory.path)
+        await instance.commit()
+    return {
+        "t0": t0,
+        "t1": t1,
+        "pause_ms": record.pause_ms,
+        "written": written,
+        "migration": migration,
+        "save_s": progress.get("save_seconds"),
+    }
+
+
+async def raw_once(vm: QemuInstance, lab: Lab, variant: Variant) -> dict[str, Any]:
+    """One raw enable (timed), then an untimed raw commit."""
+    memory = str(lab.path("raw-memory.bin"))
+    try:
+        async with rawqmp.Raw(vm.qmp_socket) as raw:
+            t0 = time.monotonic()
+            targets = (await rawqmp.disks(raw))[:1]
+            session = await rawqmp.enable(
+                raw,
+                targets,
+                memory,
+                strategy=variant.strategy,
+                transport=variant.transport,
+                qemu_img=str(vm.build.img),
+                env=vm.build.environ(),
+                tag=os.urandom(3).hex(),
+            )
+            t1 = time.monotonic()
+            migration = await raw.cmd("query-migrate")
+            written = allocated_bytes(memory)
+            await rawqmp.commit(raw, session)
+    finally:
+        unlink_all([memory])
+    return {
+        "t0": t0,
+        "t1": t1,
+        "pause_ms": session.pause_ms,
+        "written": written,
+        "migration": migration,
+        "save_s": session.save_s,
+    }
+
+
+def measure(
+    vm: QemuInstance, lab: Lab, settings: Settings, rows: Rows, guest_mib: int, touched_mib: int
+) -> None:
+    """The enable matrix on one (filled) guest: every variant, idle then dirtying."""
+    build = vm.build.name
+    state_dir = lab.path("state-enable")
+    found = variants(vm)
+    dirtier = Dirtier(vm)
+    rate = dirtier.measure()
+    say(
+        f"  enable: QEMU {build}, {guest_mib} MiB ({touched_mib} MiB touched), "
+        f"{len(found)} variants, dirtier {rate:.0f} MB/s"
+    )
+    for load in ("idle", "dirtying"):
+        if load == "dirtying":
+            dirtier.start()
+        try:
+            for run in range(settings.runs):
+                for variant in rotated(found, run):
+                    if variant.impl == "forgeqmp":
+                        got = run_async(forge_once, vm, state_dir, variant)
+                    else:
+                        got = run_async(raw_once, vm, lab, variant)
+                    # A line after the cleanup too, so the next run's window does not start
+                    # inside this one's cleanup (forgeqmp's commit pauses the guest to pivot).
+                    next_counter_after(vm, time.monotonic())
+                    stall = counter_stall_ms(vm, got["t0"], got["t1"])
+                    qemu_ms = float(got["migration"].get("total-time") or 0) or None
+                    row = rows.get(
+                        build=build,
+                        guest_mib=guest_mib,
+                        load=load,
+                        impl=variant.impl,
+                        variant=variant.label,
+                    )
+                    row.case.update(
+                        strategy=variant.strategy,
+                        transport=variant.transport,
+                        touched_mib=touched_mib,
+                    )
+                    if load == "dirtying":
+                        row.extra["dirty_mb_s"] = round(rate)
+                    row.add("pause_ms", got["pause_ms"])
+                    row.add("stall_ms", stall)
+                    row.add("qemu_downtime_ms", got["migration"].get("downtime"))
+                    row.add("save_s", qemu_ms / 1000 if qemu_ms else got["save_s"])
+                    if qemu_ms:
+                        row.add("save_gb_s", got["written"] / 1e9 / (qemu_ms / 1000))
+                    row.add("written_mib", got["written"] / 2**20)
+                    row.add("total_s", got["t1"] - got["t0"])
+                    say(
+                        f"    {load:8} run {run + 1} {variant.impl:8} {variant.label:32} "
+                        f"pause {got['pause_ms'] or 0:7.1f} ms  stall {stall or 0:6.0f} ms  "
+                        f"total {got['t1'] - got['t0']:.2f} s"
+                    )
+        finally:
+            dirtier.stop()
+    _ratios(rows, build, guest_mib)
+
+
+def _ratios(rows: Rows, build: str, guest_mib: int) -> None:
+    """forgeqmp / raw of the same strategy and transport (medians), per load."""
+    for row in rows:
+        c = row.case
+        if c["build"] != build or c["guest_mib"] != guest_mib or c["impl"] != "forgeqmp":
+            continue
+        twin = rows.find(
+            build=build,
+            guest_mib=guest_mib,
+            load=c["load"],
+            impl="raw",
+            strategy=c["strategy"],
+            transport=c["transport"],
+        )
+        if twin is None:
+            continue
+        for name in ("pause_ms", "total_s", "save_s"):
+            r = ratio(row.median(name), twin.median(name))
+            if r is not None:
+                row.extra[f"{name}_vs_raw"] = round(r, 3)
