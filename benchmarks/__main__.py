@@ -54,7 +54,11 @@ def _settings(args: argparse.Namespace) -> Settings:
         runs=args.runs or (3 if quick else 5),
         builds=builds,
         sections=[s for s in SECTIONS if s in sections],
-        guest_mib=[512] if quick else [512, 2048],
+        guest_mib=[int(m) for m in args.guest_mib.split(",")]
+        if args.guest_mib
+        else [512]
+        if quick
+        else [512, 2048],
         commit_mib=[64] if quick else [256, 1024],
         commit_disks=[1, 2],
         scale_counts=[1, 4] if quick else [1, 4, 8, 16],
@@ -96,6 +100,11 @@ def main() -> int:
     parser.add_argument("--only", help=f"comma-separated sections of {', '.join(SECTIONS)}")
     parser.add_argument("--runs", type=int, help="runs per figure (default 5, --quick 3)")
     parser.add_argument(
+        "--guest-mib",
+        help="guest sizes (MiB) of enable and discard, e.g. 512,2048 (default: "
+        "512,2048; --quick: 512)",
+    )
+    parser.add_argument(
         "--out", default=str(ROOT / "benchmarks" / "results"), help="where the .md and .json go"
     )
     parser.add_argument(
@@ -108,6 +117,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
 
     mode = "quick" if settings.quick else "full"
+    # A partial run (--only) never overwrites the complete run's files.
+    name = mode if args.only is None else f"{mode}-{'-'.join(settings.sections)}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -144,9 +155,9 @@ def main() -> int:
             "targets": found,
             "sections": {k: [r.as_dict() for r in v] for k, v in sections.items()},
         }
-        (out / f"{mode}.json").write_text(json.dumps(doc, indent=1) + "\n")
+        (out / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
         text = report.markdown(meta, sections, found)
-        (out / f"{mode}.md").write_text(text)
+        (out / f"{name}.md").write_text(text)
         return text
 
     def attempt(key: str, fn: Any, *args: Any) -> None:
@@ -207,7 +218,7 @@ def main() -> int:
                 attempt(key, fn, lab, settings, sections[key])
     text = save()
     print(text)
-    say(f"written: {out / (mode + '.md')}, {out / (mode + '.json')}")
+    say(f"written: {out / (name + '.md')}, {out / (name + '.json')}")
     return 1 if meta["errors"] else 0
 
 

@@ -5,8 +5,9 @@ Each run: a forgeqmp enable, N MiB of random data written through the guest (dir
 flush) onto each disk, copies of each overlay and its base (the overlay copy rebased onto the
 base copy), then forgeqmp's commit (timed), ``qemu-img commit`` of the copies (timed, disks in
 parallel), ``dd`` of the overlay copy's first N MiB over the base copy (``conv=fdatasync``, as
-qemu-img commit fdatasyncs; timed, disks in parallel). Then the same write onto a raw enable's
-overlays and the raw commit (timed). A first, untimed round allocates the bases' clusters, so every
+qemu-img commit fdatasyncs; timed, disks in parallel). forgeqmp's commit also reports the guest
+pause (QEMU's STOP→RESUME) of each disk's switch back to its original; the table shows the
+longest. Then the same write onto a raw enable's overlays and the raw commit (timed). A first, untimed round allocates the bases' clusters, so every
 timed commit overwrites allocated clusters.
 """
 
@@ -47,11 +48,18 @@ async def _enable(
         return await instance.enable(list(disks))
 
 
-async def _commit(vm: QemuInstance, state_dir: Path) -> float:
+async def _commit(vm: QemuInstance, state_dir: Path) -> tuple[float, float | None]:
+    """Seconds of forgeqmp's commit, and the longest guest pause of a disk's switch (ms)."""
+    pauses: list[float] = []
+
+    def on_progress(event: forgeqmp.ProgressEvent) -> None:
+        if event.step == "disk-merged" and event.detail.get("pause_ms") is not None:
+            pauses.append(float(event.detail["pause_ms"]))
+
     async with forgeqmp.connect(vm.qmp_socket, state_dir=state_dir) as instance:
         t0 = time.monotonic()
-        await instance.commit()
-        return time.monotonic() - t0
+        await instance.commit(on_progress=on_progress)
+        return time.monotonic() - t0, max(pauses, default=None)
 
 
 async def _raw_enable(vm: QemuInstance, lab: Lab, disks: Sequence[str]) -> rawqmp.RawSession:
@@ -137,7 +145,7 @@ def measure(lab: Lab, settings: Settings, rows: Rows) -> None:
                         row.add(name, value)
                     say(
                         f"    {ndisks} disk(s) x {mib} MiB run {run + 1}: forgeqmp "
-                        f"{got['forge_s']:.2f} s, raw {got['raw_s']:.2f} s, qemu-img commit -d "
+                        f"{got['forge_s']:.2f} s (switch pause {got['pause_ms']} ms), raw {got['raw_s']:.2f} s, qemu-img commit -d "
                         f"{got['qemu_img_d_s']:.2f} s / without -d {got['qemu_img_s']:.2f} s, "
                         f"dd {got['dd_s']:.2f} s"
                     )
@@ -156,7 +164,7 @@ def _one(
     write_data(vm, disks, mib)
     copies = _copies(vm, lab, record)
     try:
-        forge_s = run_async(_commit, vm, state_dir)
+        forge_s, pause_ms = run_async(_commit, vm, state_dir)
         img = str(vm.build.img)
         # dd first: qemu-img commit (without -d) empties the overlay copy.
         dd_s = _parallel(
@@ -183,6 +191,7 @@ def _one(
     raw_s = run_async(_raw_commit, vm, session)
     return {
         "forge_s": forge_s,
+        "pause_ms": pause_ms,
         "raw_s": raw_s,
         "qemu_img_d_s": keep_s,
         "qemu_img_s": empty_s,

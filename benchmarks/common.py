@@ -299,18 +299,21 @@ def counter_stall_ms(vm: QemuInstance, since: float, until: float) -> float | No
 
 
 def restored_counter_after(vm: QemuInstance, when: float, timeout: float = 60.0) -> float:
-    """Host time of the first counter line after ``when`` that went back below the last value
+    """Host time of the first counter line after ``when`` that did not go on from the last value
     printed before ``when``: the first sign of life of a guest restored from an earlier state
-    (lines the old QEMU printed before it quit do not count)."""
+    (the old QEMU's lines before it quit go on, last + 1, last + 2...; a restored counter starts
+    again at or below the last value, which it may equal when it was restored just before)."""
     before = [n for t, _b, n in vm.counter_history() if t < when]
     last = before[-1] if before else 0
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for t, _b, n in vm.counter_history():
-            if t >= when and n < last:
+            if t >= when and n <= last:
                 return t
         time.sleep(0.005)
-    raise TimeoutError(f"the guest's counter did not go back below {last} within {timeout:g} s")
+    raise TimeoutError(
+        f"the guest's counter did not go back to {last} or below within {timeout:g} s"
+    )
 
 
 def next_counter_after(vm: QemuInstance, when: float, timeout: float = 60.0) -> float:

@@ -42,6 +42,7 @@ from forgeqmp.errors import (
     VMNotRunning,
 )
 from forgeqmp.features import Features, probe
+from forgeqmp.hostflush import flush_host_images
 from forgeqmp.launcher import Launcher, LaunchSpec, cold_argv, detached_launcher, incoming_argv
 from forgeqmp.plans.command import Command
 from forgeqmp.plans.enable import EnablePlan, OverlayPlan, Strategy, Transport, plan_enable
@@ -774,6 +775,7 @@ class Instance:
     ) -> None:
         conn = self.conn
         migrate = plan.migrate(undo.fdset_id)
+        await flush_host_images(o.disk.file for o in plan.overlays)
         await conn.execute(migrate.name, migrate.arguments)
         undo.migration_started = True
         report(ProgressEvent("enable", "saving-memory"))
@@ -796,6 +798,7 @@ class Instance:
         self, plan: EnablePlan, undo: _EnableUndo, migration: Any, report: ProgressCallback
     ) -> None:
         conn = self.conn
+        await flush_host_images(o.disk.file for o in plan.overlays)
         await conn.execute("stop")
         undo.stopped_by_us = True
         transaction = plan.transaction()
@@ -969,10 +972,17 @@ class Instance:
                 overlay.format_node,
                 overlay.disk.node,
                 f"{overlay.create_job}-undo",
+                overlay.disk.file,
             )
 
     async def _commit_back(
-        self, disk: str, qdev: str, top_node: str, base_node: str, job_id: str
+        self,
+        disk: str,
+        qdev: str,
+        top_node: str,
+        base_node: str,
+        job_id: str,
+        base_file: str | None,
     ) -> None:
         """Undo a snapshot: commit the overlay into the original, then record (before the guest
         may write into the original) that the disk left its overlay, so that a crash can never
@@ -999,7 +1009,9 @@ class Instance:
         def left_overlay(record: SessionRecord) -> SessionRecord:
             return record.evolve_disk(disk, overlay_node=None, overlay_file_node=None)
 
-        await self._pivot(disk, qdev, base_node, job_id, left_overlay, mark_step=False)
+        await self._pivot(
+            disk, qdev, base_node, job_id, left_overlay, base_file=base_file, mark_step=False
+        )
 
     # --- commit ------------------------------------------------------------------------------
 
@@ -1124,18 +1136,19 @@ class Instance:
                 )
                 tg.cancel_scope.cancel()
         self._crash_point("commit", "job-ready")
-        await self._pivot(
+        pause_ms = await self._pivot(
             disk.name,
             disk.qdev,
             disk.device_node,
             job_id,
             lambda record: _overlay_gone(record, disk.name),
+            base_file=disk.base_file,
             mark_step=True,
             lock=saver,
         )
         await self._drop_overlay(disk)
         self._crash_point("commit", "disk-merged")
-        report(ProgressEvent("commit", "disk-merged", {"disk": disk.name}))
+        report(ProgressEvent("commit", "disk-merged", {"disk": disk.name, "pause_ms": pause_ms}))
 
     def _current(self) -> SessionRecord:
         """The session record as saved now (there must be one: callers hold the lock)."""
@@ -1155,71 +1168,77 @@ class Instance:
         job_id: str,
         update: Callable[[SessionRecord], SessionRecord],
         *,
+        base_file: str | None,
         mark_step: bool,
         lock: anyio.Lock | None = None,
         operation: str = "commit",
-    ) -> None:
+    ) -> float | None:
         """Complete the ready commit job ``job_id`` that moves ``disk`` onto its original node,
         with the guest paused from just before the switch until the record says so (``update``).
 
         While the guest is paused nothing writes into the original, so wherever QEMU or this
         process dies, either the overlay or the original holds every write and the record says
         which: recover never merges a stale overlay over newer data. The pause lasts the final
-        sync of the job (it was in sync already) and one record write: milliseconds.
+        sync of the job (it was in sync already) and one record write: milliseconds, once the
+        host has written ``base_file``'s cached data (done before the pause; see hostflush).
         ``mark_step`` records ``pivoting:<disk>`` while the guest is paused, so that recover
-        knows to resume it.
+        knows to resume it. Returns the guest pause in ms (QEMU's STOP→RESUME), None if the
+        guest was not running.
         """
         conn = self.conn
         async with lock if lock is not None else contextlib.nullcontext():
-            paused = await self.runstate() == "running"
-            if paused:
-                if mark_step:
-                    self._save(self._current(), step=f"pivoting:{disk}")
-                await conn.execute("stop")
-                self._crash_point(operation, "pivoting")
-            resumed = False
-            try:
-                with conn.subscribe(
-                    "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == job_id
-                ) as sub:
-                    jobs = await conn.execute("query-jobs")
-                    status = next((j["status"] for j in jobs if j["id"] == job_id), None)
-                    if status is None:
-                        raise ForgeFailed(f"the commit job {job_id} of disk {disk} disappeared")
-                    if status == "ready":
-                        await self._complete_job(job_id)
-                    elif status not in ("pending", "waiting", "aborting", "concluded"):
-                        raise ForgeFailed(f"the commit job {job_id} is {status}, not ready")
-                    if status != "concluded":
-                        await sub.wait(
-                            lambda e: e["data"]["status"] == "concluded",
-                            _UNDO_TIMEOUT,
-                            f"the commit of {disk} to end",
-                        )
-                jobs = await conn.execute("query-jobs")
-                error = next((j.get("error") for j in jobs if j["id"] == job_id), None)
-                await conn.execute("job-dismiss", {"id": job_id})
-                if error:
-                    raise ForgeFailed(f"committing disk {disk} failed: {error}")
-                attached = _attached_nodes(await conn.execute("query-block"))
-                if attached.get(qdev) != base_node:
-                    raise ForgeFailed(
-                        f"after its commit, disk {disk} is on node {attached.get(qdev)!r}, "
-                        f"not its original {base_node!r}"
-                    )
-                self._crash_point(operation, "pivoted")
-                changes: dict[str, Any] = {"step": "committing"} if mark_step else {}
-                self._save(update(self._current()), **changes)
-            finally:
+            with conn.subscribe("STOP", "RESUME") as runstate_events:
+                paused = await self.runstate() == "running"
                 if paused:
-                    with anyio.CancelScope(shield=True), contextlib.suppress(QMPError):
-                        await conn.execute("cont")
-                        resumed = True
-                if mark_step and (resumed or not paused):
-                    with contextlib.suppress(ForgeError, OSError):
-                        record = self._current()
-                        if record.step == f"pivoting:{disk}":
-                            self._save(record, step="committing")
+                    await flush_host_images([base_file])
+                    if mark_step:
+                        self._save(self._current(), step=f"pivoting:{disk}")
+                    await conn.execute("stop")
+                    self._crash_point(operation, "pivoting")
+                resumed = False
+                try:
+                    with conn.subscribe(
+                        "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == job_id
+                    ) as sub:
+                        jobs = await conn.execute("query-jobs")
+                        status = next((j["status"] for j in jobs if j["id"] == job_id), None)
+                        if status is None:
+                            raise ForgeFailed(f"the commit job {job_id} of disk {disk} disappeared")
+                        if status == "ready":
+                            await self._complete_job(job_id)
+                        elif status not in ("pending", "waiting", "aborting", "concluded"):
+                            raise ForgeFailed(f"the commit job {job_id} is {status}, not ready")
+                        if status != "concluded":
+                            await sub.wait(
+                                lambda e: e["data"]["status"] == "concluded",
+                                _UNDO_TIMEOUT,
+                                f"the commit of {disk} to end",
+                            )
+                    jobs = await conn.execute("query-jobs")
+                    error = next((j.get("error") for j in jobs if j["id"] == job_id), None)
+                    await conn.execute("job-dismiss", {"id": job_id})
+                    if error:
+                        raise ForgeFailed(f"committing disk {disk} failed: {error}")
+                    attached = _attached_nodes(await conn.execute("query-block"))
+                    if attached.get(qdev) != base_node:
+                        raise ForgeFailed(
+                            f"after its commit, disk {disk} is on node {attached.get(qdev)!r}, "
+                            f"not its original {base_node!r}"
+                        )
+                    self._crash_point(operation, "pivoted")
+                    changes: dict[str, Any] = {"step": "committing"} if mark_step else {}
+                    self._save(update(self._current()), **changes)
+                finally:
+                    if paused:
+                        with anyio.CancelScope(shield=True), contextlib.suppress(QMPError):
+                            await conn.execute("cont")
+                            resumed = True
+                    if mark_step and (resumed or not paused):
+                        with contextlib.suppress(ForgeError, OSError):
+                            record = self._current()
+                            if record.step == f"pivoting:{disk}":
+                                self._save(record, step="committing")
+                return self._pause_ms(runstate_events.history) if paused else None
 
     async def _drop_overlay(self, disk: DiskRecord) -> None:
         """Remove a merged disk's overlay nodes from the graph and its file from the disk."""
@@ -1340,7 +1359,7 @@ class Instance:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(disk.overlay_file)
             self._crash_point("commit", "disk-merged")
-            report(ProgressEvent("commit", "disk-merged", {"disk": disk.name}))
+            report(ProgressEvent("commit", "disk-merged", {"disk": disk.name, "pause_ms": None}))
 
         try:
             with anyio.fail_after(timeout):

@@ -1,0 +1,84 @@
+"""The pre-pause host flush: local image files are fsynced; anything else is skipped quietly."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import anyio
+import pytest
+
+from forgeqmp import hostflush
+
+
+@pytest.fixture
+def fsynced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Paths fsynced by hostflush (recorded, then really fsynced)."""
+    seen: list[str] = []
+    real = os.fsync
+
+    def record(fd: int) -> None:
+        seen.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(hostflush.os, "fsync", record)
+    return seen
+
+
+def test_local_images_are_fsynced_once(tmp_path: Path, fsynced: list[str]) -> None:
+    a, b = tmp_path / "a.qcow2", tmp_path / "b.raw"
+    a.write_bytes(b"x" * 4096)
+    b.write_bytes(b"y")
+    anyio.run(hostflush.flush_host_images, [str(a), str(b), str(a)])
+    assert fsynced == [str(a), str(b)]
+
+
+def test_what_is_not_a_local_image_is_skipped(tmp_path: Path, fsynced: list[str]) -> None:
+    link = tmp_path / "link"
+    target = tmp_path / "target"
+    target.write_bytes(b"z")
+    link.symlink_to(target)
+    paths = [
+        None,
+        "",
+        "relative/image.qcow2",
+        "/dev/fdset/3",
+        str(tmp_path / "missing.qcow2"),
+        str(tmp_path),  # a directory
+        str(link),  # never followed
+        "/dev/null",  # a character device
+    ]
+    anyio.run(hostflush.flush_host_images, paths)
+    assert fsynced == []
+
+
+def test_an_unreadable_image_does_not_fail_the_flush(tmp_path: Path, fsynced: list[str]) -> None:
+    image = tmp_path / "image.qcow2"
+    image.write_bytes(b"x")
+    image.chmod(0)
+    other = tmp_path / "other.qcow2"
+    other.write_bytes(b"y")
+    anyio.run(hostflush.flush_host_images, [str(image), str(other)])
+    # root reads mode-0 files; anyone else skips it. Either way the other image is flushed.
+    assert fsynced[-1] == str(other)
+
+
+def test_a_slow_flush_is_abandoned_at_the_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = tmp_path / "image.qcow2"
+    image.write_bytes(b"x")
+    release = threading.Event()
+    finished = threading.Event()
+
+    def stuck_fsync(fd: int) -> None:
+        release.wait(30)
+        finished.set()
+
+    monkeypatch.setattr(hostflush.os, "fsync", stuck_fsync)
+    anyio.run(lambda: hostflush.flush_host_images([str(image)], deadline=0.1))
+    try:
+        assert not finished.is_set()  # returned at the deadline, the fsync still under way
+    finally:
+        release.set()
