@@ -42,7 +42,7 @@ from forgeqmp.errors import (
     VMNotRunning,
 )
 from forgeqmp.features import Features, probe
-from forgeqmp.hostflush import flush_host_images
+from forgeqmp.hostflush import flush_host_images, image_files
 from forgeqmp.launcher import Launcher, LaunchSpec, cold_argv, detached_launcher, incoming_argv
 from forgeqmp.plans.command import Command
 from forgeqmp.plans.enable import EnablePlan, OverlayPlan, Strategy, Transport, plan_enable
@@ -775,7 +775,7 @@ class Instance:
     ) -> None:
         conn = self.conn
         migrate = plan.migrate(undo.fdset_id)
-        await flush_host_images(o.disk.file for o in plan.overlays)
+        await self._flush_before_pause()
         await conn.execute(migrate.name, migrate.arguments)
         undo.migration_started = True
         report(ProgressEvent("enable", "saving-memory"))
@@ -798,7 +798,7 @@ class Instance:
         self, plan: EnablePlan, undo: _EnableUndo, migration: Any, report: ProgressCallback
     ) -> None:
         conn = self.conn
-        await flush_host_images(o.disk.file for o in plan.overlays)
+        await self._flush_before_pause()
         await conn.execute("stop")
         undo.stopped_by_us = True
         transaction = plan.transaction()
@@ -815,6 +815,11 @@ class Instance:
             lambda: self._wait_migration(migration, "completed", "the end of the background save"),
         )
         undo.migration_completed = True
+
+    async def _flush_before_pause(self) -> None:
+        """Write the host's cached data of every image to storage while the guest still runs, so
+        that the flush QEMU does when it pauses the guest is short (see hostflush)."""
+        await flush_host_images(image_files(await self.conn.execute("query-block")))
 
     async def _resume(self) -> None:
         """``cont`` once the runstate left ``finish-migrate`` (before, cont is refused)."""
@@ -972,7 +977,6 @@ class Instance:
                 overlay.format_node,
                 overlay.disk.node,
                 f"{overlay.create_job}-undo",
-                overlay.disk.file,
             )
 
     async def _commit_back(
@@ -982,7 +986,6 @@ class Instance:
         top_node: str,
         base_node: str,
         job_id: str,
-        base_file: str | None,
     ) -> None:
         """Undo a snapshot: commit the overlay into the original, then record (before the guest
         may write into the original) that the disk left its overlay, so that a crash can never
@@ -1009,9 +1012,7 @@ class Instance:
         def left_overlay(record: SessionRecord) -> SessionRecord:
             return record.evolve_disk(disk, overlay_node=None, overlay_file_node=None)
 
-        await self._pivot(
-            disk, qdev, base_node, job_id, left_overlay, base_file=base_file, mark_step=False
-        )
+        await self._pivot(disk, qdev, base_node, job_id, left_overlay, mark_step=False)
 
     # --- commit ------------------------------------------------------------------------------
 
@@ -1061,11 +1062,14 @@ class Instance:
             )
             self._crash_point("commit", "committing")
             saver = anyio.Lock()
+            no_return = anyio.Event()
             try:
                 with anyio.fail_after(timeout):
                     async with anyio.create_task_group() as tg:
                         for disk in pending:
-                            tg.start_soon(self._commit_disk, disk, saver, report)
+                            tg.start_soon(self._commit_disk, disk, saver, report, no_return)
+                        if pending:
+                            tg.start_soon(self._remove_memory_file_after, no_return, record)
             except BaseException as exc:
                 with anyio.CancelScope(shield=True):
                     record = await self._commit_failed(exc, timeout, pending)
@@ -1105,7 +1109,11 @@ class Instance:
         return record
 
     async def _commit_disk(
-        self, disk: DiskRecord, saver: anyio.Lock, report: ProgressCallback
+        self,
+        disk: DiskRecord,
+        saver: anyio.Lock,
+        report: ProgressCallback,
+        no_return: anyio.Event,
     ) -> None:
         assert disk.overlay_node is not None
         conn = self.conn
@@ -1113,6 +1121,7 @@ class Instance:
         # Point of no return for discard: recorded before the original receives any data.
         async with saver:
             self._save(self._current().evolve_disk(disk.name, merged=True))
+            no_return.set()
             self._crash_point("commit", "disk-marked")
         with conn.subscribe(
             "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == job_id
@@ -1142,7 +1151,6 @@ class Instance:
             disk.device_node,
             job_id,
             lambda record: _overlay_gone(record, disk.name),
-            base_file=disk.base_file,
             mark_step=True,
             lock=saver,
         )
@@ -1168,7 +1176,6 @@ class Instance:
         job_id: str,
         update: Callable[[SessionRecord], SessionRecord],
         *,
-        base_file: str | None,
         mark_step: bool,
         lock: anyio.Lock | None = None,
         operation: str = "commit",
@@ -1180,7 +1187,7 @@ class Instance:
         process dies, either the overlay or the original holds every write and the record says
         which: recover never merges a stale overlay over newer data. The pause lasts the final
         sync of the job (it was in sync already) and one record write: milliseconds, once the
-        host has written ``base_file``'s cached data (done before the pause; see hostflush).
+        host has written the images' cached data (done before the pause; see hostflush).
         ``mark_step`` records ``pivoting:<disk>`` while the guest is paused, so that recover
         knows to resume it. Returns the guest pause in ms (QEMU's STOP→RESUME), None if the
         guest was not running.
@@ -1190,7 +1197,7 @@ class Instance:
             with conn.subscribe("STOP", "RESUME") as runstate_events:
                 paused = await self.runstate() == "running"
                 if paused:
-                    await flush_host_images([base_file])
+                    await self._flush_before_pause()
                     if mark_step:
                         self._save(self._current(), step=f"pivoting:{disk}")
                     await conn.execute("stop")
@@ -1399,6 +1406,13 @@ class Instance:
         self._crash_point("commit", "committed")
         report(ProgressEvent("commit", "committed"))
         return record
+
+    async def _remove_memory_file_after(self, event: anyio.Event, record: SessionRecord) -> None:
+        """Once ``event`` is set (a disk is recorded merged: discard can never use the memory
+        file again), remove the file while the disks merge; removing gigabytes of page cache
+        takes a while."""
+        await event.wait()
+        await anyio.to_thread.run_sync(self._remove_memory_file, record)
 
     def _remove_memory_file(self, record: SessionRecord) -> None:
         if record.memory is not None:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -44,3 +45,18 @@ async def flush_host_images(paths: Iterable[str | None], deadline: float = FLUSH
         return
     with anyio.move_on_after(deadline):
         await anyio.to_thread.run_sync(_fsync_paths, local, abandon_on_cancel=True)
+
+
+def image_files(query_block: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Every image file of ``query-block``'s answer: each drive's image and its backing chain
+    (QEMU's pause flushes them all)."""
+    files: list[str] = []
+    for entry in query_block:
+        inserted = entry.get("inserted")
+        image = inserted.get("image") if isinstance(inserted, Mapping) else None
+        while isinstance(image, Mapping):
+            name = image.get("filename")
+            if isinstance(name, str) and name:
+                files.append(name)
+            image = image.get("backing-image")
+    return files

@@ -235,7 +235,6 @@ async def _finish_job(instance: Instance, action: FinishJob) -> None:
         disk.device_node,
         action.job_id,
         update,
-        base_file=disk.base_file,
         mark_step=committing,
         operation="recover",
     )
@@ -293,7 +292,7 @@ async def _run(instance: Instance, record: SessionRecord, action: Action) -> Any
     elif isinstance(action, CommitBack):
         disk = record.disk(action.disk)
         await instance._commit_back(
-            disk.name, disk.qdev, action.top_node, action.base_node, action.job_id, disk.base_file
+            disk.name, disk.qdev, action.top_node, action.base_node, action.job_id
         )
     elif isinstance(action, CommitOffline):
         await _commit_offline(instance, action)

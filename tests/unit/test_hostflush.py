@@ -82,3 +82,28 @@ def test_a_slow_flush_is_abandoned_at_the_deadline(
         assert not finished.is_set()  # returned at the deadline, the fsync still under way
     finally:
         release.set()
+
+
+def test_image_files_walks_every_backing_chain() -> None:
+    query_block = [
+        {
+            "qdev": "d0",
+            "inserted": {
+                "image": {
+                    "filename": "/s/overlay.qcow2",
+                    "backing-image": {
+                        "filename": "/v/d0.qcow2",
+                        "backing-image": {"filename": "/v/b"},
+                    },
+                }
+            },
+        },
+        {"qdev": "cd", "removable": True},  # an empty CD-ROM drive
+        {"qdev": "d1", "inserted": {"image": {"filename": 'json:{"driver": "nbd"}'}}},
+    ]
+    assert hostflush.image_files(query_block) == [
+        "/s/overlay.qcow2",
+        "/v/d0.qcow2",
+        "/v/b",
+        'json:{"driver": "nbd"}',
+    ]
