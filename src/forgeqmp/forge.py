@@ -64,6 +64,7 @@ from forgeqmp.record import (
     SessionRecord,
     new_session_id,
 )
+from forgeqmp.recover import MIGRATION_RUNNING
 from forgeqmp.statedir import InstanceLock, StateDir, default_state_dir
 from forgeqmp.states import Event, Failure, SessionStatus, State
 
@@ -93,22 +94,6 @@ PROGRESS_INTERVAL = 0.2
 _UNDO_TIMEOUT = 60.0
 #: Migration statuses that end a migration.
 _MIGRATION_ENDED = frozenset({"completed", "failed", "cancelled"})
-#: Migration statuses that mean one is running (another task on the instance).
-_MIGRATION_RUNNING = frozenset(
-    {
-        "setup",
-        "active",
-        "pre-switchover",
-        "device",
-        "cancelling",
-        "postcopy-active",
-        "postcopy-paused",
-        "postcopy-recover",
-        "postcopy-recover-setup",
-        "wait-unplug",
-        "colo",
-    }
-)
 
 
 @attrs.frozen
@@ -385,7 +370,7 @@ class Instance:
             )
         migration = await self.conn.execute("query-migrate")
         status = migration.get("status")
-        if status in _MIGRATION_RUNNING:
+        if status in MIGRATION_RUNNING:
             raise TaskRunning(
                 f"a migration is in progress (status {status!r}); wait for it to finish or "
                 "cancel it (QMP migrate_cancel)"
@@ -1052,15 +1037,7 @@ class Instance:
             blocks = await self.conn.execute("query-block")
             attached = _attached_nodes(blocks)
             pending = [d for d in record.disks if attached.get(d.qdev) == d.overlay_node]
-            record = self._save(
-                record,
-                state=status.state,
-                step="committing",
-                failure_phase=None,
-                error=None,
-                next_step=None,
-            )
-            self._crash_point("commit", "committing")
+            record = self._begin_commit(record, status.state)
             saver = anyio.Lock()
             no_return = anyio.Event()
             try:
@@ -1118,11 +1095,8 @@ class Instance:
         assert disk.overlay_node is not None
         conn = self.conn
         job_id = f"{disk.overlay_node.removesuffix('-fmt')}-commit"
-        # Point of no return for discard: recorded before the original receives any data.
-        async with saver:
-            self._save(self._current().evolve_disk(disk.name, merged=True))
-            no_return.set()
-            self._crash_point("commit", "disk-marked")
+        await self._mark_merged(disk, saver)
+        no_return.set()
         with conn.subscribe(
             "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == job_id
         ) as sub:
@@ -1311,23 +1285,44 @@ class Instance:
             with contextlib.suppress(Exception), anyio.fail_after(_UNDO_TIMEOUT):
                 await self._drop_overlay(originals.get(disk.name, disk))
             record = _overlay_gone(record, disk.name)
+        return self._save_commit_failure(record, cause, timeout)
+
+    def _save_commit_failure(
+        self, record: SessionRecord, cause: BaseException, timeout: float
+    ) -> SessionRecord:
+        """Record a stopped commit as Failed, saying which disks are merged and which are not."""
+        done = [d.name for d in record.disks if d.overlay_node is None]
         pending = [d.name for d in record.disks if d.overlay_node is not None]
         if isinstance(cause, TimeoutError):
             reason = f"the commit deadline ({timeout:g} s) passed"
         else:
             reason = f"{type(cause).__name__}: {cause}"
-        merged_done = ", ".join(d.name for d in done) or "none"
         return self._save(
             record,
             state=State.FAILED,
             failure_phase=State.COMMITTING,
             rolled_back=False,
-            error=f"{reason}; disks fully merged: {merged_done}; still on overlays: "
-            + (", ".join(pending) or "none"),
+            error=f"{reason}; disks fully merged: {', '.join(done) or 'none'}; still on "
+            f"overlays: {', '.join(pending) or 'none'}",
             next_step="run 'forgeqmp commit' again to finish the disks still on overlays"
             if pending
             else "run 'forgeqmp recover' to finish the session",
         )
+
+    def _begin_commit(self, record: SessionRecord, state: State) -> SessionRecord:
+        """Record that the commit runs (again: a failed one's error is cleared)."""
+        record = self._save(
+            record, state=state, step="committing", failure_phase=None, error=None, next_step=None
+        )
+        self._crash_point("commit", "committing")
+        return record
+
+    async def _mark_merged(self, disk: DiskRecord, saver: anyio.Lock) -> None:
+        """The point of no return of ``disk``: recorded before its original receives any data
+        (from then on discard is refused)."""
+        async with saver:
+            self._save(self._current().evolve_disk(disk.name, merged=True))
+            self._crash_point("commit", "disk-marked")
 
     async def _commit_offline(
         self, record: SessionRecord, timeout: float, report: ProgressCallback
@@ -1343,22 +1338,12 @@ class Instance:
                     f"the overlay {disk.overlay_file} of disk {disk.name} is missing, so its "
                     "writes cannot be merged; run 'forgeqmp recover' to see what is left"
                 )
-        record = self._save(
-            record,
-            state=State.COMMITTING,
-            step="committing",
-            failure_phase=None,
-            error=None,
-            next_step=None,
-        )
-        self._crash_point("commit", "committing")
+        record = self._begin_commit(record, State.COMMITTING)
         report(ProgressEvent("commit", "offline", {"disks": [d.name for d in pending]}))
         saver = anyio.Lock()
 
         async def merge(disk: DiskRecord) -> None:
-            async with saver:
-                self._save(self._current().evolve_disk(disk.name, merged=True))
-                self._crash_point("commit", "disk-marked")
+            await self._mark_merged(disk, saver)
             await commit_overlay(qemu_img, disk, record.qemu.env)
             async with saver:
                 self._save(_overlay_gone(self._current(), disk.name))
@@ -1374,23 +1359,7 @@ class Instance:
                     for disk in pending:
                         tg.start_soon(merge, disk)
         except BaseException as exc:
-            record = self._current()
-            left = [d.name for d in record.disks if d.overlay_node is not None]
-            done = [d.name for d in record.disks if d.overlay_node is None]
-            reason = (
-                f"the commit deadline ({timeout:g} s) passed"
-                if isinstance(exc, TimeoutError)
-                else f"{type(exc).__name__}: {exc}"
-            )
-            record = self._save(
-                record,
-                state=State.FAILED,
-                failure_phase=State.COMMITTING,
-                rolled_back=False,
-                error=f"{reason}; disks fully merged: {', '.join(done) or 'none'}; still on "
-                f"overlays: {', '.join(left) or 'none'}",
-                next_step="run 'forgeqmp commit' again to finish the disks still on overlays",
-            )
+            record = self._save_commit_failure(self._current(), exc, timeout)
             if isinstance(exc, TimeoutError | ForgeError | OSError):
                 raise ForgeFailed(f"commit stopped: {record.error}; {record.next_step}") from None
             raise
