@@ -26,6 +26,7 @@ import anyio.to_thread
 import attrs
 
 from forgeqmp import memhash
+from forgeqmp.driver_base import _check_timeout
 from forgeqmp.errors import (
     ForgeError,
     ForgeFailed,
@@ -33,9 +34,10 @@ from forgeqmp.errors import (
     QEMUUnreachable,
     QMPDisconnected,
 )
-from forgeqmp.forge import Instance, ProgressCallback, ProgressEvent, _check_timeout
+from forgeqmp.forge import Instance
 from forgeqmp.launcher import Launcher, detached_launcher
 from forgeqmp.power import commit_overlay, find_qemu_img, qemu_down
+from forgeqmp.progress import ProgressCallback, ProgressEvent
 from forgeqmp.record import SessionRecord
 from forgeqmp.recover import (
     Action,

@@ -1,0 +1,336 @@
+"""Discard: revert the forged disks and resume the guest from the memory state saved at enable.
+
+QEMU is stopped and started again on the original images (read-only since enable, so starting on
+them is the revert) waiting for the memory state, which is verified against its digest while it
+loads; if it cannot be trusted or loaded, the VM boots cold on the reverted disks and says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import signal
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from forgeqmp import memhash
+from forgeqmp.driver_base import (
+    _MIGRATION_ENDED,
+    DEFAULT_DISCARD_TIMEOUT,
+    DriverBase,
+    _check_timeout,
+    _now,
+    status_of,
+)
+from forgeqmp.errors import (
+    ForgeFailed,
+    NoSession,
+    PrerequisiteError,
+    QMPCommandError,
+    QMPError,
+)
+from forgeqmp.launcher import Launcher, detached_launcher
+from forgeqmp.plans.enable import Transport
+from forgeqmp.power import (
+    active_argv,
+    recorded_qemu_alive,
+)
+from forgeqmp.process import describe_process, wait_gone
+from forgeqmp.progress import ProgressCallback, ProgressEvent
+from forgeqmp.record import (
+    MemoryRecord,
+    SessionRecord,
+)
+from forgeqmp.statedir import InstanceLock
+from forgeqmp.states import Event, State
+
+__all__ = ["DiscardDriver"]
+
+#: Capabilities of the save that the restoring QEMU must also have.
+_RESTORE_CAPABILITIES = frozenset({"mapped-ram", "multifd"})
+
+
+class DiscardDriver(DriverBase):
+    """The discard operation of an :class:`~forgeqmp.forge.Instance`."""
+
+    async def discard(
+        self,
+        *,
+        launcher: Launcher | None = None,
+        timeout: float = DEFAULT_DISCARD_TIMEOUT,
+        on_progress: ProgressCallback | None = None,
+        cold: bool = False,
+    ) -> SessionRecord:
+        """Revert the forged disks to their contents at enable and resume the VM from the memory
+        state saved then (same processes, same counters).
+
+        QEMU is stopped and started again with the configuration recorded at enable, waiting for
+        the memory state (``-incoming defer -S``); the original images were read-only under the
+        overlays since enable, so starting on them *is* the disk revert. The memory file is
+        verified against the digest recorded at enable while QEMU restarts, and the guest is only
+        resumed when it matched. If the memory cannot be restored (file missing, digest mismatch,
+        incoming migration failed), the VM is started cold on the reverted disks and the record
+        says so (``memory_restored`` false, ``error`` the reason). ``launcher`` starts QEMU (see
+        :mod:`forgeqmp.launcher`); the default re-runs the recorded argv detached. ``cold``
+        starts the VM cold on the reverted disks without restoring the memory state.
+
+        It also works while QEMU is not running (the instance was opened with
+        ``connect(..., allow_offline=True)``): the disks are reverted and the VM is started.
+
+        :raises NoSession: no Active session, or a disk already merged by a commit.
+        :raises PrerequisiteError: QEMU no longer runs the recorded configuration. Nothing changed.
+        :raises ForgeFailed: even the cold start failed; the record holds the argv and QEMU's error.
+        """
+        timeout = _check_timeout("timeout", timeout)
+        report = on_progress or (lambda _event: None)
+        launch = launcher or functools.partial(detached_launcher, timeout=timeout)
+        started = time.monotonic()
+        # Refused without a session before taking the lock, which would create the state dir.
+        self._require_session("discard", lambda st: st.can_discard)
+        with InstanceLock(self.state_dir, "forgeqmp discard"):
+            record = self._require_session("discard", lambda st: st.can_discard)
+            touched = [d.name for d in record.disks if d.merged]
+            if touched:
+                raise NoSession(
+                    f"cannot discard: the commit of {', '.join(touched)} already wrote into the "
+                    "original image(s), so the memory state no longer matches them; run "
+                    "'forgeqmp commit' to finish the commit"
+                )
+            status_of(record).apply(Event.DISCARD)
+            if self.conn.connected:
+                await self._check_recorded_configuration(record)
+            record = self._save(record, state=State.DISCARDING, step="stopping-qemu")
+            self._crash_point("discard", "stopping-qemu")
+            report(ProgressEvent("discard", "stopping-qemu"))
+            with anyio.CancelScope(shield=True):
+                record = await self._run_discard(
+                    record, launch, timeout, report, started, cold=cold
+                )
+            return record
+
+    async def _finish_discard(
+        self, record: SessionRecord, launch: Launcher, timeout: float, report: ProgressCallback
+    ) -> SessionRecord:
+        """Finish an interrupted discard (for recover): stop whatever QEMU is connected, start
+        QEMU on the originals and restore the memory state, or cold-start."""
+        with anyio.CancelScope(shield=True):
+            record = await self._run_discard(record, launch, timeout, report, time.monotonic())
+        return record
+
+    async def _check_recorded_configuration(self, record: SessionRecord) -> None:
+        """Refuse to restore onto anything but the recorded configuration: swapped or resized
+        disks would restore silently wrong."""
+        pid = self.conn.peer.pid
+        current = describe_process(pid)
+        if current.argv != record.qemu.argv and not _is_active_argv(current.argv, record):
+            raise PrerequisiteError(
+                "QEMU now runs with another command line than at enable, so the memory state "
+                "may not fit it; restart it with the recorded one (forgeqmp status shows it) "
+                "or commit instead"
+            )
+        machine = await self.conn.execute("qom-get", {"path": "/machine", "property": "type"})
+        if str(machine).removesuffix("-machine") != record.qemu.machine:
+            raise PrerequisiteError(
+                f"the machine type is {machine}, not {record.qemu.machine} as at enable; "
+                "the memory state cannot be restored onto it; start QEMU with the recorded command "
+                "line (forgeqmp status shows it), or commit instead"
+            )
+        disks = {d.qdev: d for d in await self.disks()}
+        for disk in record.disks:
+            now = disks.get(disk.qdev)
+            if now is None or now.virtual_size != disk.virtual_size:
+                raise PrerequisiteError(
+                    f"disk {disk.name} is missing or has another size than at enable; the memory "
+                    "state cannot be restored onto this configuration; put the disk back as it was "
+                    "at enable, or commit instead"
+                )
+
+    async def _run_discard(
+        self,
+        record: SessionRecord,
+        launch: Launcher,
+        timeout: float,
+        report: ProgressCallback,
+        started: float,
+        *,
+        cold: bool = False,
+    ) -> SessionRecord:
+        memory = record.memory
+        verdict: dict[str, str | None] = {}
+
+        async def verify() -> None:
+            verdict["problem"] = await anyio.to_thread.run_sync(_memory_problem, memory)
+
+        problem: str | None = None
+        try:
+            with anyio.fail_after(timeout):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(verify)
+                    await self._stop_qemu(record)
+                    record = self._save(record, step="qemu-stopped")
+                    self._crash_point("discard", "qemu-stopped")
+                    if cold:
+                        problem = "a cold start was asked for"
+                    elif memory is not None and os.path.exists(memory.path):
+                        report(ProgressEvent("discard", "restoring-memory"))
+                        problem = await self._restore(record, launch)
+                    else:
+                        problem = "the memory file is missing"
+                # The digest check says exactly what is wrong with the file; prefer it to the
+                # symptom the load showed (a truncated file fails the load too).
+                if not cold:
+                    problem = verdict.get("problem") or problem
+                if problem is None:
+                    await self.conn.execute("cont")
+                    restored = True
+                else:
+                    restored = False
+                    report(ProgressEvent("discard", "cold-start", {"reason": problem}))
+                    await self._cold_start(record, launch)
+        except Exception as exc:
+            reason = "the discard deadline passed" if isinstance(exc, TimeoutError) else str(exc)
+            spec = self._spec(record, incoming=False)
+            return self._save(
+                record,
+                state=State.FAILED,
+                failure_phase=State.DISCARDING,
+                rolled_back=False,
+                error=f"discard could not start the VM: {reason}",
+                next_step="the disks are reverted but the VM is not running; start it with: "
+                + " ".join(spec.argv)
+                + f" (in {spec.cwd}), then run 'forgeqmp recover'",
+            )
+        seconds = round(time.monotonic() - started, 3)
+        for disk in record.disks:
+            if disk.overlay_file is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(disk.overlay_file)
+        self._remove_memory_file(record)
+        record = self._save(
+            record,
+            state=State.DISCARDED,
+            step="discarded",
+            memory_restored=restored,
+            resume_seconds=seconds,
+            error=None if restored else f"memory not restored, VM cold-started: {problem}",
+            finished_at=_now(),
+        )
+        self._crash_point("discard", "discarded")
+        report(
+            ProgressEvent(
+                "discard", "running", {"memory_restored": restored, "resume_seconds": seconds}
+            )
+        )
+        return record
+
+    async def _stop_qemu(self, record: SessionRecord) -> None:
+        """Quit QEMU and wait until the process is really gone (by pidfd, not zombie reaping)."""
+        pid = record.qemu.pid
+        if self.conn.connected:
+            pid = self.conn.peer.pid
+            with contextlib.suppress(QMPError):
+                await self.conn.execute("quit", timeout=10)
+        elif not recorded_qemu_alive(record):
+            return  # QEMU is not running (the recorded pid is gone or now another program's)
+        await self.conn.close()
+        gone = await anyio.to_thread.run_sync(wait_gone, pid, 30.0)
+        if not gone:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            if not await anyio.to_thread.run_sync(wait_gone, pid, 10.0):
+                raise ForgeFailed(f"QEMU (pid {pid}) does not exit, even after SIGKILL")
+
+    async def _restore(self, record: SessionRecord, launch: Launcher) -> str | None:
+        """Start QEMU waiting for the memory state and load it; the guest stays paused.
+
+        Returns None when loaded, else why not (then QEMU is stopped again)."""
+        memory = record.memory
+        assert memory is not None
+        await launch(self._spec(record, incoming=True))
+        await self.conn.reconnect()
+        self._crash_point("discard", "qemu-launched")
+        conn = self.conn
+        try:
+            caps = ("events", *(c for c in memory.capabilities if c in _RESTORE_CAPABILITIES))
+
+            def set_caps(state: bool) -> dict[str, Any]:
+                return {"capabilities": [{"capability": c, "state": state} for c in caps]}
+
+            await conn.execute("migrate-set-capabilities", set_caps(True))
+            fdset_id: int | None = None
+            fd = os.open(memory.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                if memory.transport == Transport.FDSET_FILE.value:
+                    fdset_id, _ = await conn.add_fd(fd, opaque=f"forgeqmp {record.session_id}")
+                    uri = f"file:/dev/fdset/{fdset_id}"
+                else:
+                    await conn.pass_fd(fd, "forgeqmp-restore")
+                    uri = "fd:forgeqmp-restore"
+            finally:
+                os.close(fd)
+            with conn.subscribe("MIGRATION") as migration:
+                await conn.execute("migrate-incoming", {"uri": uri})
+                ev = await migration.wait(
+                    lambda e: e["data"]["status"] in _MIGRATION_ENDED,
+                    DEFAULT_DISCARD_TIMEOUT * 10,  # bounded by the caller's deadline
+                    "the memory state to load",
+                )
+            if fdset_id is not None:
+                # QEMU keeps an fdset's descriptor open until it is removed: without this the
+                # deleted memory file (guest RAM) stays allocated, and readable through
+                # /proc/<pid>/fd, for as long as the VM runs.
+                with contextlib.suppress(QMPCommandError):
+                    await conn.execute("remove-fd", {"fdset-id": fdset_id})
+            if ev["data"]["status"] == "completed":
+                # The relaunched QEMU is the platform's VM again: leave its migration settings
+                # at their defaults (multifd/mapped-ram would change its next migration).
+                await conn.execute("migrate-set-capabilities", set_caps(False))
+                self._crash_point("discard", "memory-loaded")
+                return None
+            info = await conn.execute("query-migrate")
+            return f"loading the memory state failed: {info.get('error-desc', 'no detail')}"
+        except (QMPError, ForgeFailed) as exc:
+            return f"loading the memory state failed: {exc}"
+
+    async def _cold_start(self, record: SessionRecord, launch: Launcher) -> None:
+        """Stop whatever QEMU the restore left and boot cold on the (reverted) disks."""
+        if self.conn.connected:
+            pid = self.conn.peer.pid
+            with contextlib.suppress(QMPError):
+                await self.conn.execute("quit", timeout=10)
+            await self.conn.close()
+            await anyio.to_thread.run_sync(wait_gone, pid, 30.0)
+        await launch(self._spec(record, incoming=False))
+        await self.conn.reconnect()
+        if await self.runstate() != "running":
+            await self.conn.execute("cont")
+
+
+def _memory_problem(memory: MemoryRecord | None) -> str | None:
+    """Why the memory file cannot be trusted, or None when it matches the digest of enable."""
+    if memory is None or memory.sha256 is None:
+        return "no verified memory state was recorded at enable"
+    try:
+        digest, size = memhash.hash_file(memory.path)
+    except FileNotFoundError:
+        return "the memory file is missing"
+    except OSError as exc:
+        return f"the memory file cannot be read: {exc}"
+    if memory.size is not None and size != memory.size:
+        return f"the memory file has {size} bytes, not {memory.size} as saved: it was truncated"
+    if digest != memory.sha256:
+        return "the memory file does not match the digest recorded at enable: it was altered"
+    return None
+
+
+def _is_active_argv(argv: Sequence[str], record: SessionRecord) -> bool:
+    """``argv`` is the command line that runs the session's disks on their overlays."""
+    try:
+        return tuple(argv) == active_argv(record)
+    except PrerequisiteError:
+        return False

@@ -1,0 +1,510 @@
+"""What every operation of an :class:`~forgeqmp.forge.Instance` shares: the connection and
+state directory, the session record's writes (each one before an irreversible step), the crash
+points, the prerequisite checks, and the QMP steps more than one operation takes (waiting for a
+migration, pausing and resuming the guest, switching a disk from its overlay back to its
+original). The operations themselves are in :mod:`forgeqmp.enable_driver`,
+:mod:`forgeqmp.commit_driver` and :mod:`forgeqmp.discard_driver`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from forgeqmp import crashpoints
+from forgeqmp.disks import Disk, disks_from_query, qom_path_of
+from forgeqmp.errors import (
+    ForgeError,
+    ForgeFailed,
+    InvalidArgument,
+    NoSession,
+    QMPCommandError,
+    QMPError,
+    SessionActive,
+    TaskRunning,
+    VMNotRunning,
+)
+from forgeqmp.features import Features, probe
+from forgeqmp.hostflush import flush_host_images, image_files
+from forgeqmp.launcher import LaunchSpec, cold_argv, incoming_argv
+from forgeqmp.plans.command import Command
+from forgeqmp.progress import StateListener
+from forgeqmp.qmp import QMPConnection
+from forgeqmp.record import (
+    DiskRecord,
+    RecordStore,
+    SessionRecord,
+)
+from forgeqmp.recover import MIGRATION_RUNNING
+from forgeqmp.statedir import StateDir
+from forgeqmp.states import Failure, SessionStatus, State
+
+__all__ = [
+    "DEFAULT_COMMIT_TIMEOUT",
+    "DEFAULT_DISCARD_TIMEOUT",
+    "DEFAULT_ENABLE_TIMEOUT",
+    "DriverBase",
+    "status_of",
+]
+
+#: Seconds enable may take in all (the memory save dominates: ~3 GB/s here, far less under load).
+DEFAULT_ENABLE_TIMEOUT = 600.0
+#: Seconds a commit may take in all (the product's 1 hour default).
+DEFAULT_COMMIT_TIMEOUT = 3600.0
+#: Seconds a discard may take from the call to the VM running again.
+DEFAULT_DISCARD_TIMEOUT = 300.0
+#: Seconds between two progress polls of a block job.
+PROGRESS_INTERVAL = 0.2
+#: Seconds any undo step may take after a failure.
+_UNDO_TIMEOUT = 60.0
+#: Migration statuses that end a migration.
+_MIGRATION_ENDED = frozenset({"completed", "failed", "cancelled"})
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def status_of(record: SessionRecord) -> SessionStatus:
+    """The sans-IO status (state + failure) a record describes."""
+    if record.state is not State.FAILED:
+        return SessionStatus(record.state, None)
+    # Fully merged: the overlay is gone. A disk whose commit started but did not finish is
+    # pending (a later commit finishes it) and also bars discard (see Instance.discard).
+    merged = tuple(d.name for d in record.disks if d.merged and d.overlay_node is None)
+    pending = tuple(d.name for d in record.disks if d.overlay_node is not None)
+    if record.rolled_back:  # everything was undone: the planned overlays never stayed
+        merged = pending = ()
+    failure = Failure(
+        phase=record.failure_phase or State.ACTIVE,
+        reason=record.error or "unknown failure",
+        next_step=record.next_step or "run 'forgeqmp recover'",
+        rolled_back=record.rolled_back,
+        merged_disks=merged,
+        pending_disks=pending,
+    )
+    return SessionStatus(State.FAILED, failure)
+
+
+def _event_time(event: Mapping[str, Any]) -> float:
+    ts = event.get("timestamp", {})
+    return float(ts.get("seconds", 0)) + float(ts.get("microseconds", 0)) / 1e6
+
+
+def _check_timeout(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgument(f"{name} must be a number of seconds, not {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise InvalidArgument(f"{name} must be a positive, finite number of seconds, not {value!r}")
+    return float(value)
+
+
+def _overlay_gone(record: SessionRecord, disk: str) -> SessionRecord:
+    """The record with ``disk`` merged and its overlay removed (nothing left to commit)."""
+    return record.evolve_disk(disk, merged=True, overlay_node=None, overlay_file_node=None)
+
+
+def _attached_nodes(query_block: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """qdev path → node-name attached to it now."""
+    return {
+        str(b.get("qdev")): str(b["inserted"]["node-name"])
+        for b in query_block
+        if b.get("qdev") and b.get("inserted")
+    }
+
+
+class DriverBase:
+    """The state and plumbing shared by the operations (see the module's docstring)."""
+
+    def __init__(self, conn: QMPConnection, state_dir: StateDir) -> None:
+        self.conn = conn
+        self.state_dir = state_dir
+        self.store = RecordStore(state_dir)
+        #: The features of the QEMU process they were probed on (discard restarts QEMU, and a
+        #: platform's launcher may start another binary).
+        self._features: tuple[int, Features] | None = None
+        self._state_listeners: list[StateListener] = []
+
+    def follow(self, listener: StateListener) -> Callable[[], None]:
+        """Call ``listener(record)`` each time a session of this instance changes state (after the
+        new state is on disk). Returns a function that stops following.
+
+        Listeners run in the event loop's thread and must not block; an exception in one is
+        propagated (it is the caller's bug, not a QEMU failure). Other processes follow a session
+        by reading its record (:meth:`session`, ``forgeqmp status``).
+        """
+        self._state_listeners.append(listener)
+
+        def stop() -> None:
+            with contextlib.suppress(ValueError):
+                self._state_listeners.remove(listener)
+
+        return stop
+
+    async def features(self) -> Features:
+        """What this QEMU supports (probed once per QEMU process: again after a relaunch)."""
+        pid = self.conn.peer.pid
+        if self._features is None or self._features[0] != pid:
+            self._features = (pid, await probe(self.conn))
+        return self._features[1]
+
+    def session(self) -> SessionRecord | None:
+        """The current session record (None if this instance never had one or it was archived)."""
+        return self.store.load()
+
+    async def disks(self) -> tuple[Disk, ...]:
+        """The VM's disk devices, with their attached nodes and boot order."""
+        blocks = await self.conn.execute("query-block")
+        bootindexes: dict[str, int] = {}
+        for entry in blocks:
+            qdev = entry.get("qdev")
+            if not qdev or entry.get("removable"):
+                continue
+            try:
+                value = await self.conn.execute(
+                    "qom-get", {"path": qom_path_of(qdev), "property": "bootindex"}
+                )
+            except QMPCommandError:
+                continue  # a device without a bootindex property
+            if isinstance(value, int):
+                bootindexes[qdev] = value
+        return disks_from_query(blocks, bootindexes)
+
+    async def runstate(self) -> str:
+        """QEMU's runstate (``running``, ``paused``, ``suspended``...)."""
+        reply = await self.conn.execute("query-status")
+        return str(reply["status"])
+
+    async def _check_no_task(self) -> None:
+        jobs = await self.conn.execute("query-jobs")
+        if jobs:
+            names = ", ".join(f"{j['id']} ({j['type']}, {j['status']})" for j in jobs)
+            raise TaskRunning(
+                f"a block job is running on this VM: {names}; wait for it to finish or cancel it"
+            )
+        migration = await self.conn.execute("query-migrate")
+        status = migration.get("status")
+        if status in MIGRATION_RUNNING:
+            raise TaskRunning(
+                f"a migration is in progress (status {status!r}); wait for it to finish or "
+                "cancel it (QMP migrate_cancel)"
+            )
+
+    async def _check_running(self) -> None:
+        status = await self.runstate()
+        if status != "running":
+            raise VMNotRunning(status)
+
+    def _check_no_unfinished_session(self) -> SessionRecord | None:
+        record = self.store.load()
+        if record is None:
+            return None
+        if not status_of(record).finished:
+            raise SessionActive(
+                f"session {record.session_id} is {record.state.value} (step {record.step}); "
+                + (record.next_step or "commit or discard it first")
+            )
+        return record
+
+    def _reload(self, record: SessionRecord) -> SessionRecord:
+        """The latest saved version of ``record`` (steps save as they go)."""
+        try:
+            saved = self.store.load()
+        except ForgeError:
+            return record
+        return saved if saved is not None and saved.session_id == record.session_id else record
+
+    def _save(self, record: SessionRecord, **changes: Any) -> SessionRecord:
+        previous = record.state
+        record = record.evolve(updated_at=_now(), **changes)
+        self.store.save(record)
+        if record.state is not previous:
+            self._state_changed(record)
+        return record
+
+    def _state_changed(self, record: SessionRecord) -> None:
+        for listener in list(self._state_listeners):
+            listener(record)
+
+    def _crash_point(self, operation: str, step: str) -> None:
+        """A step boundary: the fault-matrix tests crash here (see :mod:`forgeqmp.crashpoints`)."""
+        peer = self.conn._peer  # the QEMU talked to now, if any
+        crashpoints.reached(operation, step, peer.pid if peer is not None else None)
+
+    def _current(self) -> SessionRecord:
+        """The session record as saved now (there must be one: callers hold the lock)."""
+        record = self.store.load()
+        if record is None:
+            raise ForgeFailed(
+                f"the session record {self.store.path} disappeared while forgeqmp worked on it; "
+                "run 'forgeqmp recover'"
+            )
+        return record
+
+    def _require_session(
+        self, operation: str, allowed: Callable[[SessionStatus], bool]
+    ) -> SessionRecord:
+        record = self.store.load()
+        if record is None:
+            raise NoSession(
+                f"there is no forge session to {operation} on this instance (state dir "
+                f"{self.state_dir.path}); start one with 'forgeqmp enable', or pass the "
+                "--state-dir the session was enabled with"
+            )
+        status = status_of(record)
+        if not allowed(status):
+            detail = f"; {record.next_step}" if record.next_step else ""
+            raise NoSession(
+                f"cannot {operation}: session {record.session_id} is {record.state.value}{detail}"
+            )
+        return record
+
+    @staticmethod
+    def _pause_ms(events: Sequence[Mapping[str, Any]]) -> float | None:
+        """Guest pause from QEMU's own STOP→RESUME event timestamps (first STOP, last RESUME)."""
+        stops = [_event_time(e) for e in events if e["event"] == "STOP"]
+        resumes = [_event_time(e) for e in events if e["event"] == "RESUME"]
+        if not stops or not resumes:
+            return None
+        return round(max(0.0, resumes[-1] - stops[0]) * 1000, 3)
+
+    async def _wait_migration(self, migration: Any, wanted: str, what: str) -> None:
+        """Wait until the MIGRATION status is ``wanted``; a failed or cancelled migration raises."""
+        ev = await migration.wait(
+            lambda e: e["data"]["status"] in ({wanted} | _MIGRATION_ENDED),
+            DEFAULT_ENABLE_TIMEOUT * 10,  # bounded by the caller's overall deadline
+            what,
+        )
+        status = ev["data"]["status"]
+        if status != wanted:
+            info = await self.conn.execute("query-migrate")
+            desc = info.get("error-desc", "no detail from QEMU")
+            raise ForgeFailed(f"saving the memory state {status}: {desc}")
+
+    async def _run_job(self, command: Command, job_id: str, what: str, timeout: float) -> None:
+        """Run a job-creating command to its conclusion, check its error, dismiss it."""
+        with self.conn.subscribe(
+            "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == job_id
+        ) as sub:
+            await self.conn.execute(command.name, command.arguments)
+            await sub.wait(lambda ev: ev["data"]["status"] == "concluded", timeout, what)
+        jobs = await self.conn.execute("query-jobs")
+        error = next((j.get("error") for j in jobs if j["id"] == job_id), None)
+        await self.conn.execute("job-dismiss", {"id": job_id})
+        if error:
+            raise ForgeFailed(f"{what} failed: {error}")
+
+    async def _flush_before_pause(self) -> None:
+        """Write the host's cached data of every image to storage while the guest still runs, so
+        that the flush QEMU does when it pauses the guest is short (see hostflush)."""
+        await flush_host_images(image_files(await self.conn.execute("query-block")))
+
+    async def _resume(self) -> None:
+        """``cont`` once the runstate left ``finish-migrate`` (before, cont is refused)."""
+        while True:
+            status = await self.runstate()
+            if status == "running":
+                return
+            if status != "finish-migrate":
+                await self.conn.execute("cont")
+                return
+            await anyio.sleep(0.001)
+
+    async def _cancel_migration(self) -> None:
+        conn = self.conn
+        with conn.subscribe("MIGRATION") as migration:
+            info = await conn.execute("query-migrate")
+            if info.get("status") in _MIGRATION_ENDED or info.get("status") in (None, "none"):
+                return
+            await conn.execute("migrate_cancel")
+            if info.get("status") == "pre-switchover":
+                # Cancelling at the pause needs the migration to be let go on.
+                with contextlib.suppress(QMPCommandError):
+                    await conn.execute("migrate-continue", {"state": "pre-switchover"})
+            await migration.wait(
+                lambda e: e["data"]["status"] in _MIGRATION_ENDED, _UNDO_TIMEOUT, "cancelled"
+            )
+
+    async def _resume_if_stopped(self) -> None:
+        status = await self.runstate()
+        if status in ("paused", "postmigrate", "finish-migrate"):
+            await self._resume()
+
+    async def _drop_job(self, job_id: str) -> None:
+        jobs = await self.conn.execute("query-jobs")
+        job = next((j for j in jobs if j["id"] == job_id), None)
+        if job is None:
+            return
+        if job["status"] != "concluded":
+            with self.conn.subscribe(
+                "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == job_id
+            ) as sub:
+                with contextlib.suppress(QMPCommandError):
+                    await self.conn.execute("job-cancel", {"id": job_id})
+                await sub.wait(
+                    lambda ev: ev["data"]["status"] == "concluded", _UNDO_TIMEOUT, "job end"
+                )
+        await self.conn.execute("job-dismiss", {"id": job_id})
+
+    async def _commit_back(
+        self,
+        disk: str,
+        qdev: str,
+        top_node: str,
+        base_node: str,
+        job_id: str,
+    ) -> None:
+        """Undo a snapshot: commit the overlay into the original, then record (before the guest
+        may write into the original) that the disk left its overlay, so that a crash can never
+        make recover merge the then stale overlay over newer writes."""
+        conn = self.conn
+        with conn.subscribe(
+            "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == job_id
+        ) as sub:
+            await conn.execute(
+                "block-commit",
+                {
+                    "job-id": job_id,
+                    "device": top_node,
+                    "base-node": base_node,
+                    "auto-dismiss": False,
+                },
+            )
+            await sub.wait(
+                lambda e: e["data"]["status"] in ("ready", "concluded"),
+                _UNDO_TIMEOUT,
+                "commit ready",
+            )
+
+        def left_overlay(record: SessionRecord) -> SessionRecord:
+            return record.evolve_disk(disk, overlay_node=None, overlay_file_node=None)
+
+        await self._pivot(disk, qdev, base_node, job_id, left_overlay, mark_step=False)
+
+    async def _pivot(
+        self,
+        disk: str,
+        qdev: str,
+        base_node: str,
+        job_id: str,
+        update: Callable[[SessionRecord], SessionRecord],
+        *,
+        mark_step: bool,
+        lock: anyio.Lock | None = None,
+        operation: str = "commit",
+    ) -> float | None:
+        """Complete the ready commit job ``job_id`` that moves ``disk`` onto its original node,
+        with the guest paused from just before the switch until the record says so (``update``).
+
+        While the guest is paused nothing writes into the original, so wherever QEMU or this
+        process dies, either the overlay or the original holds every write and the record says
+        which: recover never merges a stale overlay over newer data. The pause lasts the final
+        sync of the job (it was in sync already) and one record write: milliseconds, once the
+        host has written the images' cached data (done before the pause; see hostflush).
+        ``mark_step`` records ``pivoting:<disk>`` while the guest is paused, so that recover
+        knows to resume it. Returns the guest pause in ms (QEMU's STOP→RESUME), None if the
+        guest was not running.
+        """
+        conn = self.conn
+        async with lock if lock is not None else contextlib.nullcontext():
+            with conn.subscribe("STOP", "RESUME") as runstate_events:
+                paused = await self.runstate() == "running"
+                if paused:
+                    await self._flush_before_pause()
+                    if mark_step:
+                        self._save(self._current(), step=f"pivoting:{disk}")
+                    await conn.execute("stop")
+                    self._crash_point(operation, "pivoting")
+                resumed = False
+                try:
+                    with conn.subscribe(
+                        "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == job_id
+                    ) as sub:
+                        jobs = await conn.execute("query-jobs")
+                        status = next((j["status"] for j in jobs if j["id"] == job_id), None)
+                        if status is None:
+                            raise ForgeFailed(f"the commit job {job_id} of disk {disk} disappeared")
+                        if status == "ready":
+                            await self._complete_job(job_id)
+                        elif status not in ("pending", "waiting", "aborting", "concluded"):
+                            raise ForgeFailed(f"the commit job {job_id} is {status}, not ready")
+                        if status != "concluded":
+                            await sub.wait(
+                                lambda e: e["data"]["status"] == "concluded",
+                                _UNDO_TIMEOUT,
+                                f"the commit of {disk} to end",
+                            )
+                    jobs = await conn.execute("query-jobs")
+                    error = next((j.get("error") for j in jobs if j["id"] == job_id), None)
+                    await conn.execute("job-dismiss", {"id": job_id})
+                    if error:
+                        raise ForgeFailed(f"committing disk {disk} failed: {error}")
+                    attached = _attached_nodes(await conn.execute("query-block"))
+                    if attached.get(qdev) != base_node:
+                        raise ForgeFailed(
+                            f"after its commit, disk {disk} is on node {attached.get(qdev)!r}, "
+                            f"not its original {base_node!r}"
+                        )
+                    self._crash_point(operation, "pivoted")
+                    changes: dict[str, Any] = {"step": "committing"} if mark_step else {}
+                    self._save(update(self._current()), **changes)
+                finally:
+                    if paused:
+                        with anyio.CancelScope(shield=True), contextlib.suppress(QMPError):
+                            await conn.execute("cont")
+                            resumed = True
+                    if mark_step and (resumed or not paused):
+                        with contextlib.suppress(ForgeError, OSError):
+                            record = self._current()
+                            if record.step == f"pivoting:{disk}":
+                                self._save(record, step="committing")
+                return self._pause_ms(runstate_events.history) if paused else None
+
+    async def _complete_job(self, job_id: str) -> None:
+        """``job-complete``, retried while QEMU says the job is not ready yet (transient)."""
+        while True:
+            try:
+                await self.conn.execute("job-complete", {"id": job_id})
+                return
+            except QMPCommandError as exc:
+                if "cannot accept command verb" not in exc.desc and "not ready" not in exc.desc:
+                    raise
+            await anyio.sleep(0.05)
+
+    async def _drop_overlay(self, disk: DiskRecord) -> None:
+        """Remove a merged disk's overlay nodes from the graph and its file from the disk."""
+        for node in (disk.overlay_node, disk.overlay_file_node):
+            if node is None:
+                continue
+            try:
+                await self.conn.execute("blockdev-del", {"node-name": node})
+            except QMPCommandError as exc:
+                if "not found" not in exc.desc.lower() and "cannot find" not in exc.desc.lower():
+                    raise
+        if disk.overlay_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(disk.overlay_file)
+
+    def _remove_memory_file(self, record: SessionRecord) -> None:
+        if record.memory is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(record.memory.path)
+            self.state_dir.fsync_dir()
+
+    def _spec(self, record: SessionRecord, *, incoming: bool) -> LaunchSpec:
+        argv = record.qemu.argv
+        return LaunchSpec(
+            argv=incoming_argv(argv) if incoming else cold_argv(argv),
+            cwd=record.qemu.cwd,
+            env=record.qemu.env,
+            qmp_socket=record.qemu.qmp_socket,
+            incoming=incoming,
+            log_file=str(self.state_dir.path_of("qemu.log")),
+        )

@@ -1,0 +1,533 @@
+"""Enable: snapshot the selected disks (external qcow2 overlays, one ``transaction``) and save the
+memory state from the same instant, while the guest runs; any failure undoes what was done.
+
+The QMP sequence is planned by :mod:`forgeqmp.plans.enable` (sans-IO); this module executes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import attrs
+
+from forgeqmp import memhash
+from forgeqmp.disks import Disk, select_disks
+from forgeqmp.driver_base import (
+    _UNDO_TIMEOUT,
+    DEFAULT_ENABLE_TIMEOUT,
+    PROGRESS_INTERVAL,
+    DriverBase,
+    _check_timeout,
+    _now,
+)
+from forgeqmp.errors import (
+    ForgeError,
+    ForgeFailed,
+    InvalidArgument,
+    QMPCommandError,
+    QMPError,
+)
+from forgeqmp.features import Features
+from forgeqmp.plans.enable import EnablePlan, OverlayPlan, Strategy, Transport, plan_enable
+from forgeqmp.process import describe_process
+from forgeqmp.progress import ProgressCallback, ProgressEvent
+from forgeqmp.record import (
+    DiskRecord,
+    MemoryRecord,
+    QemuRecord,
+    SessionRecord,
+    new_session_id,
+)
+from forgeqmp.statedir import InstanceLock
+from forgeqmp.states import State
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EnableDriver"]
+
+
+@attrs.define
+class _EnableUndo:
+    """What an enable has done so far, so a failure undoes exactly that and nothing else."""
+
+    files: list[str] = attrs.Factory(list)
+    nodes: list[str] = attrs.Factory(list)
+    jobs: list[str] = attrs.Factory(list)
+    fdset_id: int | None = None
+    fd_name: str | None = None
+    previous_capabilities: dict[str, bool] | None = None
+    previous_parameters: dict[str, Any] | None = None
+    migration_started: bool = False
+    migration_completed: bool = False
+    snapshotted: bool = False
+    stopped_by_us: bool = False
+
+
+class EnableDriver(DriverBase):
+    """The enable operation of an :class:`~forgeqmp.forge.Instance`."""
+
+    async def enable(
+        self,
+        disks: Sequence[str] | None = None,
+        *,
+        all_disks: bool = False,
+        strategy: Strategy | str | None = None,
+        overlay_dir: str | os.PathLike[str] | None = None,
+        timeout: float = DEFAULT_ENABLE_TIMEOUT,
+        on_progress: ProgressCallback | None = None,
+    ) -> SessionRecord:
+        """Snapshot the selected disks and save the memory state, from the same instant, while the
+        guest runs (paused for tens of milliseconds). Returns the Active session's record.
+
+        ``disks``: qdev ids, qdev paths or node-names; default the primary disk; ``all_disks``
+        for every writable disk. ``strategy``: see :class:`Strategy` (default: the one that pauses
+        least). ``overlay_dir``: where overlays go (default: next to each disk's image).
+
+        :raises InvalidArgument: an unknown disk or strategy, a bad timeout. Nothing changed.
+        :raises PrerequisiteError: VM not running, another task or session, no forgeable disk,
+            QEMU lacking a feature. Nothing changed.
+        :raises ForgeFailed: a step failed; everything was undone (the record says so) unless
+            the record's ``next_step`` says otherwise.
+        """
+        timeout = _check_timeout("timeout", timeout)
+        if isinstance(strategy, str):
+            try:
+                strategy = Strategy(strategy)
+            except ValueError:
+                known = ", ".join(s.value for s in Strategy)
+                raise InvalidArgument(
+                    f"unknown strategy {strategy!r}; use one of {known}"
+                ) from None
+        elif strategy is not None and not isinstance(strategy, Strategy):
+            raise InvalidArgument(f"strategy must be a Strategy or its name, not {strategy!r}")
+        if disks is not None and isinstance(disks, str):
+            disks = [disks]
+        if disks is not None:
+            if isinstance(disks, bytes | bytearray) or not isinstance(disks, Iterable):
+                raise InvalidArgument(f"disks must be a list of disk names, not {disks!r}")
+            disks = list(disks)
+            if not all(isinstance(name, str) for name in disks):
+                raise InvalidArgument(f"disk names must be strings, not {disks!r}")
+        if disks is not None and all_disks:
+            raise InvalidArgument("name disks or choose all disks, not both")
+        if overlay_dir is not None:
+            if not isinstance(overlay_dir, str | os.PathLike) or not os.fspath(overlay_dir):
+                raise InvalidArgument(f"overlay_dir must be a directory path, not {overlay_dir!r}")
+            overlay_dir = os.path.abspath(overlay_dir)
+            if not isinstance(overlay_dir, str) or not os.path.isdir(overlay_dir):
+                raise InvalidArgument(
+                    f"overlay directory {overlay_dir} does not exist; create it, or pass an "
+                    "existing directory"
+                )
+        report = on_progress or (lambda _event: None)
+
+        with InstanceLock(self.state_dir, "forgeqmp enable"):
+            previous = self._check_no_unfinished_session()
+            features = await self.features()
+            await self._check_running()
+            await self._check_no_task()
+            selection = select_disks(
+                await self.disks(), list(disks) if disks is not None else None, all_disks=all_disks
+            )
+            session_id = new_session_id()
+            memory_name = f"memory-{session_id}.bin"
+            plan = plan_enable(
+                session_id=session_id,
+                selection=selection,
+                features=features,
+                memory_file=str(self.state_dir.path_of(memory_name)),
+                strategy=strategy,
+                overlay_dir=os.fspath(overlay_dir) if overlay_dir is not None else None,
+            )
+            for overlay in plan.overlays:
+                if os.path.lexists(overlay.overlay_file):
+                    raise ForgeFailed(
+                        f"{overlay.overlay_file} already exists; forgeqmp never reuses a file it "
+                        "did not create: remove it if it is stale, or choose another overlay_dir"
+                    )
+            record = await self._new_record(plan, selection.unforged, features)
+            report(
+                ProgressEvent("enable", "planned", {"disks": [o.disk.name for o in plan.overlays]})
+            )
+            if previous is not None:
+                self.store.archive(force=True)
+            self.store.save(record)
+            self._state_changed(record)
+            self._crash_point("enable", "planned")
+            undo = _EnableUndo()
+            try:
+                with anyio.fail_after(timeout):
+                    record = await self._run_enable(plan, record, undo, report)
+            except BaseException as exc:
+                with anyio.CancelScope(shield=True):
+                    record = self._reload(record)
+                    record = await self._undo_enable(plan, record, undo, exc)
+                if isinstance(exc, TimeoutError):
+                    raise ForgeFailed(
+                        f"enable did not finish within {timeout:g} s and was undone"
+                    ) from None
+                if isinstance(exc, ForgeError | OSError):
+                    raise ForgeFailed(f"enable failed and was undone: {exc}") from exc
+                raise
+            return record
+
+    async def _new_record(
+        self, plan: EnablePlan, unforged: Sequence[Disk], features: Features
+    ) -> SessionRecord:
+        peer = self.conn.peer
+        process = describe_process(peer.pid)
+        machine = await self.conn.execute("qom-get", {"path": "/machine", "property": "type"})
+        now = _now()
+        disks = []
+        for o in plan.overlays:
+            assert o.disk.node
+            assert o.disk.file
+            assert o.disk.format
+            assert o.disk.virtual_size is not None
+            disks.append(
+                DiskRecord(
+                    name=o.disk.name,
+                    qdev=o.disk.qdev,
+                    device_node=o.disk.node,
+                    base_file=os.path.abspath(o.disk.file),
+                    base_format=o.disk.format,
+                    virtual_size=o.disk.virtual_size,
+                    overlay_file=o.overlay_file,
+                    overlay_node=o.format_node,
+                    overlay_file_node=o.file_node,
+                )
+            )
+        warnings: tuple[str, ...] = ()
+        if unforged:
+            names = ", ".join(d.name for d in unforged)
+            warnings = (
+                f"disks not in the forge keep their writes on discard while memory goes back to "
+                f"the moment of enable, so the guest may see them inconsistent: {names}",
+            )
+        return SessionRecord(
+            session_id=plan.session_id,
+            state=State.CREATING,
+            step="planned",
+            strategy=plan.strategy.value,
+            created_at=now,
+            updated_at=now,
+            disks=tuple(disks),
+            unforged_disks=tuple(d.name for d in unforged),
+            memory=MemoryRecord(
+                path=plan.memory_file,
+                transport=plan.transport.value,
+                capabilities=tuple(k for k, v in plan.capabilities.items() if v),
+            ),
+            qemu=QemuRecord(
+                pid=peer.pid,
+                argv=process.argv,
+                cwd=process.cwd,
+                env=dict(process.env),
+                version=str(features.version),
+                machine=str(machine).removesuffix("-machine"),
+                qmp_socket=os.path.abspath(self.conn.socket_path),
+            ),
+            warnings=warnings,
+        )
+
+    async def _create_overlay(self, overlay: OverlayPlan, undo: _EnableUndo) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        os.close(os.open(overlay.overlay_file, flags, 0o600))
+        undo.files.append(overlay.overlay_file)
+        add_file = overlay.add_file_node()
+        await self.conn.execute(add_file.name, add_file.arguments)
+        undo.nodes.append(overlay.file_node)
+        undo.jobs.append(overlay.create_job)
+        await self._run_job(
+            overlay.create_image(),
+            overlay.create_job,
+            f"creating the overlay {overlay.overlay_file}",
+            _UNDO_TIMEOUT,
+        )
+        undo.jobs.remove(overlay.create_job)
+        add_format = overlay.add_format_node()
+        await self.conn.execute(add_format.name, add_format.arguments)
+        undo.nodes.append(overlay.format_node)
+
+    async def _run_enable(
+        self,
+        plan: EnablePlan,
+        record: SessionRecord,
+        undo: _EnableUndo,
+        report: ProgressCallback,
+    ) -> SessionRecord:
+        conn = self.conn
+        for overlay in plan.overlays:
+            await self._create_overlay(overlay, undo)
+        record = self._save(record, step="overlays-created")
+        self._crash_point("enable", "overlays-created")
+        report(ProgressEvent("enable", "overlays-created"))
+
+        memory_name = os.path.basename(plan.memory_file)
+        mem_fd = self.state_dir.create_private_file(memory_name)
+        undo.files.append(plan.memory_file)
+        try:
+            if plan.transport is Transport.FDSET_FILE:
+                # QEMU matches fdset members by access mode and opens the file write-only.
+                write_fd = os.open(f"/proc/self/fd/{mem_fd}", os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    undo.fdset_id, _ = await conn.add_fd(
+                        write_fd, opaque=f"forgeqmp {plan.session_id}"
+                    )
+                finally:
+                    os.close(write_fd)
+            else:
+                await conn.pass_fd(mem_fd, plan.fd_name)
+                undo.fd_name = plan.fd_name
+            caps = await conn.execute("query-migrate-capabilities")
+            undo.previous_capabilities = {c["capability"]: bool(c["state"]) for c in caps}
+            set_caps = plan.set_capabilities()
+            await conn.execute(set_caps.name, set_caps.arguments)
+            undo.previous_parameters = dict(await conn.execute("query-migrate-parameters"))
+            set_params = plan.set_parameters()
+            await conn.execute(set_params.name, set_params.arguments)
+            record = self._save(record, step="migration-started")
+            self._crash_point("enable", "migration-started")
+
+            with (
+                conn.subscribe("MIGRATION") as migration,
+                conn.subscribe("STOP", "RESUME") as runstate_events,
+            ):
+                started = time.monotonic()
+                if plan.pauses_before_switchover:
+                    await self._save_with_pause(plan, undo, migration, report)
+                else:
+                    await self._save_in_background(plan, undo, migration, report)
+                pause_ms = self._pause_ms(runstate_events.history)
+                saved_s = time.monotonic() - started
+
+            record = self._save(record, step="snapshot-done", pause_ms=pause_ms)
+            self._crash_point("enable", "snapshot-done")
+            report(ProgressEvent("enable", "snapshot-done", {"pause_ms": pause_ms}))
+
+            # QEMU does not fsync the memory file: do it, then fingerprint it from the page cache.
+            await anyio.to_thread.run_sync(os.fsync, mem_fd)
+            self.state_dir.fsync_dir()
+            digest, size = await anyio.to_thread.run_sync(memhash.hash_fd, mem_fd)
+        finally:
+            os.close(mem_fd)
+        await self._release_migration_setup(plan, undo)
+        assert record.memory is not None
+        record = self._save(
+            record,
+            state=State.ACTIVE,
+            step="active",
+            activated_at=_now(),
+            memory=attrs.evolve(record.memory, size=size, sha256=digest),
+        )
+        self._crash_point("enable", "active")
+        report(
+            ProgressEvent(
+                "enable",
+                "active",
+                {"pause_ms": pause_ms, "memory_bytes": size, "save_seconds": round(saved_s, 3)},
+            )
+        )
+        return record
+
+    async def _with_memory_progress(
+        self, report: ProgressCallback, wait: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Run ``wait`` while reporting the memory save's progress (``progress`` events with
+        ``done``/``total`` bytes and ``bytes_per_second``) every PROGRESS_INTERVAL.
+
+        ``wait``'s exception is re-raised as is, not wrapped in an ExceptionGroup."""
+        failed: list[Exception] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._report_memory_progress, report)
+            try:
+                await wait()
+            except Exception as exc:  # re-raised below, outside the task group
+                failed.append(exc)
+            finally:
+                tg.cancel_scope.cancel()
+        if failed:
+            raise failed[0]
+
+    async def _report_memory_progress(self, report: ProgressCallback) -> None:
+        with contextlib.suppress(QMPError):  # progress is informative: never fail the save
+            while True:
+                info = await self.conn.execute("query-migrate")
+                ram = info.get("ram")
+                if info.get("status") == "active" and isinstance(ram, Mapping):
+                    total = int(ram.get("total", 0))
+                    done = max(0, total - int(ram.get("remaining", 0)))
+                    rate = round(float(ram.get("mbps", 0.0)) * 125_000)  # Mbit/s → bytes/s
+                    report(
+                        ProgressEvent(
+                            "enable",
+                            "progress",
+                            {"done": done, "total": total, "bytes_per_second": rate},
+                        )
+                    )
+                await anyio.sleep(PROGRESS_INTERVAL)
+
+    async def _save_with_pause(
+        self, plan: EnablePlan, undo: _EnableUndo, migration: Any, report: ProgressCallback
+    ) -> None:
+        conn = self.conn
+        migrate = plan.migrate(undo.fdset_id)
+        await self._flush_before_pause()
+        await conn.execute(migrate.name, migrate.arguments)
+        undo.migration_started = True
+        report(ProgressEvent("enable", "saving-memory"))
+        await self._with_memory_progress(
+            report,
+            lambda: self._wait_migration(migration, "pre-switchover", "the pre-switchover pause"),
+        )
+        self._crash_point("enable", "pre-switchover")
+        # The guest is paused: snapshot every disk or none.
+        transaction = plan.transaction()
+        await conn.execute(transaction.name, transaction.arguments)
+        undo.snapshotted = True
+        self._crash_point("enable", "snapshot-transaction-done")
+        await conn.execute("migrate-continue", {"state": "pre-switchover"})
+        await self._wait_migration(migration, "completed", "the end of the memory save")
+        undo.migration_completed = True
+        await self._resume()
+
+    async def _save_in_background(
+        self, plan: EnablePlan, undo: _EnableUndo, migration: Any, report: ProgressCallback
+    ) -> None:
+        conn = self.conn
+        await self._flush_before_pause()
+        await conn.execute("stop")
+        undo.stopped_by_us = True
+        transaction = plan.transaction()
+        await conn.execute(transaction.name, transaction.arguments)
+        undo.snapshotted = True
+        migrate = plan.migrate(undo.fdset_id)
+        await conn.execute(migrate.name, migrate.arguments)
+        undo.migration_started = True
+        await conn.execute("cont")
+        undo.stopped_by_us = False
+        report(ProgressEvent("enable", "saving-memory"))
+        await self._with_memory_progress(
+            report,
+            lambda: self._wait_migration(migration, "completed", "the end of the background save"),
+        )
+        undo.migration_completed = True
+
+    async def _release_migration_setup(self, plan: EnablePlan, undo: _EnableUndo) -> None:
+        """Give back what the save borrowed: the fd/fdset and the migration settings."""
+        conn = self.conn
+        if undo.fdset_id is not None:
+            with contextlib.suppress(QMPCommandError):  # QEMU may have freed it already
+                await conn.execute("remove-fd", {"fdset-id": undo.fdset_id})
+            undo.fdset_id = None
+        if undo.fd_name is not None:
+            with contextlib.suppress(QMPCommandError):  # migration closes it when done
+                await conn.execute("closefd", {"fdname": undo.fd_name})
+            undo.fd_name = None
+        if undo.previous_parameters is not None:
+            restore = plan.restore_parameters(undo.previous_parameters)
+            await conn.execute(restore.name, restore.arguments)
+            undo.previous_parameters = None
+        if undo.previous_capabilities is not None:
+            restore = plan.restore_capabilities(undo.previous_capabilities)
+            await conn.execute(restore.name, restore.arguments)
+            undo.previous_capabilities = None
+
+    async def _undo_enable(
+        self, plan: EnablePlan, record: SessionRecord, undo: _EnableUndo, cause: BaseException
+    ) -> SessionRecord:
+        """Undo a failed enable; returns the Failed record (rolled back, or what is left)."""
+        problems: list[str] = []
+
+        async def attempt(what: str, step: Callable[[], Any]) -> None:
+            try:
+                with anyio.fail_after(_UNDO_TIMEOUT):
+                    await step()
+            except Exception as exc:  # keep undoing the rest; report all that failed
+                log.warning("undo step %s failed: %s", what, exc)
+                problems.append(f"{what}: {exc}")
+
+        conn = self.conn
+        if undo.migration_started and not undo.migration_completed:
+            await attempt("cancelling the memory save", self._cancel_migration)
+        keep_overlays = False
+        if undo.snapshotted:
+            before = len(problems)
+            await attempt(
+                "moving the disks back off their overlays", lambda: self._unsnapshot(plan)
+            )
+            # An overlay a disk may still be on holds the guest's writes since the snapshot:
+            # never delete it; recover merges it back (live, or offline once QEMU is gone).
+            keep_overlays = len(problems) > before
+        await attempt("resuming the guest", self._resume_if_stopped)
+        for job in list(undo.jobs):
+            await attempt(f"dismissing job {job}", functools.partial(self._drop_job, job))
+        for node in reversed(undo.nodes):
+            await attempt(
+                f"removing node {node}",
+                functools.partial(conn.execute, "blockdev-del", {"node-name": node}),
+            )
+        await attempt(
+            "restoring the migration settings", lambda: self._release_migration_setup(plan, undo)
+        )
+        overlays = {o.overlay_file for o in plan.overlays}
+        for path in reversed(undo.files):
+            if keep_overlays and path in overlays:
+                problems.append(f"kept {path}: it may hold writes of the guest")
+                continue
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                problems.append(f"removing {path}: {exc}")
+        reason = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
+        if isinstance(cause, TimeoutError):
+            reason = "the enable deadline passed"
+        rolled_back = not problems
+        record = self._reload(record)  # the undo records disks moved back off their overlays
+        next_step = (
+            "nothing to do: everything was undone and the VM runs as before; enable again when "
+            "the cause is fixed"
+            if rolled_back
+            else "run 'forgeqmp recover'; undo left: " + "; ".join(problems)
+        )
+        try:
+            return self._save(
+                record,
+                state=State.FAILED,
+                failure_phase=State.CREATING,
+                rolled_back=rolled_back,
+                error=f"enable failed at step {record.step}: {reason}",
+                next_step=next_step,
+                finished_at=_now() if rolled_back else None,
+            )
+        except (ForgeError, OSError) as exc:
+            log.error("could not record the failed enable: %s", exc)
+            return record
+
+    async def _unsnapshot(self, plan: EnablePlan) -> None:
+        """Put each disk back on its original node by committing its (new, nearly empty) overlay."""
+        blocks = await self.conn.execute("query-block")
+        attached = {
+            str(b.get("qdev")): b["inserted"]["node-name"] for b in blocks if b.get("inserted")
+        }
+        for overlay in plan.overlays:
+            if attached.get(overlay.disk.qdev) != overlay.format_node:
+                continue
+            assert overlay.disk.node is not None
+            await self._commit_back(
+                overlay.disk.name,
+                overlay.disk.qdev,
+                overlay.format_node,
+                overlay.disk.node,
+                f"{overlay.create_job}-undo",
+            )
