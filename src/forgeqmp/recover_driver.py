@@ -356,6 +356,8 @@ async def run_recover(
     tell: Callable[[Any], None] = report or (lambda _event: None)
     launch = launcher or functools.partial(detached_launcher, timeout=timeout)
     problems: list[str] = []
+    if instance.store.load() is None:
+        return None  # checked before the lock too, which would create the state dir
     with InstanceLock(instance.state_dir, "forgeqmp recover"):
         record = instance.store.load()
         if record is None:

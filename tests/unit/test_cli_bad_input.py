@@ -181,7 +181,12 @@ weird = st.sampled_from(
     ["", " ", "\0", "a\0b", "-", "--", "—timeout", "١", "𝟙", "½", "\u202e", "ﬀ", "e", "0x10", "∞"]
 )
 bad_timeouts = st.one_of(
-    st.sampled_from(["0", "-1", "-0", "nan", "NaN", "inf", "-inf", "1e400", "", " ", "1s", "1,5"]),
+    st.sampled_from(
+        [
+            *("0", "-1", "-0", "nan", "NaN", "inf", "-inf", "1e400", "", " ", "1s", "1,5"),
+            *("1_0", "١", "٣٠", "𝟙", "１０", " 10", "10 ", "+5", "0x10"),
+        ]
+    ),
     st.floats(max_value=0).map(repr),
     any_text.filter(lambda t: not _positive_number(t)),
 )

@@ -252,3 +252,10 @@ def test_recover_waits_for_no_one_while_another_controller_works(tmp_path: Path)
     assert code == 3  # refused: nothing changed
     assert "another forgeqmp process" in status["error"]
     assert status["state"] == "committing"
+
+
+def test_recover_without_a_session_changes_nothing(tmp_path: Path) -> None:
+    code, status = run_cli(tmp_path, "recover")
+    assert code == 0
+    assert status["state"] == "none"
+    assert not (tmp_path / "state").exists()  # neither the state dir nor its lock was created
