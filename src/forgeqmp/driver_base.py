@@ -148,6 +148,8 @@ class DriverBase:
 
         return stop
 
+    # --- queries ---------------------------------------------------------------------------------
+
     async def features(self) -> Features:
         """What this QEMU supports (probed once per QEMU process: again after a relaunch)."""
         pid = self.conn.peer.pid
@@ -182,6 +184,8 @@ class DriverBase:
         reply = await self.conn.execute("query-status")
         return str(reply["status"])
 
+    # --- prerequisites (each a typed error, nothing changed) -------------------------------------
+
     async def _check_no_task(self) -> None:
         jobs = await self.conn.execute("query-jobs")
         if jobs:
@@ -212,6 +216,8 @@ class DriverBase:
                 + (record.next_step or "commit or discard it first")
             )
         return record
+
+    # --- the session record (written before every irreversible step) -----------------------------
 
     def _reload(self, record: SessionRecord) -> SessionRecord:
         """The latest saved version of ``record`` (steps save as they go)."""
@@ -265,6 +271,8 @@ class DriverBase:
                 f"cannot {operation}: session {record.session_id} is {record.state.value}{detail}"
             )
         return record
+
+    # --- QMP steps more than one operation takes -------------------------------------------------
 
     @staticmethod
     def _pause_ms(events: Sequence[Mapping[str, Any]]) -> float | None:
