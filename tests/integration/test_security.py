@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 import forgeqmp
+import forgeqmp.enable_driver
 from forgeqmp.cli import main
 from forgeqmp.errors import ForgeFailed, RecordError
 from forgeqmp.statedir import InstanceLock, StateDir
@@ -133,7 +134,7 @@ def test_symlinks_in_state_paths_are_refused_and_never_followed(
 
     # Where the memory file and an overlay will go (the session id is made predictable here;
     # it is random, so an attacker would have to guess it): refused, the enable undone.
-    monkeypatch.setattr(forgeqmp.forge, "new_session_id", lambda: SESSION_ID)
+    monkeypatch.setattr(forgeqmp.enable_driver, "new_session_id", lambda: SESSION_ID)
     memory = state / f"memory-{SESSION_ID}.bin"
     memory.symlink_to(victim)
     with pytest.raises(ForgeFailed, match="already exists"):
