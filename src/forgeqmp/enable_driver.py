@@ -11,7 +11,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -36,7 +36,14 @@ from forgeqmp.errors import (
     QMPError,
 )
 from forgeqmp.features import Features
-from forgeqmp.plans.enable import EnablePlan, OverlayPlan, Strategy, Transport, plan_enable
+from forgeqmp.plans.enable import (
+    ConvergenceStep,
+    EnablePlan,
+    OverlayPlan,
+    Strategy,
+    Transport,
+    plan_enable,
+)
 from forgeqmp.process import describe_process
 from forgeqmp.progress import ProgressCallback, ProgressEvent
 from forgeqmp.record import (
@@ -339,15 +346,21 @@ class EnableDriver(DriverBase):
         return record
 
     async def _with_memory_progress(
-        self, report: ProgressCallback, wait: Callable[[], Awaitable[None]]
+        self,
+        report: ProgressCallback,
+        wait: Callable[[], Awaitable[None]],
+        converge: Callable[[], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         """Run ``wait`` while reporting the memory save's progress (``progress`` events with
-        ``done``/``total`` bytes and ``bytes_per_second``) every PROGRESS_INTERVAL.
+        ``done``/``total`` bytes and ``bytes_per_second``) every PROGRESS_INTERVAL, and while
+        ``converge`` runs (if given); both stop when ``wait`` returns.
 
         ``wait``'s exception is re-raised as is, not wrapped in an ExceptionGroup."""
         failed: list[Exception] = []
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._report_memory_progress, report)
+            if converge is not None:
+                tg.start_soon(converge)
             try:
                 await wait()
             except Exception as exc:  # re-raised below, outside the task group
@@ -375,6 +388,39 @@ class EnableDriver(DriverBase):
                     )
                 await anyio.sleep(PROGRESS_INTERVAL)
 
+    async def _converge(
+        self, steps: Sequence[ConvergenceStep], undo: _EnableUndo, report: ProgressCallback
+    ) -> None:
+        """Walk the plan's convergence steps while precopy has not reached its pause, counting
+        from the end of its first pass over RAM (QEMU's second dirty-bitmap sync)."""
+        if not steps:
+            return
+        while True:
+            info = await self.conn.execute("query-migrate")
+            if info.get("status") not in ("setup", "active"):
+                return  # at the pause already, or ended (the wait reports how)
+            ram = info.get("ram")
+            if isinstance(ram, Mapping) and int(ram.get("dirty-sync-count", 0)) >= 2:
+                break
+            await anyio.sleep(PROGRESS_INTERVAL)
+        iterating = anyio.current_time()
+        for step in steps:
+            await anyio.sleep_until(iterating + step.after_s)
+            info = await self.conn.execute("query-migrate")
+            if info.get("status") != "active":
+                return
+            command = step.command()
+            if step.downtime_limit_ms is None:
+                undo.stopped_by_us = True  # from now on a failure must resume the guest
+            await self.conn.execute(command.name, command.arguments)
+            detail: dict[str, Any] = (
+                {"guest_paused": True}
+                if step.downtime_limit_ms is None
+                else {"downtime_limit_ms": step.downtime_limit_ms}
+            )
+            detail["after_seconds"] = step.after_s
+            report(ProgressEvent("enable", "converging", detail))
+
     async def _save_with_pause(
         self, plan: EnablePlan, undo: _EnableUndo, migration: Any, report: ProgressCallback
     ) -> None:
@@ -387,6 +433,7 @@ class EnableDriver(DriverBase):
         await self._with_memory_progress(
             report,
             lambda: self._wait_migration(migration, "pre-switchover", "the pre-switchover pause"),
+            lambda: self._converge(plan.convergence, undo, report),
         )
         self._crash_point("enable", "pre-switchover")
         # The guest is paused: snapshot every disk or none.
@@ -398,6 +445,7 @@ class EnableDriver(DriverBase):
         await self._wait_migration(migration, "completed", "the end of the memory save")
         undo.migration_completed = True
         await self._resume()
+        undo.stopped_by_us = False
 
     async def _save_in_background(
         self, plan: EnablePlan, undo: _EnableUndo, migration: Any, report: ProgressCallback

@@ -53,6 +53,7 @@ STEP_LABELS: Mapping[tuple[str, str], str] = types.MappingProxyType(
         ("enable", "planned"): "planned",
         ("enable", "overlays-created"): "overlays created",
         ("enable", "saving-memory"): "saving the memory state",
+        ("enable", "converging"): "the save does not converge",
         ("enable", "snapshot-done"): "disks snapshotted",
         ("enable", "active"): "session active",
         ("commit", "offline"): "QEMU is not running: merging with qemu-img",
@@ -103,6 +104,12 @@ def _detail(detail: Mapping[str, Any]) -> str:
             parts.append(f"memory state {decimal(value)}")
         elif key in ("save_seconds", "resume_seconds") and value is not None:
             parts.append(f"in {value:.2f} s")
+        elif key == "downtime_limit_ms":
+            parts.append(f"final pass may pause the guest up to {value} ms")
+        elif key == "guest_paused" and value:
+            parts.append("guest paused until the save ends")
+        elif key == "after_seconds":
+            parts.append(f"{value:g} s after the first pass")
         elif key == "memory_restored":
             parts.append("resumed from memory" if value else "memory not restored")
         elif value is not None:

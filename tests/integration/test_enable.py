@@ -7,6 +7,7 @@ import contextlib
 import os
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,14 @@ from forgeqmp.errors import (
     UnknownDisk,
     VMNotRunning,
 )
+from forgeqmp.plans import enable as enable_plan
 from forgeqmp.plans.command import Command
-from forgeqmp.plans.enable import EnablePlan
+from forgeqmp.plans.enable import ConvergenceStep, EnablePlan
 from forgeqmp.statedir import InstanceLock, StateDir
 from forgeqmp.states import State
 from forgeqmp.testing import DiskSpec
 
-from .helpers import block_graph, enable, files_under, qmp, run
+from .helpers import block_graph, discard, enable, files_under, qmp, run
 
 pytestmark = pytest.mark.qemu
 
@@ -267,6 +269,75 @@ def test_invalid_transaction_action_is_undone(vm, tmp_path: Path, monkeypatch) -
         run(enable, vm.qmp_socket, state, all_disks=True)
     assert_undone(vm, state, before, "transaction")
     assert vm.wait_counter(min_value=counter[1] + 3)[0] == counter[0]
+
+
+@contextlib.contextmanager
+def guest_rewriting_memory(vm: Any) -> Iterator[None]:
+    """The guest rewrites 64 MiB of its RAM in a loop (copies of random data, so QEMU must save
+    every page again) for as long as the block runs."""
+    vm.check("dd if=/dev/urandom of=/dev/shm/dirty bs=1M count=128 2>/dev/null")
+    copy = "dd if=/dev/shm/dirty of=/dev/shm/dirty bs=1M count=64 skip=64 conv=notrunc 2>/dev/null"
+    pid = vm.check(f"setsid sh -c 'while :; do {copy}; done' </dev/null >/dev/null 2>&1 & echo $!")
+    try:
+        yield
+    finally:
+        vm.check(f"kill {pid.split()[-1]}; rm -f /dev/shm/dirty")
+
+
+def cannot_converge(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Save at 200 MB/s with a 1 ms final pass: the guest rewrites its 64 MiB faster (~600 MB/s
+    under TCG), so each pass finds them all dirty again. (A zero limit would not do: QEMU then
+    never re-syncs its dirty bitmap and switches over after the first pass.)"""
+    monkeypatch.setattr(enable_plan, "MAX_BANDWIDTH", 200_000_000)
+    monkeypatch.setattr(enable_plan, "DOWNTIME_LIMIT_MS", 1)
+
+
+def test_a_save_that_cannot_converge_gets_a_longer_final_pass(
+    vm, tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """With the save slower than the guest's writes, precopy never reaches its pause on its
+    own: the convergence steps raise the limit until it does, and the owner's parameters are
+    put back."""
+    state = tmp_path / "state"
+    cannot_converge(monkeypatch)
+    before = run(qmp, vm.qmp_socket, "query-migrate-parameters")
+    events: list[forgeqmp.ProgressEvent] = []
+    with guest_rewriting_memory(vm):
+        record = run(enable, vm.qmp_socket, state, on_progress=events.append)
+    assert record.state is State.ACTIVE
+    raised = [e.detail for e in events if e.step == "converging"]
+    assert raised, "precopy converged with a zero downtime limit while the guest wrote"
+    limits = [d["downtime_limit_ms"] for d in raised]
+    assert limits == [s.downtime_limit_ms for s in enable_plan.CONVERGENCE_STEPS[: len(limits)]]
+    assert run(qmp, vm.qmp_socket, "query-migrate-parameters") == before
+    assert run(qmp, vm.qmp_socket, "query-status")["status"] == "running"
+
+
+def test_a_save_that_never_converges_ends_by_pausing_the_guest(
+    vm, tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The last step pauses the guest: the save ends, the guest runs again, and the memory state
+    saved that way restores (discard brings back the same boot at the counter of enable)."""
+    state = tmp_path / "state"
+    cannot_converge(monkeypatch)
+    monkeypatch.setattr(enable_plan, "CONVERGENCE_STEPS", (ConvergenceStep(0.5, None),))
+    events: list[forgeqmp.ProgressEvent] = []
+    with guest_rewriting_memory(vm):
+        record = run(enable, vm.qmp_socket, state, on_progress=events.append)
+        at_enable = vm.counter()
+        assert record.state is State.ACTIVE
+        assert [e.detail for e in events if e.step == "converging"] == [
+            {"guest_paused": True, "after_seconds": 0.5}
+        ]
+        assert record.pause_ms is not None
+        assert run(qmp, vm.qmp_socket, "query-status")["status"] == "running"
+        latest = vm.wait_counter(min_value=at_enable[1] + 3)
+        assert latest[0] == at_enable[0]
+    discarded = run(discard, vm.qmp_socket, state)
+    assert discarded.memory_restored is True
+    resumed = vm.wait_counter(since=time.monotonic())
+    assert resumed[0] == at_enable[0]
+    assert at_enable[1] - 5 <= resumed[1] < latest[1]
 
 
 def test_cancelled_enable_is_undone(vm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

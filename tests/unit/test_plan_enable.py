@@ -14,8 +14,11 @@ from forgeqmp.disks import disks_from_query, select_disks
 from forgeqmp.errors import FeatureMissing
 from forgeqmp.features import Features, features_from_introspection
 from forgeqmp.launcher import cold_argv, incoming_argv
+from forgeqmp.plans.command import Command
 from forgeqmp.plans.enable import (
+    CONVERGENCE_STEPS,
     DOWNTIME_LIMIT_MS,
+    ConvergenceStep,
     Strategy,
     Transport,
     choose_strategy,
@@ -155,6 +158,38 @@ def test_settings_are_restored_to_what_they_were(tmp_path: Path) -> None:
     assert restored["events"] is False
     params = plan.restore_parameters({"max-bandwidth": 134217728, "downtime-limit": 300, "x": 1})
     assert params.arguments == {"max-bandwidth": 134217728, "downtime-limit": 300}
+
+
+@pytest.mark.parametrize("strategy", list(Strategy))
+def test_only_strategies_that_wait_for_convergence_get_the_steps(
+    strategy: Strategy, tmp_path: Path
+) -> None:
+    plan = plan_enable(
+        session_id=SID,
+        selection=selection("10.0"),
+        features=features("10.0"),
+        memory_file=str(tmp_path / "m"),
+        strategy=strategy,
+    )
+    expected = () if strategy is Strategy.BACKGROUND_SNAPSHOT else CONVERGENCE_STEPS
+    assert plan.convergence == expected
+    assert plan.pauses_before_switchover == bool(expected)
+
+
+def test_convergence_steps_escalate_and_end_by_pausing_the_guest() -> None:
+    times = [s.after_s for s in CONVERGENCE_STEPS]
+    assert times == sorted(times)
+    assert len(set(times)) == len(times)
+    assert times[0] > 0
+    limits = [s.downtime_limit_ms for s in CONVERGENCE_STEPS]
+    assert limits[-1] is None  # the last step always ends the save
+    raised = [limit for limit in limits[:-1] if limit is not None]
+    assert raised == limits[:-1]
+    assert raised == sorted(raised)
+    assert raised[0] > DOWNTIME_LIMIT_MS
+    assert ConvergenceStep(1.0, 50).command().name == "migrate-set-parameters"
+    assert ConvergenceStep(1.0, 50).command().arguments == {"downtime-limit": 50}
+    assert ConvergenceStep(6.0, None).command() == Command("stop")
 
 
 def test_overlay_dir_is_honoured(tmp_path: Path) -> None:

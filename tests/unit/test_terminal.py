@@ -23,6 +23,8 @@ ENABLE = [
     ProgressEvent(
         "enable", "progress", {"done": 128 << 20, "total": 256 << 20, "bytes_per_second": 1 << 30}
     ),
+    ProgressEvent("enable", "converging", {"downtime_limit_ms": 50, "after_seconds": 1.0}),
+    ProgressEvent("enable", "converging", {"guest_paused": True, "after_seconds": 6.0}),
     ProgressEvent("enable", "snapshot-done", {"pause_ms": 14.2}),
     ProgressEvent(
         "enable", "active", {"pause_ms": 14.2, "memory_bytes": 90_000_000, "save_seconds": 0.41}
@@ -63,6 +65,10 @@ def test_enable_shows_steps_and_the_memory_bar() -> None:
         "enable: planned (disks d0, d1)",
         "enable: overlays created",
         "enable: saving the memory state",
+        "enable: the save does not converge (final pass may pause the guest up to 50 ms, 1 s "
+        "after the first pass)",
+        "enable: the save does not converge (guest paused until the save ends, 6 s after the "
+        "first pass)",
         "enable: disks snapshotted (guest paused 14.2 ms)",
         "enable: session active (guest paused 14.2 ms, memory state 90.0 MB, in 0.41 s)",
     ):
