@@ -410,16 +410,10 @@ class EnableDriver(DriverBase):
             if info.get("status") != "active":
                 return
             command = step.command()
-            if step.downtime_limit_ms is None:
+            if step.pauses_guest:
                 undo.stopped_by_us = True  # from now on a failure must resume the guest
             await self.conn.execute(command.name, command.arguments)
-            detail: dict[str, Any] = (
-                {"guest_paused": True}
-                if step.downtime_limit_ms is None
-                else {"downtime_limit_ms": step.downtime_limit_ms}
-            )
-            detail["after_seconds"] = step.after_s
-            report(ProgressEvent("enable", "converging", detail))
+            report(ProgressEvent("enable", "converging", step.progress_detail()))
 
     async def _save_with_pause(
         self, plan: EnablePlan, undo: _EnableUndo, migration: Any, report: ProgressCallback

@@ -190,6 +190,16 @@ def test_convergence_steps_escalate_and_end_by_pausing_the_guest() -> None:
     assert ConvergenceStep(1.0, 50).command().name == "migrate-set-parameters"
     assert ConvergenceStep(1.0, 50).command().arguments == {"downtime-limit": 50}
     assert ConvergenceStep(6.0, None).command() == Command("stop")
+    assert not ConvergenceStep(1.0, 50).pauses_guest
+    assert ConvergenceStep(6.0, None).pauses_guest
+    assert ConvergenceStep(1.0, 50).progress_detail() == {
+        "downtime_limit_ms": 50,
+        "after_seconds": 1.0,
+    }
+    assert ConvergenceStep(6.0, None).progress_detail() == {
+        "guest_paused": True,
+        "after_seconds": 6.0,
+    }
 
 
 def test_overlay_dir_is_honoured(tmp_path: Path) -> None:

@@ -68,11 +68,25 @@ class ConvergenceStep:
     after_s: float
     downtime_limit_ms: int | None
 
+    @property
+    def pauses_guest(self) -> bool:
+        """True for the last resort: the guest is paused until the save ends."""
+        return self.downtime_limit_ms is None
+
     def command(self) -> Command:
         """The QMP command of this step."""
         if self.downtime_limit_ms is None:
             return Command("stop")
         return Command("migrate-set-parameters", {"downtime-limit": self.downtime_limit_ms})
+
+    def progress_detail(self) -> dict[str, Any]:
+        """The detail of the ``converging`` progress event this step reports."""
+        done: dict[str, Any] = (
+            {"guest_paused": True}
+            if self.downtime_limit_ms is None
+            else {"downtime_limit_ms": self.downtime_limit_ms}
+        )
+        return {**done, "after_seconds": self.after_s}
 
 
 #: Escalation for a save that does not converge. A guest that converges at all reaches the pause
