@@ -34,9 +34,18 @@ from typing import Any
 
 import anyio
 import attrs
-from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClient
-from qemu.qmp.protocol import ConnectError, Runstate, StateError
-from qemu.qmp.qmp_client import GreetingError, NegotiationError
+
+# qemu.qmp's public API only (its package exports); its submodules are internals that change.
+from qemu.qmp import (
+    ConnectError,
+    EventListener,
+    ExecInterruptedError,
+    ExecuteError,
+    QMPClient,
+    Runstate,
+    StateError,
+)
+from qemu.qmp import QMPError as _LibraryQMPError
 
 from forgeqmp.errors import (
     InvalidArgument,
@@ -225,7 +234,8 @@ class QMPConnection:
         greeting = self._client.greeting
         if greeting is None:
             raise QMPDisconnected("not connected")
-        return dict(greeting._raw)
+        qmp = greeting.QMP
+        return {"QMP": {"version": dict(qmp.version), "capabilities": list(qmp.capabilities)}}
 
     async def connect(self, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
         """Open the socket, read the greeting and negotiate capabilities, within ``timeout``."""
@@ -260,7 +270,8 @@ class QMPConnection:
 
     def _map_connect_error(self, exc: ConnectError) -> QMPError:
         cause = exc.exc
-        if isinstance(cause, GreetingError | NegotiationError):
+        # A protocol-level failure of the greeting or the capabilities negotiation.
+        if isinstance(cause, _LibraryQMPError):
             return NotQMP(self.socket_path, f"the peer does not speak QMP ({cause})")
         if isinstance(cause, EOFError | ConnectionResetError):
             return NotQMP(self.socket_path, "the peer closed the connection without a QMP greeting")
