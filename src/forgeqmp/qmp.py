@@ -190,8 +190,10 @@ class EventSubscription:
 class QMPConnection:
     """One QMP session to one QEMU process.
 
-    Prefer :func:`connect`, which closes the connection on exit. Commands are serialized: QMP
-    processes them in order anyway, and serializing makes file-descriptor passing safe.
+    Prefer :func:`connect`, which closes the connection on exit. Commands from concurrent tasks
+    are pipelined (QEMU answers them in order). Passing a file descriptor runs alone: the fd
+    travels outside qemu.qmp's message queue, so no other command may be on the wire between it
+    and the ``getfd``/``add-fd`` that claims it; plain commands wait only while one is passed.
     """
 
     def __init__(
@@ -211,7 +213,13 @@ class QMPConnection:
         self.command_timeout = command_timeout
         self._name = name or f"forgeqmp:{os.path.basename(self.socket_path)}"
         self._client = QMPClient(self._name)
-        self._lock = anyio.Lock()
+        #: One fd pass at a time; while one waits or runs, ``_fd_pass`` is set and new commands
+        #: queue behind it. ``_in_flight`` counts plain commands on the wire, ``_drained`` wakes
+        #: the fd pass when the last of them has its reply.
+        self._fd_lock = anyio.Lock()
+        self._fd_pass: anyio.Event | None = None
+        self._in_flight = 0
+        self._drained: anyio.Event | None = None
         self._peer: PeerCredentials | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -323,16 +331,39 @@ class QMPConnection:
         :raises QMPDisconnected: the connection is down or dropped before the reply.
         :raises QMPTimeout: no reply within ``timeout`` (default: ``command_timeout``).
         """
-        async with self._lock:
-            return await self._execute_locked(command, arguments, timeout)
+        while self._fd_pass is not None:  # bounded by the fd pass's own deadline
+            await self._fd_pass.wait()
+        self._in_flight += 1
+        try:
+            return await self._send(command, arguments, timeout)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0 and self._drained is not None:
+                self._drained.set()
 
-    async def _execute_locked(
+    @contextlib.asynccontextmanager
+    async def _alone(self) -> AsyncIterator[None]:
+        """Hold the connection for an fd pass: no other command on the wire meanwhile."""
+        async with self._fd_lock:
+            self._fd_pass = gate = anyio.Event()
+            try:
+                while self._in_flight:  # each has its own deadline
+                    self._drained = anyio.Event()
+                    await self._drained.wait()
+                yield
+            finally:
+                self._fd_pass = self._drained = None
+                gate.set()
+
+    async def _send(
         self, command: str, arguments: Mapping[str, Any] | None, timeout: float | None
     ) -> Any:
         limit = self.command_timeout if timeout is None else timeout
         args = dict(arguments) if arguments is not None else None
         try:
-            with anyio.fail_after(limit):
+            # asyncio's own timeout: the supported backend is asyncio, and it costs a fraction
+            # of a cancel scope on this path (benchmarks/overhead.py).
+            async with asyncio.timeout(limit):
                 return await self._client.execute(command, args)
         except ExecuteError as exc:
             info = exc.error.error
@@ -356,9 +387,9 @@ class QMPConnection:
 
         Our copy stays open: close it when QEMU has taken over.
         """
-        async with self._lock:
+        async with self._alone():
             self._send_fd(fd)
-            await self._execute_locked("getfd", {"fdname": fdname}, timeout)
+            await self._send("getfd", {"fdname": fdname}, timeout)
 
     async def add_fd(
         self, fd: int, *, opaque: str | None = None, timeout: float | None = None
@@ -370,9 +401,9 @@ class QMPConnection:
         args: dict[str, Any] = {}
         if opaque is not None:
             args["opaque"] = opaque
-        async with self._lock:
+        async with self._alone():
             self._send_fd(fd)
-            reply = await self._execute_locked("add-fd", args, timeout)
+            reply = await self._send("add-fd", args, timeout)
         return int(reply["fdset-id"]), int(reply["fd"])
 
     def _send_fd(self, fd: int) -> None:

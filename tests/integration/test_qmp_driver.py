@@ -90,3 +90,43 @@ def test_disconnect_is_typed_and_waits_end(qemu_factory) -> None:  # type: ignor
         await anyio.to_thread.run_sync(instance.stop)
 
     run(main)
+
+
+def test_concurrent_commands_and_fd_passes_keep_every_fd_in_its_place(
+    qemu_instance, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """Commands from many tasks are pipelined while fds are passed: each add-fd gets exactly the
+    file passed with it (checked in QEMU's own fd table while QEMU holds it), and every command
+    gets its own answer."""
+    socket = qemu_instance.qmp_socket
+    qemu_fds = f"/proc/{qemu_instance.pid}/fd"
+    answers: list[str] = []
+    placed: dict[str, str] = {}
+
+    async def main() -> None:
+        async with connect(socket) as conn:
+
+            async def chatter() -> None:
+                for _ in range(30):
+                    answers.append((await conn.execute("query-status"))["status"])
+
+            async def pass_one(i: int) -> None:
+                path = tmp_path / f"fd-{i}"
+                path.write_bytes(b"")
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    fdset_id, qemu_fd = await conn.add_fd(fd, opaque=f"forgeqmp-test-{i}")
+                finally:
+                    os.close(fd)
+                placed[str(path)] = os.readlink(f"{qemu_fds}/{qemu_fd}")
+                await conn.execute("remove-fd", {"fdset-id": fdset_id})
+
+            async with anyio.create_task_group() as tg:
+                for i in range(6):
+                    tg.start_soon(chatter)
+                    tg.start_soon(pass_one, i)
+
+    run(main)
+    assert answers == ["running"] * (30 * 6)
+    assert len(placed) == 6
+    assert all(target == path for path, target in placed.items()), placed
