@@ -11,8 +11,9 @@ on top of it and nothing more:
 - event subscriptions that are registered *before* the command that triggers the event is sent, so
   no event can slip between the command and the wait, and waits that end with
   :class:`QMPDisconnected` when the connection drops instead of hanging;
-- file-descriptor passing (SCM_RIGHTS + ``getfd``/``add-fd``) serialized with every other command,
-  because qemu.qmp's ``send_fd_scm`` bypasses its own send queue;
+- file-descriptor passing (SCM_RIGHTS + ``getfd``/``add-fd``) run alone, with no other command on
+  the wire, because qemu.qmp's ``send_fd_scm`` bypasses its own send queue (plain commands from
+  concurrent tasks are pipelined);
 - the credentials of the process behind the socket (SO_PEERCRED), so forgeqmp knows which QEMU it
   talks to (its argv and cwd are needed later to relaunch it).
 
