@@ -20,7 +20,7 @@ extensions = [
     "myst_parser",
     "sphinx.ext.autodoc",
     "sphinx.ext.viewcode",
-    "sphinxcontrib.mermaid",
+    "sphinx.ext.graphviz",
     "forgeqmp_docs",  # docs/_ext: generated diagram and tables, tolerant toctree
 ]
 
@@ -36,9 +36,9 @@ autodoc_typehints = "signature"
 autodoc_default_options = {"show-inheritance": True}
 autoclass_content = "class"
 
-# The state diagram is Mermaid text generated from forgeqmp.states.TRANSITIONS at build time;
-# the browser renders it (mermaid.js). The same table is also printed as a plain table.
-mermaid_version = "11.4.1"
+# The state diagram is Graphviz text generated from forgeqmp.states.TRANSITIONS and drawn into SVG
+# at build time (Debian's graphviz): no script, no network. The same table is also a plain table.
+graphviz_output_format = "svg"
 
 html_theme = "furo"
 html_title = f"forgeqmp {release}"

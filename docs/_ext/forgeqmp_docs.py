@@ -3,9 +3,10 @@ tolerates pages not written yet.
 
 Directives (usable from MyST Markdown pages as ```` ```{name} ```` fences):
 
-- ``forgeqmp-state-diagram``: the Mermaid state diagram of :data:`forgeqmp.states.TRANSITIONS`,
-  rendered by :func:`forgeqmp.states.render_mermaid` at build time (never drawn by hand). The flag
-  ``:operations:`` leaves out the ``recovered_*`` events of ``recover``.
+- ``forgeqmp-state-diagram``: the state diagram of :data:`forgeqmp.states.TRANSITIONS`, written
+  by :func:`forgeqmp.states.render_dot` and drawn into SVG by Graphviz at build time (never drawn
+  by hand; the page needs no script and no network). The flag ``:operations:`` leaves out the
+  ``recovered_*`` events of ``recover``.
 - ``forgeqmp-transition-table``: the same table as a plain table (readable without JavaScript).
 - ``forgeqmp-qemu-support``: what the feature probe finds in the introspection recorded from real
   QEMU builds (``tests/data/qemu-*.json.gz``), and the strategy/transport each build gets.
@@ -35,18 +36,18 @@ from docutils.parsers.rst import directives
 from docutils.statemachine import StringList
 from sphinx.application import Sphinx
 from sphinx.directives.other import TocTree
+from sphinx.ext.graphviz import graphviz
 from sphinx.util import logging
 from sphinx.util.docutils import SphinxDirective
 from sphinx.util.matching import Matcher
 from sphinx.util.nodes import split_explicit_title
-from sphinxcontrib.mermaid import Mermaid
 
 from forgeqmp import features, states
 from forgeqmp.errors import FeatureMissing
 from forgeqmp.features import Features, features_from_introspection
 from forgeqmp.plans import enable as plans_enable
 from forgeqmp.plans.enable import Strategy, choose_strategy
-from forgeqmp.states import RECOVER_EVENTS, TRANSITIONS, render_mermaid
+from forgeqmp.states import RECOVER_EVENTS, TRANSITIONS, render_dot
 
 logger = logging.getLogger(__name__)
 
@@ -92,17 +93,21 @@ def _table(
     return table
 
 
-class StateDiagram(Mermaid):
+class StateDiagram(SphinxDirective):
     """The state diagram, generated from the transition table when the docs are built."""
 
-    option_spec: ClassVar[dict[str, Any]] = {**Mermaid.option_spec, "operations": directives.flag}
+    option_spec: ClassVar[dict[str, Any]] = {"operations": directives.flag}
 
-    def get_mm_code(self) -> str:
-        self.state.document.settings.env.note_dependency(states.__file__)
+    def run(self) -> list[nodes.Node]:
+        self.env.note_dependency(states.__file__)
         table = TRANSITIONS
         if "operations" in self.options:
             table = {k: v for k, v in TRANSITIONS.items() if k[1] not in RECOVER_EVENTS}
-        return render_mermaid(table)
+        node = graphviz()
+        node["code"] = render_dot(table)
+        node["options"] = {"docname": self.env.docname}
+        node["alt"] = "forgeqmp session states and the events between them"
+        return [node]
 
 
 class TransitionTable(SphinxDirective):

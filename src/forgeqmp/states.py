@@ -10,7 +10,8 @@ A forge session is a small state machine, and this module is all of it, written 
 - :class:`Failure` and :class:`SessionStatus`: the values a session record keeps. The status adds
   the rules a table of states cannot say by itself: a failed session carries what failed and what
   to do, and discard is refused once a disk was merged into its original (the point of no return).
-- :func:`render_mermaid`: the table as a Mermaid diagram, so the docs are generated, never redrawn.
+- :func:`render_mermaid` and :func:`render_dot`: the table as a Mermaid or Graphviz diagram, so
+  the docs are generated, never redrawn (the docs draw the Graphviz one into SVG at build time).
 
 Nothing here does I/O. The driver runs the QMP steps and feeds their outcomes in as events; the
 record store writes the resulting :class:`SessionStatus` before and after each step.
@@ -39,6 +40,7 @@ __all__ = [
     "allowed_events",
     "may_start_new_session",
     "next_state",
+    "render_dot",
     "render_mermaid",
     "start_session",
 ]
@@ -463,4 +465,34 @@ def render_mermaid(
     for state in State:
         if state not in sources and state in transitions.values():
             lines.append(f"    {state.value} --> [*]")
+    return "\n".join(lines) + "\n"
+
+
+def render_dot(
+    transitions: Mapping[tuple[State | None, Event], State] = TRANSITIONS,
+) -> str:
+    """The transition table as a Graphviz ``digraph``, one edge per table entry, in table order.
+
+    ``None`` (no session) is the filled start node ``start``; states no entry leaves get an edge to
+    the end node ``end``, as in :func:`render_mermaid`. The docs turn it into SVG when they are
+    built, so the page needs no script and no network to show it.
+    """
+    lines = [
+        "digraph forge_states {",
+        '    graph [rankdir=LR, fontname="sans-serif"];',
+        '    node [shape=box, style=rounded, fontname="sans-serif"];',
+        '    edge [fontname="sans-serif", fontsize=10];',
+        '    start [label="", shape=circle, style=filled, fillcolor=black, width=0.2];',
+    ]
+    sources = {source for (source, _) in transitions}
+    ends = [s for s in State if s not in sources and s in transitions.values()]
+    if ends:
+        lines.append(
+            '    end [label="", shape=doublecircle, style=filled, fillcolor=black, width=0.15];'
+        )
+    for (source, event), target in transitions.items():
+        start = "start" if source is None else f'"{source.value}"'
+        lines.append(f'    {start} -> "{target.value}" [label="{event.value}"];')
+    lines.extend(f'    "{state.value}" -> end;' for state in ends)
+    lines.append("}")
     return "\n".join(lines) + "\n"

@@ -31,6 +31,7 @@ from forgeqmp.states import (
     allowed_events,
     may_start_new_session,
     next_state,
+    render_dot,
     render_mermaid,
     start_session,
 )
@@ -553,3 +554,30 @@ def test_mermaid_renders_the_table_it_is_given() -> None:
         "    creating --> active : enabled\n"
         "    active --> [*]\n"
     )
+
+
+# --- Graphviz (the docs' SVG) ----------------------------------------------------------------------
+
+
+def test_dot_has_every_transition_once() -> None:
+    lines = render_dot().splitlines()
+    assert lines[0] == "digraph forge_states {"
+    assert lines[-1] == "}"
+    for (source, event), target in EXPECTED.items():
+        start = "start" if source is None else f'"{source.value}"'
+        assert lines.count(f'    {start} -> "{target.value}" [label="{event.value}"];') == 1
+    assert sorted(line for line in lines if line.endswith("-> end;")) == [
+        '    "committed" -> end;',
+        '    "discarded" -> end;',
+    ]
+    assert len([line for line in lines if " -> " in line]) == len(EXPECTED) + 2
+
+
+def test_dot_renders_the_table_it_is_given() -> None:
+    table = {(None, E.ENABLE): S.CREATING, (S.CREATING, E.ENABLED): S.ACTIVE}
+    edges = [line for line in render_dot(table).splitlines() if " -> " in line]
+    assert edges == [
+        '    start -> "creating" [label="enable"];',
+        '    "creating" -> "active" [label="enabled"];',
+        '    "active" -> end;',
+    ]
