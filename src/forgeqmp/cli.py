@@ -31,7 +31,7 @@ from forgeqmp.record import RecordStore, SessionRecord, no_session_status
 from forgeqmp.recover_driver import DEFAULT_RECOVER_TIMEOUT, stale
 from forgeqmp.statedir import StateDir, default_state_dir
 from forgeqmp.states import State
-from forgeqmp.terminal import ProgressView, print_report, state_label
+from forgeqmp.terminal import PlainProgress, ProgressView, print_report, state_label
 
 __all__ = ["build_parser", "main"]
 
@@ -164,20 +164,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 class _Output:
     """Human text or JSON lines, on stdout; errors on stderr. Progress: JSON lines with --json,
-    live bars and steps on a terminal (rich), nothing otherwise."""
+    live bars and steps on a terminal (rich), plain lines otherwise (a log, a pipe)."""
 
     def __init__(self, as_json: bool, stream: TextIO | None = None) -> None:
         self.as_json = as_json
         self.stream = stream if stream is not None else sys.stdout
-        self._view: ProgressView | None = None
+        self._view: ProgressView | PlainProgress | None = None
 
     def progress(self, event: ProgressEvent) -> None:
         if self.as_json:
             self._line(event.as_dict())
-        elif self.stream.isatty():
-            if self._view is None:
-                self._view = ProgressView(self.stream)
-            self._view.update(event)
+            return
+        if self._view is None:
+            tty = self.stream.isatty()
+            self._view = ProgressView(self.stream) if tty else PlainProgress(self.stream)
+        self._view.update(event)
 
     def close(self) -> None:
         """End the live progress display, if any (before anything else is printed)."""

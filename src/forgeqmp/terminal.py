@@ -1,8 +1,10 @@
 """What the CLI shows a person at a terminal: live progress and the session state in the colours
 control panels use, rendered with rich.
 
-Only the human side of the CLI comes through here: with ``--json`` the CLI prints JSON lines, and
-when its output is not a terminal it prints no progress at all (rich also drops colours there).
+Only the human side of the CLI comes through here: with ``--json`` the CLI prints JSON lines; on a
+terminal, :class:`ProgressView` draws live bars; when its output is not a terminal (a log file, a
+pipe, a platform's agent), :class:`PlainProgress` writes plain lines, one per step and at most one a
+second per transfer (rich also drops colours there). Sizes are in binary units (MiB, GiB).
 """
 
 from __future__ import annotations
@@ -13,10 +15,8 @@ from collections.abc import Mapping
 from typing import Any, TextIO
 
 from rich.console import Console
-from rich.filesize import decimal
 from rich.progress import (
     BarColumn,
-    DownloadColumn,
     Progress,
     ProgressColumn,
     SpinnerColumn,
@@ -24,13 +24,20 @@ from rich.progress import (
     TaskID,
     TextColumn,
     TimeElapsedColumn,
-    TransferSpeedColumn,
 )
 from rich.text import Text
 
 from forgeqmp.forge import ProgressEvent
 
-__all__ = ["STATE_STYLES", "ProgressView", "print_report", "state_label", "styled_report"]
+__all__ = [
+    "STATE_STYLES",
+    "PlainProgress",
+    "ProgressView",
+    "binary_size",
+    "print_report",
+    "state_label",
+    "styled_report",
+]
 
 #: The rich style of each state (``status --json``'s ``state``): working states blue, active
 #: yellow, committed green, discarded grey, failed red.
@@ -67,6 +74,17 @@ STEP_LABELS: Mapping[tuple[str, str], str] = types.MappingProxyType(
 )
 
 
+def binary_size(size: float) -> str:
+    """``size`` bytes in binary units: ``512 B``, ``1.5 KiB``, ``268.4 MiB``... (a disk of "1 GiB"
+    reads 1.0 GiB, not 1.1 GB)."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
 def state_label(state: str) -> str:
     """A state as people read it: ``Active``, ``Committing``... (``none``: ``no session``)."""
     return "no session" if state == "none" else state.capitalize()
@@ -101,7 +119,7 @@ def _detail(detail: Mapping[str, Any]) -> str:
         elif key == "pause_ms" and value is not None:
             parts.append(f"guest paused {value:.1f} ms")
         elif key == "memory_bytes" and isinstance(value, int):
-            parts.append(f"memory state {decimal(value)}")
+            parts.append(f"memory state {binary_size(value)}")
         elif key in ("save_seconds", "resume_seconds") and value is not None:
             parts.append(f"in {value:.2f} s")
         elif key == "downtime_limit_ms":
@@ -130,6 +148,85 @@ class _BytesOnly(ProgressColumn):
         return self._column.render(task)
 
 
+class _Bytes(ProgressColumn):
+    """``done/total`` of a byte-counting task, in binary units."""
+
+    def render(self, task: Task) -> Any:
+        total = "?" if task.total is None else binary_size(task.total)
+        return Text(f"{binary_size(task.completed)}/{total}", style="progress.download")
+
+
+class _Rate(ProgressColumn):
+    """The transfer rate of a byte-counting task, in binary units a second."""
+
+    def render(self, task: Task) -> Any:
+        speed = task.finished_speed or task.speed
+        return Text(
+            "?" if speed is None else f"{binary_size(speed)}/s", style="progress.data.speed"
+        )
+
+
+def _transfer_key(event: ProgressEvent) -> tuple[str, str]:
+    """(key, what) of a ``progress`` event: the memory save, or one disk's merge."""
+    disk = event.detail.get("disk")
+    if disk is None:
+        return "memory", "memory state"
+    return f"disk:{disk}", f"disk {disk}"
+
+
+def _step_line(event: ProgressEvent) -> tuple[str, str]:
+    """(``operation: label``, detail) of a step event, as both displays print it."""
+    label = STEP_LABELS.get((event.operation, event.step), event.step.replace("-", " "))
+    return f"{event.operation}: {label}", _detail(event.detail)
+
+
+class PlainProgress:
+    """Progress as plain text lines, for output that is not a terminal: each step once, with the
+    seconds since the command started, and each transfer (the memory save, a disk's merge) at
+    most once per ``interval`` seconds, and once more when it completes. No colours, no cursor
+    movement: a log file or a pipe reads it as it comes.
+    """
+
+    def __init__(self, stream: TextIO, *, interval: float = 1.0) -> None:
+        self.stream = stream
+        self.interval = interval
+        self._t0 = time.monotonic()
+        self._last: dict[str, float] = {}
+        self._done: set[str] = set()
+
+    def update(self, event: ProgressEvent) -> None:
+        """Print ``event`` if it is a step, or a transfer's news worth a line."""
+        now = time.monotonic()
+        if event.step != "progress":
+            what, detail = _step_line(event)
+            self._write(now, what + (f" ({detail})" if detail else ""))
+            return
+        key, what = _transfer_key(event)
+        done, total = event.detail.get("done"), event.detail.get("total")
+        if not isinstance(done, int) or key in self._done:
+            return
+        complete = isinstance(total, int) and total > 0 and done >= total
+        if not complete and now - self._last.get(key, -self.interval) < self.interval:
+            return
+        self._last[key] = now
+        if complete:
+            self._done.add(key)
+        text = f"{event.operation}: {what} {binary_size(done)}"
+        if isinstance(total, int) and total > 0:
+            text += f" of {binary_size(total)} ({100 * done // total}%)"
+        rate = event.detail.get("bytes_per_second")
+        if isinstance(rate, int | float) and rate > 0:
+            text += f", {binary_size(rate)}/s"
+        self._write(now, text)
+
+    def _write(self, now: float, text: str) -> None:
+        self.stream.write(f"{now - self._t0:7.2f} s  {text}\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        """Nothing to stop: every line is already written (same interface as ProgressView)."""
+
+
 class ProgressView:
     """Live progress of one CLI command: each step on its own line with the time it was reached,
     a spinner on the step under way, and a bar with bytes and rate for the memory save (enable)
@@ -145,8 +242,8 @@ class ProgressView:
             SpinnerColumn(finished_text="[green]✓[/]"),
             TextColumn("{task.description}"),
             _BytesOnly(BarColumn(bar_width=30)),
-            _BytesOnly(DownloadColumn()),
-            _BytesOnly(TransferSpeedColumn()),
+            _BytesOnly(_Bytes()),
+            _BytesOnly(_Rate()),
             TimeElapsedColumn(),
             console=self.console,
             transient=False,
@@ -168,26 +265,22 @@ class ProgressView:
             self._finish_bar(f"disk:{event.detail.get('disk')}")
         elif event.operation == "enable" and event.step in ("snapshot-done", "active"):
             self._finish_bar("memory")
-        label = STEP_LABELS.get((event.operation, event.step), event.step.replace("-", " "))
-        detail = _detail(event.detail)
+        description, detail = _step_line(event)
         elapsed = time.monotonic() - self._t0
         line = Text(f"{elapsed:7.2f} s  ", style="dim")
-        line.append(f"{event.operation}: {label}")
+        line.append(description)
         if detail:
             line.append(f" ({detail})", style="dim")
         self._progress.console.print(line)
-        description = f"{event.operation}: {label}"
         if self._step is None:
             self._step = self._progress.add_task(description, total=None)
         else:
             self._progress.update(self._step, description=description)
 
     def _advance(self, event: ProgressEvent) -> None:
-        disk = event.detail.get("disk")
-        key = f"disk:{disk}" if disk is not None else "memory"
+        key, what = _transfer_key(event)
         total, done = event.detail.get("total"), event.detail.get("done")
         if key not in self._bars:
-            what = f"disk {disk}" if disk is not None else "memory state"
             self._bars[key] = self._progress.add_task(
                 f"{event.operation}: {what}", total=total or None, bytes=True
             )

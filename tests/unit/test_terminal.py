@@ -1,5 +1,6 @@
-"""The CLI's human output: live progress on a terminal (rich), JSON lines with --json, silence
-when stdout is not a terminal, and the state colours of control panels."""
+"""The CLI's human output: live progress on a terminal (rich), JSON lines with --json, plain
+progress lines when stdout is not a terminal, binary units, and the state colours of control
+panels."""
 
 from __future__ import annotations
 
@@ -7,11 +8,20 @@ import io
 import json
 import re
 
+import pytest
 from rich.console import Console
 
+from forgeqmp import terminal
 from forgeqmp.cli import _Output
 from forgeqmp.forge import ProgressEvent
-from forgeqmp.terminal import STATE_STYLES, ProgressView, state_label, styled_report
+from forgeqmp.terminal import (
+    STATE_STYLES,
+    PlainProgress,
+    ProgressView,
+    binary_size,
+    state_label,
+    styled_report,
+)
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -70,19 +80,19 @@ def test_enable_shows_steps_and_the_memory_bar() -> None:
         "enable: the save does not converge (guest paused until the save ends, 6 s after the "
         "first pass)",
         "enable: disks snapshotted (guest paused 14.2 ms)",
-        "enable: session active (guest paused 14.2 ms, memory state 90.0 MB, in 0.41 s)",
+        "enable: session active (guest paused 14.2 ms, memory state 85.8 MiB, in 0.41 s)",
     ):
         assert label in text
     assert "enable: memory state" in text
-    assert "268.4/268.4 MB" in text  # the bar completes once the snapshot is done
+    assert "256.0 MiB/256.0 MiB" in text  # the bar completes once the snapshot is done
 
 
 def test_commit_shows_a_bar_per_disk() -> None:
     text = render(COMMIT)
     assert "commit: disk d0" in text
     assert "commit: disk d1" in text
-    assert "41.9/41.9 MB" in text
-    assert "21.0/21.0 MB" in text
+    assert "40.0 MiB/40.0 MiB" in text
+    assert "20.0 MiB/20.0 MiB" in text
     assert "commit: disk merged (disk d0)" in text
     assert "commit: committed" in text
 
@@ -113,14 +123,76 @@ def test_json_lines_keep_their_shape() -> None:
     assert lines[-1] == {"state": "active"}
 
 
-def test_no_progress_when_not_a_terminal() -> None:
+def test_plain_progress_lines_when_not_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every event at the same instant, so the one-a-second throttle decides the same on any host.
+    monkeypatch.setattr(terminal.time, "monotonic", lambda: 1000.0)
     stream = io.StringIO()
     out = _Output(False, stream)
     for event in ENABLE + COMMIT + DISCARD:
         out.progress(event)
-    assert stream.getvalue() == ""
     out.final({"state": "committed"}, "forge session x: Committed")
-    assert stream.getvalue() == "forge session x: Committed\n"
+    lines = stream.getvalue().splitlines()
+    assert "\x1b" not in stream.getvalue()  # no colours, no cursor movement
+    text = [re.sub(r"^ *[0-9]+\.[0-9]{2} s  ", "", line) for line in lines]
+    assert all(re.match(r"^ *[0-9]+\.[0-9]{2} s  ", line) for line in lines[:-1])
+    assert text == [
+        "enable: planned (disks d0, d1)",
+        "enable: overlays created",
+        "enable: saving the memory state",
+        "enable: memory state 0 B of 256.0 MiB (0%)",
+        # the next save report came within a second of the last: no line for it
+        "enable: the save does not converge (final pass may pause the guest up to 50 ms, 1 s "
+        "after the first pass)",
+        "enable: the save does not converge (guest paused until the save ends, 6 s after the "
+        "first pass)",
+        "enable: disks snapshotted (guest paused 14.2 ms)",
+        "enable: session active (guest paused 14.2 ms, memory state 85.8 MiB, in 0.41 s)",
+        "commit: disk d0 10.0 MiB of 40.0 MiB (25%)",
+        "commit: disk d1 5.0 MiB of 20.0 MiB (25%)",
+        "commit: disk merged (disk d0)",
+        "commit: disk merged (disk d1)",
+        "commit: committed",
+        "discard: stopping QEMU",
+        "discard: restoring the memory state",
+        "discard: VM running (resumed from memory, in 1.25 s)",
+        "forge session x: Committed",
+    ]
+
+
+def test_plain_progress_throttles_each_transfer_and_always_shows_its_end() -> None:
+    stream = io.StringIO()
+    view = PlainProgress(stream, interval=3600)
+    total = 4 << 30
+    for done in range(0, total + 1, total // 8):
+        view.update(
+            ProgressEvent("commit", "progress", {"disk": "d0", "done": done, "total": total})
+        )
+    view.update(ProgressEvent("commit", "progress", {"disk": "d0", "done": total, "total": total}))
+    lines = [re.sub(r"^ *[0-9.]+ s  ", "", line) for line in stream.getvalue().splitlines()]
+    assert lines == [
+        "commit: disk d0 0 B of 4.0 GiB (0%)",
+        "commit: disk d0 4.0 GiB of 4.0 GiB (100%)",
+    ]
+    every = io.StringIO()
+    view = PlainProgress(every, interval=0)
+    for done in (0, 1 << 20, 2 << 20):
+        view.update(
+            ProgressEvent(
+                "enable", "progress", {"done": done, "total": 4 << 20, "bytes_per_second": 3 << 20}
+            )
+        )
+    assert every.getvalue().count("memory state") == 3
+    assert "2.0 MiB of 4.0 MiB (50%), 3.0 MiB/s" in every.getvalue()
+
+
+def test_binary_size() -> None:
+    assert binary_size(0) == "0 B"
+    assert binary_size(1023) == "1023 B"
+    assert binary_size(1536) == "1.5 KiB"
+    assert binary_size(1 << 30) == "1.0 GiB"
+    assert binary_size(90_000_000) == "85.8 MiB"
+    assert binary_size(5 << 40) == "5.0 TiB"
+    assert binary_size(5000 << 40) == "5000.0 TiB"
 
 
 def test_progress_on_a_terminal_then_the_final_text() -> None:
