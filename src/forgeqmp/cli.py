@@ -260,7 +260,8 @@ def _status(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     record = RecordStore(state_dir).load()
     status, text = _status_of(record), _describe(record)
     # QEMU's runstate, overlay sizes and free space, and advice on an io-error pause.
-    text += "\n" + observe(args.qmp, record, busy=lock_held(state_dir)).update(status, record)
+    live = observe(args.qmp, record, busy=lock_held(state_dir)).update(status, record)
+    text += f"\n{live}" if live else ""
     status["stale"] = False
     status["start_argv"] = None  # how to start the VM now without bypassing the forge
     if record is not None:

@@ -61,7 +61,8 @@ class LiveStatus:
         return advice(record, self.qemu, self.io_status, self.overlays)
 
     def update(self, status: dict[str, Any], record: SessionRecord | None) -> str:
-        """Add the live keys to a ``status`` object; returns the lines for people."""
+        """Add the live keys to a ``status`` object; returns the lines for people (none when
+        there is no session and nothing to advise)."""
         status["qemu"] = self.qemu
         status["qemu_advice"] = self.advice(record)
         lines = [f"  qemu: {self.qemu}"]
@@ -81,6 +82,8 @@ class LiveStatus:
                 lines.append(f"  overlay of {disk.get('name')}: {_mib(usage.size)} on disk{free}")
         if status["qemu_advice"]:
             lines.append(f"  attention: {status['qemu_advice']}")
+        elif record is None:
+            return ""
         return "\n".join(lines)
 
 
