@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import socket
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 from forgeqmp.disks import Selection, disks_from_query, select_disks
 from forgeqmp.errors import InsufficientSpace, MigrationBlocked, PrerequisiteError
 from forgeqmp.features import Features, features_from_introspection
-from forgeqmp.livestatus import LiveStatus, OverlayUsage, advice
+from forgeqmp.livestatus import LiveStatus, OverlayUsage, advice, observe
 from forgeqmp.plans.enable import plan_enable
 from forgeqmp.preflight import (
     MEMORY_MARGIN,
@@ -249,3 +250,21 @@ def test_status_gets_the_live_keys_per_disk(tmp_path: Path) -> None:
     assert "qemu: io-error" in text
     assert "overlay of disk0: 3.0 MiB on disk, 0.0 MiB free" in text
     assert "attention: QEMU paused the guest" in text
+
+
+def test_status_never_asks_qemu_while_another_forgeqmp_works(tmp_path: Path) -> None:
+    """QEMU serves one QMP client: while the lock is held, status says busy without connecting
+    to the socket at all."""
+    record = _active(tmp_path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path = str(tmp_path / "silent.sock")
+    listener.bind(path)
+    listener.listen()
+    try:
+        assert observe(path, record, busy=True).qemu == "busy"
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody connected
+        assert observe(str(tmp_path / "missing.sock"), record, busy=False).qemu == "unreachable"
+    finally:
+        listener.close()
