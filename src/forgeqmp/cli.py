@@ -25,10 +25,11 @@ from forgeqmp._version import __version__
 from forgeqmp.errors import ForgeError, InvalidArgument, OperationBlocked, RecordError
 from forgeqmp.forge import DEFAULT_COMMIT_TIMEOUT, Instance, ProgressEvent, connect, status_of
 from forgeqmp.guard import ALWAYS_ALLOWED, BLOCKED_OPERATIONS, check_recorded, parse_operation
+from forgeqmp.livestatus import observe
 from forgeqmp.plans.enable import Strategy
 from forgeqmp.power import start_argv
 from forgeqmp.record import RecordStore, SessionRecord, no_session_status
-from forgeqmp.recover_driver import DEFAULT_RECOVER_TIMEOUT, stale
+from forgeqmp.recover_driver import DEFAULT_RECOVER_TIMEOUT, lock_held, stale
 from forgeqmp.statedir import StateDir, default_state_dir
 from forgeqmp.states import State
 from forgeqmp.terminal import PlainProgress, ProgressView, print_report, state_label
@@ -259,6 +260,9 @@ def _status(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     state_dir = _state_dir(args)
     record = RecordStore(state_dir).load()
     status, text = _status_of(record), _describe(record)
+    # QEMU's runstate, overlay sizes and free space, and advice on an io-error pause.
+    live = observe(args.qmp, record, busy=lock_held(state_dir)).update(status, record)
+    text += f"\n{live}" if live else ""
     status["stale"] = False
     status["start_argv"] = None  # how to start the VM now without bypassing the forge
     if record is not None:

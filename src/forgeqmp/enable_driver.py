@@ -18,7 +18,7 @@ import anyio
 import anyio.to_thread
 import attrs
 
-from forgeqmp import memhash
+from forgeqmp import memhash, preflight
 from forgeqmp.disks import Disk, select_disks
 from forgeqmp.driver_base import (
     _UNDO_TIMEOUT,
@@ -160,6 +160,7 @@ class EnableDriver(DriverBase):
                         f"{overlay.overlay_file} already exists; forgeqmp never reuses a file it "
                         "did not create: remove it if it is stale, or choose another overlay_dir"
                     )
+            await preflight.check_enable(self.conn, plan)
             record = await self._new_record(plan, selection.unforged, features)
             report(
                 ProgressEvent("enable", "planned", {"disks": [o.disk.name for o in plan.overlays]})

@@ -27,7 +27,9 @@ __all__ = [
     "ForgeFailed",
     "IllegalTransition",
     "InstanceLocked",
+    "InsufficientSpace",
     "InvalidArgument",
+    "MigrationBlocked",
     "NoDiskSelected",
     "NoSession",
     "NotQMP",
@@ -134,6 +136,19 @@ class DiskNotForgeable(PrerequisiteError):
 
 class FeatureMissing(PrerequisiteError):
     """The QEMU behind the socket lacks a feature the chosen path needs."""
+
+
+class InsufficientSpace(PrerequisiteError):
+    """A file system lacks room for what enable would write there (the memory file, overlays)."""
+
+
+class MigrationBlocked(PrerequisiteError):
+    """QEMU reports migration blockers (a device or option that forbids saving the VM's state);
+    ``reasons`` are QEMU's own words."""
+
+    def __init__(self, message: str, reasons: tuple[str, ...] = ()) -> None:
+        self.reasons = reasons
+        super().__init__(message)
 
 
 class OperationBlocked(ForgeError):

@@ -16,10 +16,11 @@ import anyio
 import pytest
 
 import forgeqmp
-from forgeqmp import memhash
+from forgeqmp import memhash, preflight
 from forgeqmp.errors import (
     ForgeFailed,
     InstanceLocked,
+    InsufficientSpace,
     NoDiskSelected,
     SessionActive,
     TaskRunning,
@@ -226,11 +227,18 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs need
 
 
 @needs_root
-def test_memory_file_enospc_is_undone(vm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_memory_file_enospc_is_undone(vm, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The preflight refuses a state dir without room (test_preflight.py); when the room goes
+    after it (another writer), the save's ENOSPC is undone."""
     with tmpfs(tmp_path / "state", "size=2m,mode=0700") as state:
         with InstanceLock(StateDir(state)):
             pass
         before = snapshot(vm, state)
+        with pytest.raises(InsufficientSpace):
+            run(enable, vm.qmp_socket, state, all_disks=True)
+        assert snapshot(vm, state) == before
+        plenty = preflight.FreeSpace(device=0, available=1 << 50)
+        monkeypatch.setattr(preflight, "free_space", lambda _directory: plenty)
         with pytest.raises(ForgeFailed):
             run(enable, vm.qmp_socket, state, all_disks=True)
         assert_undone(vm, state, before, "saving the memory state")
@@ -244,7 +252,7 @@ def test_unwritable_overlay_dir_is_undone(vm, tmp_path: Path) -> None:  # type: 
     with InstanceLock(StateDir(state)):
         pass
     before = snapshot(vm, state)
-    with tmpfs(tmp_path / "ro", "ro,size=1m") as readonly, pytest.raises(ForgeFailed):
+    with tmpfs(tmp_path / "ro", "ro,size=128m") as readonly, pytest.raises(ForgeFailed):
         run(enable, vm.qmp_socket, state, all_disks=True, overlay_dir=readonly)
     assert_undone(vm, state, before, "Read-only file system")
 
