@@ -32,6 +32,7 @@ from forgeqmp.errors import (
     ForgeError,
     ForgeFailed,
     InvalidArgument,
+    NotRelaunchable,
     QMPCommandError,
     QMPError,
 )
@@ -53,6 +54,7 @@ from forgeqmp.record import (
     SessionRecord,
     new_session_id,
 )
+from forgeqmp.relaunch import describe_findings, relaunch_findings
 from forgeqmp.statedir import InstanceLock
 from forgeqmp.states import State
 
@@ -141,6 +143,7 @@ class EnableDriver(DriverBase):
             features = await self.features()
             await self._check_running()
             await self._check_no_task()
+            self._check_relaunchable()
             selection = select_disks(
                 await self.disks(), list(disks) if disks is not None else None, all_disks=all_disks
             )
@@ -185,6 +188,19 @@ class EnableDriver(DriverBase):
                     raise ForgeFailed(f"enable failed and was undone: {exc}") from exc
                 raise
             return record
+
+    def _check_relaunchable(self) -> None:
+        """Refuse a session that discard could not finish: without a launcher, discard starts
+        the recorded argv again, which must then describe the whole VM."""
+        if self.launcher is not None:
+            return
+        findings = relaunch_findings(describe_process(self.conn.peer.pid).argv)
+        if findings:
+            raise NotRelaunchable(
+                "enable refused, nothing was changed: discard would have to start this QEMU again "
+                "and its command line cannot be re-run as it is: " + describe_findings(findings),
+                findings,
+            )
 
     async def _new_record(
         self, plan: EnablePlan, unforged: Sequence[Disk], features: Features
