@@ -137,13 +137,14 @@ class EnableDriver(DriverBase):
                     "existing directory"
                 )
         report = on_progress or (lambda _event: None)
+        # Before the lock, which would create the state dir: a refusal leaves nothing behind.
+        self._check_relaunchable()
 
         with InstanceLock(self.state_dir, "forgeqmp enable"):
             previous = self._check_no_unfinished_session()
             features = await self.features()
             await self._check_running()
             await self._check_no_task()
-            self._check_relaunchable()
             selection = select_disks(
                 await self.disks(), list(disks) if disks is not None else None, all_disks=all_disks
             )
@@ -192,8 +193,8 @@ class EnableDriver(DriverBase):
     def _check_relaunchable(self) -> None:
         """Refuse a session that discard could not finish: without a launcher, discard starts
         the recorded argv again, which must then describe the whole VM."""
-        if self.launcher is not None:
-            return
+        if self.launcher is not None or not self.conn.connected:
+            return  # (not connected: the checks that follow refuse the enable)
         findings = relaunch_findings(describe_process(self.conn.peer.pid).argv)
         if findings:
             raise NotRelaunchable(
