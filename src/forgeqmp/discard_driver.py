@@ -187,6 +187,7 @@ class DiscardDriver(DriverBase):
                 verified.set()
 
         problem: str | None = None
+        unstarted: ForgeFailed | QMPError | None = None
         try:
             with anyio.fail_after(timeout):
                 async with anyio.create_task_group() as tg:
@@ -198,11 +199,13 @@ class DiscardDriver(DriverBase):
                         problem = "a cold start was asked for"
                     elif memory is not None and os.path.exists(memory.path):
                         report(ProgressEvent("discard", "restoring-memory"))
-                        problem = await self._restore_retrying(
+                        problem, unstarted = await self._restore_retrying(
                             record, launch, report, verified, verdict
                         )
                     else:
                         problem = "the memory file is missing"
+                if unstarted is not None:  # raised here, not as the task group's ExceptionGroup
+                    raise unstarted
                 # The digest check says exactly what is wrong with the file; prefer it to the
                 # symptom the load showed (a truncated file fails the load too).
                 if not cold:
@@ -339,12 +342,13 @@ class DiscardDriver(DriverBase):
         report: ProgressCallback,
         verified: anyio.Event,
         verdict: dict[str, str | None],
-    ) -> str | None:
+    ) -> tuple[str | None, ForgeFailed | QMPError | None]:
         """:meth:`_restore`, tried again (up to RESTORE_ATTEMPTS in all) when QEMU died or
         failed while starting or loading, as long as the memory file matches its digest.
 
-        Returns None when loaded, else why not. A QEMU that never started, every time, is
-        raised: a cold start through the same launcher would fail the same way."""
+        Returns (None, None) when loaded, else why not and, when the last attempt could not even
+        start QEMU, that error: the caller raises it (a cold start through the same launcher
+        would fail the same way)."""
         for attempt in range(1, RESTORE_ATTEMPTS + 1):
             if attempt > 1:
                 await self._stop_restoring_qemu()
@@ -356,14 +360,12 @@ class DiscardDriver(DriverBase):
             else:
                 start_failure = None
             if problem is None:
-                return None
+                return None, None
             # Only while the file is what enable saved: a damaged file fails every time, and the
             # digest's verdict says why.
             await verified.wait()
             if verdict.get("problem") is not None or attempt == RESTORE_ATTEMPTS:
-                if start_failure is not None:
-                    raise start_failure
-                return problem
+                return problem, start_failure
             report(
                 ProgressEvent(
                     "discard", "restoring-memory", {"attempt": attempt + 1, "after": problem}
