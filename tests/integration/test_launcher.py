@@ -318,3 +318,30 @@ def test_discard_retries_the_restore_when_qemu_dies_loading(qemu_factory, tmp_pa
     assert at_enable[1] <= resumed[1] < latest[1]
     assert vm.boot_ids().count(at_enable[0]) == 1
     assert vm.disk_md5("disk0", 8) == data_a
+
+
+def test_recover_finishes_an_interrupted_discard_through_the_launcher(
+    qemu_factory, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    vm = qemu_factory(memory_mib=256, monitor_fd=True)
+    script, calls = write_launcher(tmp_path)
+    state = tmp_path / "state"
+    base = ["--launcher", str(script), "--qmp", vm.qmp_socket, "--state-dir", str(state), "--json"]
+    at_enable = vm.wait_counter()
+    code, _lines, err = cli(*base, "enable")
+    assert code == 0, err
+    vm.wait_counter(min_value=at_enable[1] + 10)
+
+    # The controller is SIGKILLed once the old QEMU is gone: the VM is down, mid-discard.
+    code, _lines, _err = cli(*base, "discard", env={CRASH_ENV: "discard:qemu-stopped"})
+    assert code == -9
+    assert calls_of(calls) == []
+    code, lines, err = cli(*base, "recover")
+    assert code == 0, err
+    status = final(lines)
+    assert (status["state"], status["memory_restored"]) == ("discarded", True), status
+    (call,) = calls_of(calls)
+    assert call["incoming"] == "1"
+    resumed = vm.wait_counter(since=time.monotonic())
+    assert resumed[0] == at_enable[0]
+    assert run(qmp, vm.qmp_socket, "query-status")["status"] == "running"
