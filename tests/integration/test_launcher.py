@@ -345,3 +345,24 @@ def test_recover_finishes_an_interrupted_discard_through_the_launcher(
     resumed = vm.wait_counter(since=time.monotonic())
     assert resumed[0] == at_enable[0]
     assert run(qmp, vm.qmp_socket, "query-status")["status"] == "running"
+
+
+def test_a_daemonized_qemu_is_relaunched_without_a_launcher(qemu_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # -daemonize is reproducible: the relaunch analysis finds nothing, enable accepts it and the
+    # default launcher restores the memory into a QEMU that daemonizes again.
+    vm = qemu_factory(memory_mib=256, extra_args=["-daemonize"])
+    assert forgeqmp.relaunch_findings(vm.argv) == ()
+    state = tmp_path / "state"
+    base = ["--qmp", vm.qmp_socket, "--state-dir", str(state), "--json"]
+    at_enable = vm.wait_counter()
+    code, _lines, err = cli(*base, "enable")
+    assert code == 0, err
+    vm.wait_counter(min_value=at_enable[1] + 10)
+    old_pid = vm.pid
+    code, lines, err = cli(*base, "discard")
+    assert code == 0, err
+    assert (final(lines)["state"], final(lines)["memory_restored"]) == ("discarded", True)
+    assert vm.wait_counter(since=time.monotonic())[0] == at_enable[0]
+    assert vm.pid != old_pid
+    relaunched = Path(f"/proc/{vm.pid}/cmdline").read_bytes().split(b"\0")
+    assert b"-daemonize" in relaunched
