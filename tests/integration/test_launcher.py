@@ -6,8 +6,9 @@ chardev=charmonitor,...``). forgeqmp cannot start such a command line again, so 
 launcher is refused (exit 3, nothing changed); with a launcher script that recreates the socket
 and passes it as an fd exactly like libvirt, enable -> discard (memory restored, the counter goes
 on) and enable -> commit work. A launcher that fails is a typed failure quoting it, and the
-memory state is kept for a second discard. A relaunched QEMU killed while it loads the memory
-state is started again and the memory is restored, not thrown away.
+memory state is kept for a second discard; recover finishes an interrupted discard through the
+launcher. A relaunched QEMU killed while it loads the memory state is started again and the
+memory is restored, not thrown away. A ``-daemonize`` QEMU needs no launcher.
 """
 
 from __future__ import annotations
