@@ -26,6 +26,7 @@ from forgeqmp.errors import (
     NoDiskSelected,
     NoSession,
     NotQMP,
+    NotRelaunchable,
     OperationBlocked,
     PrerequisiteError,
     QEMUUnreachable,
@@ -58,12 +59,20 @@ from forgeqmp.guard import (
     check_qmp_command,
     parse_operation,
 )
-from forgeqmp.launcher import Launcher, LaunchSpec, cold_argv, detached_launcher, incoming_argv
+from forgeqmp.launcher import (
+    Launcher,
+    LaunchSpec,
+    cold_argv,
+    detached_launcher,
+    executable_launcher,
+    incoming_argv,
+)
 from forgeqmp.plans.enable import Strategy, Transport
 from forgeqmp.power import active_argv, start_argv
 from forgeqmp.qmp import QMPConnection
 from forgeqmp.record import DiskRecord, MemoryRecord, QemuRecord, RecordStore, SessionRecord
 from forgeqmp.recover import Observation, RecoveryPlan, reconcile
+from forgeqmp.relaunch import Finding, relaunch_findings
 from forgeqmp.statedir import InstanceLock, StateDir, default_state_dir
 from forgeqmp.states import Event, Failure, SessionStatus, State
 
@@ -79,6 +88,7 @@ __all__ = [
     "Failure",
     "FeatureMissing",
     "Features",
+    "Finding",
     "ForgeError",
     "ForgeFailed",
     "IllegalTransition",
@@ -94,6 +104,7 @@ __all__ = [
     "NoDiskSelected",
     "NoSession",
     "NotQMP",
+    "NotRelaunchable",
     "Observation",
     "Operation",
     "OperationBlocked",
@@ -130,10 +141,12 @@ __all__ = [
     "connect",
     "default_state_dir",
     "detached_launcher",
+    "executable_launcher",
     "incoming_argv",
     "parse_operation",
     "probe",
     "reconcile",
+    "relaunch_findings",
     "select_disks",
     "start_argv",
     "status_of",

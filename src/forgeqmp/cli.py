@@ -25,6 +25,7 @@ from forgeqmp._version import __version__
 from forgeqmp.errors import ForgeError, InvalidArgument, OperationBlocked, RecordError
 from forgeqmp.forge import DEFAULT_COMMIT_TIMEOUT, Instance, ProgressEvent, connect, status_of
 from forgeqmp.guard import ALWAYS_ALLOWED, BLOCKED_OPERATIONS, check_recorded, parse_operation
+from forgeqmp.launcher import executable_launcher
 from forgeqmp.livestatus import observe
 from forgeqmp.plans.enable import Strategy
 from forgeqmp.power import start_argv
@@ -85,6 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the session record, memory file and lock live (default: derived from the "
         "socket path under $FORGEQMP_STATE_HOME, $XDG_STATE_HOME/forgeqmp or "
         "~/.local/state/forgeqmp)",
+    )
+    parser.add_argument(
+        "--launcher",
+        metavar="PATH",
+        default=os.environ.get("FORGEQMP_LAUNCHER") or None,
+        help="an executable the platform provides that starts this VM's QEMU its own way when "
+        "forgeqmp must relaunch it (discard, recover); needed, and accepted by enable, when "
+        "QEMU's command line holds inherited fds or fd sets. Called as PATH ARGV0 ARG1 ... "
+        "(the argv to run, with -incoming defer -S for a memory restore) with "
+        "FORGEQMP_QMP_SOCKET, FORGEQMP_INCOMING=1|0, FORGEQMP_CWD and FORGEQMP_LOG_FILE set; "
+        "it must exit 0 once QMP listens (see docs/platforms.md; default: $FORGEQMP_LAUNCHER)",
     )
     parser.add_argument(
         "--json", action="store_true", help="JSON lines: progress events, then one final object"
@@ -251,7 +263,10 @@ async def _with_instance(
 ) -> SessionRecord | None:
     # The contract: commit, discard and recover also work on a stopped QEMU.
     offline = args.command in ("commit", "discard", "recover")
-    async with connect(args.qmp, state_dir=_state_dir(args).path, allow_offline=offline) as vm:
+    launcher = executable_launcher(args.launcher) if args.launcher else None
+    async with connect(
+        args.qmp, state_dir=_state_dir(args).path, allow_offline=offline, launcher=launcher
+    ) as vm:
         return await action(vm)
 
 

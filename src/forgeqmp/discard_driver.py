@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import shlex
 import signal
 import time
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from forgeqmp.driver_base import (
 from forgeqmp.errors import (
     ForgeFailed,
     NoSession,
+    NotRelaunchable,
     PrerequisiteError,
     QMPCommandError,
     QMPError,
@@ -46,6 +48,7 @@ from forgeqmp.record import (
     MemoryRecord,
     SessionRecord,
 )
+from forgeqmp.relaunch import describe_findings, relaunch_findings
 from forgeqmp.statedir import InstanceLock
 from forgeqmp.states import Event, State
 
@@ -53,6 +56,9 @@ __all__ = ["DiscardDriver"]
 
 #: Capabilities of the save that the restoring QEMU must also have.
 _RESTORE_CAPABILITIES = frozenset({"mapped-ram", "multifd"})
+#: How many times a memory restore is tried while the memory file verifies (a QEMU that died
+#: while loading is started again) before the VM falls back to a cold start.
+RESTORE_ATTEMPTS = 3
 
 
 class DiscardDriver(DriverBase):
@@ -88,7 +94,7 @@ class DiscardDriver(DriverBase):
         """
         timeout = _check_timeout("timeout", timeout)
         report = on_progress or (lambda _event: None)
-        launch = launcher or functools.partial(detached_launcher, timeout=timeout)
+        launch = launcher or self.launcher or functools.partial(detached_launcher, timeout=timeout)
         started = time.monotonic()
         # Refused without a session before taking the lock, which would create the state dir.
         self._require_session("discard", lambda st: st.can_discard)
@@ -102,6 +108,16 @@ class DiscardDriver(DriverBase):
                     "'forgeqmp commit' to finish the commit"
                 )
             status_of(record).apply(Event.DISCARD)
+            if launcher is None and self.launcher is None:
+                findings = relaunch_findings(record.qemu.argv)
+                if findings:
+                    raise NotRelaunchable(
+                        "discard refused, nothing was changed: it would stop QEMU and could not "
+                        "start it again from the recorded command line: "
+                        + describe_findings(findings)
+                        + "; or run 'forgeqmp commit' to keep the changes instead",
+                        findings,
+                    )
             if self.conn.connected:
                 await self._check_recorded_configuration(record)
             record = self._save(record, state=State.DISCARDING, step="stopping-qemu")
@@ -162,11 +178,16 @@ class DiscardDriver(DriverBase):
     ) -> SessionRecord:
         memory = record.memory
         verdict: dict[str, str | None] = {}
+        verified = anyio.Event()
 
         async def verify() -> None:
-            verdict["problem"] = await anyio.to_thread.run_sync(_memory_problem, memory)
+            try:
+                verdict["problem"] = await anyio.to_thread.run_sync(_memory_problem, memory)
+            finally:
+                verified.set()
 
         problem: str | None = None
+        unstarted: ForgeFailed | QMPError | None = None
         try:
             with anyio.fail_after(timeout):
                 async with anyio.create_task_group() as tg:
@@ -178,9 +199,13 @@ class DiscardDriver(DriverBase):
                         problem = "a cold start was asked for"
                     elif memory is not None and os.path.exists(memory.path):
                         report(ProgressEvent("discard", "restoring-memory"))
-                        problem = await self._restore(record, launch)
+                        problem, unstarted = await self._restore_retrying(
+                            record, launch, report, verified, verdict
+                        )
                     else:
                         problem = "the memory file is missing"
+                if unstarted is not None:  # raised here, not as the task group's ExceptionGroup
+                    raise unstarted
                 # The digest check says exactly what is wrong with the file; prefer it to the
                 # symptom the load showed (a truncated file fails the load too).
                 if not cold:
@@ -195,15 +220,28 @@ class DiscardDriver(DriverBase):
         except Exception as exc:
             reason = "the discard deadline passed" if isinstance(exc, TimeoutError) else str(exc)
             spec = self._spec(record, incoming=False)
+            cold_start = (
+                f"cd {shlex.quote(spec.cwd)} && {shlex.join(spec.argv)}, then run "
+                "'forgeqmp recover'"
+            )
+            if memory is not None and verified.is_set() and verdict.get("problem") is None:
+                next_step = (
+                    "the disks are reverted but the VM is not running, and the memory state is "
+                    "intact: fix the cause above, then run 'forgeqmp discard' again to resume the "
+                    "VM from it (with --launcher PATH if the platform starts QEMU its own way); "
+                    "only to give it up, start the VM cold with: " + cold_start
+                )
+            else:
+                next_step = (
+                    "the disks are reverted but the VM is not running; start it with: " + cold_start
+                )
             return self._save(
                 record,
                 state=State.FAILED,
                 failure_phase=State.DISCARDING,
                 rolled_back=False,
                 error=f"discard could not start the VM: {reason}",
-                next_step="the disks are reverted but the VM is not running; start it with: "
-                + " ".join(spec.argv)
-                + f" (in {spec.cwd}), then run 'forgeqmp recover'",
+                next_step=next_step,
             )
         seconds = round(time.monotonic() - started, 3)
         for disk in record.disks:
@@ -296,6 +334,57 @@ class DiscardDriver(DriverBase):
             return f"loading the memory state failed: {info.get('error-desc', 'no detail')}"
         except (QMPError, ForgeFailed) as exc:
             return f"loading the memory state failed: {exc}"
+
+    async def _restore_retrying(
+        self,
+        record: SessionRecord,
+        launch: Launcher,
+        report: ProgressCallback,
+        verified: anyio.Event,
+        verdict: dict[str, str | None],
+    ) -> tuple[str | None, ForgeFailed | QMPError | None]:
+        """:meth:`_restore`, tried again (up to RESTORE_ATTEMPTS in all) when QEMU died or
+        failed while starting or loading, as long as the memory file matches its digest.
+
+        Returns (None, None) when loaded, else why not and, when the last attempt could not even
+        start QEMU, that error: the caller raises it (a cold start through the same launcher
+        would fail the same way)."""
+        for attempt in range(1, RESTORE_ATTEMPTS + 1):
+            if attempt > 1:
+                await self._stop_restoring_qemu()
+            try:
+                problem = await self._restore(record, launch)
+            except (ForgeFailed, QMPError) as exc:  # the launch, or QMP of the new QEMU
+                start_failure: ForgeFailed | QMPError | None = exc
+                problem = f"starting QEMU for the memory restore failed: {exc}"
+            else:
+                start_failure = None
+            if problem is None:
+                return None, None
+            # Only while the file is what enable saved: a damaged file fails every time, and the
+            # digest's verdict says why.
+            await verified.wait()
+            if verdict.get("problem") is not None or attempt == RESTORE_ATTEMPTS:
+                return problem, start_failure
+            report(
+                ProgressEvent(
+                    "discard", "restoring-memory", {"attempt": attempt + 1, "after": problem}
+                )
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _stop_restoring_qemu(self) -> None:
+        """Stop whatever QEMU a failed restore left (it may be dead already, or still loading)."""
+        peer = self.conn._peer  # the QEMU launched for the restore, if it was reached
+        if self.conn.connected:
+            with contextlib.suppress(QMPError):
+                await self.conn.execute("quit", timeout=10)
+        await self.conn.close()
+        if peer is not None and not await anyio.to_thread.run_sync(wait_gone, peer.pid, 30.0):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(peer.pid, signal.SIGKILL)
+            if not await anyio.to_thread.run_sync(wait_gone, peer.pid, 10.0):
+                raise ForgeFailed(f"QEMU (pid {peer.pid}) does not exit, even after SIGKILL")
 
     async def _cold_start(self, record: SessionRecord, launch: Launcher) -> None:
         """Stop whatever QEMU the restore left and boot cold on the (reverted) disks."""

@@ -33,7 +33,7 @@ from forgeqmp.errors import (
 )
 from forgeqmp.features import Features, probe
 from forgeqmp.hostflush import flush_host_images, image_files
-from forgeqmp.launcher import LaunchSpec, cold_argv, incoming_argv
+from forgeqmp.launcher import Launcher, LaunchSpec, cold_argv, incoming_argv
 from forgeqmp.plans.command import Command
 from forgeqmp.progress import StateListener
 from forgeqmp.qmp import QMPConnection
@@ -122,6 +122,11 @@ def _attached_nodes(query_block: Sequence[Mapping[str, Any]]) -> dict[str, str]:
 
 class DriverBase:
     """The state and plumbing shared by the operations (see the module's docstring)."""
+
+    #: The platform's launcher, set by :func:`forgeqmp.connect` (``launcher=``): used by discard
+    #: and recover when no launcher is passed per call, and it lets enable accept a command line
+    #: that a plain re-exec cannot reproduce (see :mod:`forgeqmp.relaunch`).
+    launcher: Launcher | None = None
 
     def __init__(self, conn: QMPConnection, state_dir: StateDir) -> None:
         self.conn = conn

@@ -32,6 +32,7 @@ from forgeqmp.errors import (
     ForgeError,
     ForgeFailed,
     InvalidArgument,
+    NotRelaunchable,
     QMPCommandError,
     QMPError,
 )
@@ -53,6 +54,7 @@ from forgeqmp.record import (
     SessionRecord,
     new_session_id,
 )
+from forgeqmp.relaunch import describe_findings, relaunch_findings
 from forgeqmp.statedir import InstanceLock
 from forgeqmp.states import State
 
@@ -135,6 +137,8 @@ class EnableDriver(DriverBase):
                     "existing directory"
                 )
         report = on_progress or (lambda _event: None)
+        # Before the lock, which would create the state dir: a refusal leaves nothing behind.
+        self._check_relaunchable()
 
         with InstanceLock(self.state_dir, "forgeqmp enable"):
             previous = self._check_no_unfinished_session()
@@ -186,6 +190,19 @@ class EnableDriver(DriverBase):
                     raise ForgeFailed(f"enable failed and was undone: {exc}") from exc
                 raise
             return record
+
+    def _check_relaunchable(self) -> None:
+        """Refuse a session that discard could not finish: without a launcher, discard starts
+        the recorded argv again, which must then describe the whole VM."""
+        if self.launcher is not None or not self.conn.connected:
+            return  # (not connected: the checks that follow refuse the enable)
+        findings = relaunch_findings(describe_process(self.conn.peer.pid).argv)
+        if findings:
+            raise NotRelaunchable(
+                "enable refused, nothing was changed: discard would have to start this QEMU again "
+                "and its command line cannot be re-run as it is: " + describe_findings(findings),
+                findings,
+            )
 
     async def _new_record(
         self, plan: EnablePlan, unforged: Sequence[Disk], features: Features

@@ -151,6 +151,16 @@ class MigrationBlocked(PrerequisiteError):
         super().__init__(message)
 
 
+class NotRelaunchable(PrerequisiteError):
+    """QEMU's command line cannot be started again by forgeqmp (inherited fds, fd sets, stdio:
+    :mod:`forgeqmp.relaunch`) and no launcher is configured, so a discard could not bring the VM
+    back. ``findings`` holds the :class:`forgeqmp.relaunch.Finding` of each argument."""
+
+    def __init__(self, message: str, findings: tuple[object, ...] = ()) -> None:
+        super().__init__(message)
+        self.findings = findings
+
+
 class OperationBlocked(ForgeError):
     """A platform operation (or a QMP command) is refused while a forge session is unfinished.
 

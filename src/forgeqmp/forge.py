@@ -204,6 +204,7 @@ async def connect(
     state_dir: str | os.PathLike[str] | None = None,
     timeout: float = DEFAULT_CONNECT_TIMEOUT,
     allow_offline: bool = False,
+    launcher: Launcher | None = None,
 ) -> AsyncIterator[Instance]:
     """Connect to a QEMU's QMP socket and open its Forge instance.
 
@@ -215,6 +216,12 @@ async def connect(
     recorded QEMU process is gone, see :func:`forgeqmp.power.qemu_down`), open the instance
     anyway, without a connection (``instance.online`` is False): ``status``, ``recover``,
     ``commit`` (merges with qemu-img) and ``discard`` (starts the VM) work on a stopped VM.
+
+    ``launcher``: how the platform starts this QEMU (:data:`forgeqmp.launcher.Launcher`, e.g.
+    :func:`forgeqmp.launcher.executable_launcher`), used by ``discard`` and ``recover`` when they
+    are not given one. Without it, ``enable`` refuses a VM whose command line a plain re-exec
+    cannot reproduce (inherited fds, fd sets: :mod:`forgeqmp.relaunch`), and discard re-runs the
+    recorded argv (:func:`forgeqmp.launcher.detached_launcher`).
 
     :raises QEMUUnreachable: nothing answers QMP on the socket (and, with ``allow_offline``,
         QEMU may still be running: it is never treated as stopped then).
@@ -229,7 +236,9 @@ async def connect(
         if not qemu_down(os.fspath(qmp_socket), RecordStore(directory).load()):
             raise
         log.info("QEMU is not running on %s: the instance is opened offline", qmp_socket)
+    instance = Instance(conn, directory)
+    instance.launcher = launcher
     try:
-        yield Instance(conn, directory)
+        yield instance
     finally:
         await conn.close()

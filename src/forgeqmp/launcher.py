@@ -6,6 +6,25 @@ own QEMU processes passes its own *launcher*: an async callable given a :class:`
 returns once QEMU runs and its QMP socket exists. The default, :func:`detached_launcher`, runs the
 argv and cwd recorded at enable, detached from our process (its own session, stdio to a log), and
 works whether or not the original QEMU used ``-daemonize``.
+
+:func:`executable_launcher` makes a launcher of a program the platform provides, in any language
+(the CLI's ``--launcher PATH``). forgeqmp runs it as ``PATH ARGV0 ARG1 ...`` (the argv to start,
+``-incoming defer -S`` included for a memory restore), in the recorded working directory, with
+the recorded QEMU environment plus:
+
+- ``FORGEQMP_QMP_SOCKET``: the QMP unix socket path forgeqmp will connect to;
+- ``FORGEQMP_INCOMING``: ``1`` when QEMU must wait for the memory state (``-incoming defer``),
+  ``0`` for a cold start;
+- ``FORGEQMP_CWD``: the working directory QEMU had (also the launcher's);
+- ``FORGEQMP_LOG_FILE``: a log file the launcher may use for QEMU's output (its own output goes
+  there too).
+
+Its stdin is ``/dev/null``; its stdout and stderr are appended to that log. It starts QEMU its
+own way (passing its own descriptors: a monitor socket, taps, fd sets) and exits 0 once the QMP
+socket listens, leaving QEMU running. forgeqmp removes the stale socket of the previous QEMU
+before calling it, then checks itself that QMP answers, with a deadline. A non-zero exit, or no
+exit within the deadline, is a :class:`~forgeqmp.errors.ForgeFailed` quoting what the launcher
+wrote.
 """
 
 from __future__ import annotations
@@ -16,9 +35,10 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import anyio
+import anyio.to_thread
 import attrs
 
-from forgeqmp.errors import ForgeFailed, QEMUUnreachable
+from forgeqmp.errors import ForgeFailed, InvalidArgument, QEMUUnreachable
 from forgeqmp.qmp import QMPConnection
 
 __all__ = [
@@ -26,6 +46,7 @@ __all__ = [
     "Launcher",
     "cold_argv",
     "detached_launcher",
+    "executable_launcher",
     "incoming_argv",
     "wait_for_qmp",
 ]
@@ -162,3 +183,104 @@ async def detached_launcher(spec: LaunchSpec, *, timeout: float = 60.0) -> None:
             process.kill()
         tail = _log_tail(spec.log_file)
         raise ForgeFailed(f"{exc}; QEMU said: {tail or '(nothing)'}") from None
+
+
+#: The environment variables :func:`executable_launcher` gives the platform's program.
+LAUNCHER_ENV = ("FORGEQMP_QMP_SOCKET", "FORGEQMP_INCOMING", "FORGEQMP_CWD", "FORGEQMP_LOG_FILE")
+
+
+def executable_launcher(path: str | os.PathLike[str], *, timeout: float = 120.0) -> Launcher:
+    """A :data:`Launcher` that runs the platform's program ``path`` (see the module's docstring
+    for how it is called), then waits for QMP to answer; ``timeout`` bounds both.
+
+    :raises InvalidArgument: ``path`` is not an executable file (checked now, before anything).
+    """
+    program = os.path.abspath(os.fspath(path))
+    if not os.path.isfile(program) or not os.access(program, os.X_OK):
+        raise InvalidArgument(
+            f"launcher {program} is not an executable file; give the path of the program that "
+            "starts this VM's QEMU (see docs/platforms.md)"
+        )
+
+    async def launch(spec: LaunchSpec) -> None:
+        await _run_executable(program, spec, timeout)
+
+    launch.__name__ = launch.__qualname__ = f"executable_launcher({program})"
+    return launch
+
+
+def _spawn_executable(program: str, spec: LaunchSpec) -> tuple[subprocess.Popen[bytes], int]:
+    """Start the launcher program; returns it and the size of the log before it ran."""
+    if os.path.lexists(spec.qmp_socket):
+        os.unlink(spec.qmp_socket)  # the previous QEMU's: only the new one may answer
+    env = dict(spec.env)
+    env.setdefault("PATH", os.defpath)
+    env.update(
+        FORGEQMP_QMP_SOCKET=spec.qmp_socket,
+        FORGEQMP_INCOMING="1" if spec.incoming else "0",
+        FORGEQMP_CWD=spec.cwd,
+        FORGEQMP_LOG_FILE=spec.log_file or os.devnull,
+    )
+    target = spec.log_file or os.devnull
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        log_fd = os.open(target, flags, 0o600)
+    except OSError as exc:
+        raise ForgeFailed(f"cannot open the launcher's log {target}: {exc.strerror}") from exc
+    start = os.fstat(log_fd).st_size
+    with open(log_fd, "ab") as log:
+        try:
+            # Its own session: the QEMU it starts outlives us, and a signal to our process
+            # group (^C) does not reach the VM.
+            process = subprocess.Popen(
+                [program, *spec.argv],
+                cwd=spec.cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as exc:
+            raise ForgeFailed(f"cannot run the launcher {program}: {exc}") from exc
+    return process, start
+
+
+async def _run_executable(program: str, spec: LaunchSpec, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    process, start = _spawn_executable(program, spec)
+
+    def said() -> str:
+        return _log_since(spec.log_file, start) or "(nothing)"
+
+    while (code := process.poll()) is None:
+        if time.monotonic() >= deadline:
+            process.kill()
+            await anyio.to_thread.run_sync(process.wait)
+            raise ForgeFailed(
+                f"the launcher {program} did not exit within {timeout:g} s (it must exit 0 once "
+                f"QMP listens on {spec.qmp_socket}) and was killed; it said: {said()}"
+            )
+        await anyio.sleep(0.02)
+    if code != 0:
+        raise ForgeFailed(
+            f"the launcher {program} exited with status {code} instead of starting QEMU; "
+            f"it said: {said()}"
+        )
+    try:
+        await wait_for_qmp(spec.qmp_socket, max(1.0, deadline - time.monotonic()))
+    except ForgeFailed as exc:
+        raise ForgeFailed(
+            f"{exc} after the launcher {program} exited 0; it said: {said()}"
+        ) from None
+
+
+def _log_since(path: str | None, offset: int, size: int = 2000) -> str:
+    """What was appended to the log at ``path`` since ``offset`` (its last ``size`` bytes)."""
+    if not path or not os.path.exists(path):
+        return ""
+    with open(path, "rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        f.seek(max(offset, end - size))
+        return f.read().decode(errors="replace").strip()

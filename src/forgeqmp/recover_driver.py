@@ -354,7 +354,7 @@ async def run_recover(
     """Reconcile the instance's session with what is true (see :meth:`Instance.recover`)."""
     timeout = _check_timeout("timeout", timeout)
     tell: Callable[[Any], None] = report or (lambda _event: None)
-    launch = launcher or functools.partial(detached_launcher, timeout=timeout)
+    launch = launcher or instance.launcher or functools.partial(detached_launcher, timeout=timeout)
     problems: list[str] = []
     if instance.store.load() is None:
         return None  # checked before the lock too, which would create the state dir

@@ -29,6 +29,7 @@ from forgeqmp.disks import Disk
 from forgeqmp.features import Features
 from forgeqmp.forge import Instance, StateListener
 from forgeqmp.forge import connect as _connect
+from forgeqmp.launcher import Launcher
 from forgeqmp.qmp import DEFAULT_CONNECT_TIMEOUT
 from forgeqmp.record import SessionRecord
 
@@ -88,12 +89,19 @@ def connect(
     state_dir: str | os.PathLike[str] | None = None,
     timeout: float = DEFAULT_CONNECT_TIMEOUT,
     allow_offline: bool = False,
+    launcher: Launcher | None = None,
 ) -> Iterator[SyncInstance]:
     """Blocking :func:`forgeqmp.connect`: the same arguments, the same errors."""
     with (
         anyio.from_thread.start_blocking_portal(backend="asyncio") as portal,
         portal.wrap_async_context_manager(
-            _connect(qmp_socket, state_dir=state_dir, timeout=timeout, allow_offline=allow_offline)
+            _connect(
+                qmp_socket,
+                state_dir=state_dir,
+                timeout=timeout,
+                allow_offline=allow_offline,
+                launcher=launcher,
+            )
         ) as instance,
     ):
         yield SyncInstance(instance, portal)

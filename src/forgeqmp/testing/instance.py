@@ -150,7 +150,12 @@ class QemuInstance:
         memory_mib: int = 512,
         accel: str = "tcg",
         extra_args: Sequence[str] = (),
+        monitor_fd: bool = False,
     ) -> None:
+        """``monitor_fd``: start QEMU the way libvirt does, with the QMP socket created here and
+        passed as an inherited descriptor (``-chardev socket,id=charmonitor,fd=N,server=on,
+        wait=off -mon chardev=charmonitor,id=monitor,mode=control``) instead of ``-qmp unix:``;
+        the socket is at :attr:`qmp_socket` all the same."""
         if accel not in ("tcg", "kvm"):
             raise ValueError(f"accel must be tcg or kvm, not {accel!r}")
         self.build = build
@@ -159,6 +164,7 @@ class QemuInstance:
         self.memory_mib = memory_mib
         self.accel = accel
         self.extra_args = tuple(extra_args)
+        self.monitor_fd = monitor_fd
         self.qmp_socket = str(self.workdir / "qmp.sock")
         self.console_socket = str(self.workdir / "console.sock")
         self.shell_socket = str(self.workdir / "shell.sock")
@@ -181,7 +187,7 @@ class QemuInstance:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    def _make_argv(self) -> tuple[str, ...]:
+    def _make_argv(self, monitor: int | None = None) -> tuple[str, ...]:
         image = guest_image()
         w = self.workdir
         argv = self.build.system_argv(
@@ -195,7 +201,14 @@ class QemuInstance:
             "-chardev", f"socket,id=shell,path={self.shell_socket},server=on,wait=off,"
             f"logfile={w / 'shell.log'},logappend=on",
             "-serial", "chardev:shell",
-            "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
+            *(
+                ("-qmp", f"unix:{self.qmp_socket},server=on,wait=off")
+                if monitor is None
+                else (
+                    "-chardev", f"socket,id=charmonitor,fd={monitor},server=on,wait=off",
+                    "-mon", "chardev=charmonitor,id=monitor,mode=control",
+                )
+            ),
             "-pidfile", str(self.pidfile),
         )  # fmt: skip
         for i, disk in enumerate(self.disks):
@@ -226,7 +239,14 @@ class QemuInstance:
                 env=self.build.environ(),
             )  # fmt: skip
             self._created.append(Path(disk.path))
-        self.argv = self._make_argv()
+        monitor: socket.socket | None = None
+        if self.monitor_fd:  # as libvirt: bind and listen here, QEMU inherits the socket
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.qmp_socket)
+            monitor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            monitor.bind(self.qmp_socket)
+            monitor.listen(8)
+        self.argv = self._make_argv(monitor.fileno() if monitor is not None else None)
         log = open(self.workdir / "qemu.log", "ab")  # noqa: SIM115 - handed to the child
         try:
             self._process = subprocess.Popen(
@@ -237,9 +257,12 @@ class QemuInstance:
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
+                pass_fds=(monitor.fileno(),) if monitor is not None else (),
             )
         finally:
             log.close()
+            if monitor is not None:
+                monitor.close()
         self._readers = [
             _SerialReader(self.console_socket, self._on_console),
             _SerialReader(self.shell_socket, self._on_shell),

@@ -77,10 +77,17 @@ def qemu_factory(
         memory_mib: int = 512,
         accel: str = os.environ.get("FORGEQMP_ACCEL", "tcg"),
         extra_args: Sequence[str] = (),
+        monitor_fd: bool = False,
     ) -> QemuInstance:
         workdir = Path(tmp_path_factory.mktemp("qemu")) / "vm"
         instance = QemuInstance(
-            qemu_build, workdir, disks, memory_mib=memory_mib, accel=accel, extra_args=extra_args
+            qemu_build,
+            workdir,
+            disks,
+            memory_mib=memory_mib,
+            accel=accel,
+            extra_args=extra_args,
+            monitor_fd=monitor_fd,
         )
         started.append(instance)
         return instance.start()
