@@ -38,6 +38,7 @@ from forgeqmp.testing.guest import (
     pattern_md5,
     pattern_shell,
 )
+from forgeqmp.testing.platforms import LaunchPlan, PlatformProfile, qmp_sync
 
 __all__ = ["DiskImage", "DiskSpec", "GuestCommandError", "QemuInstance"]
 
@@ -150,7 +151,10 @@ class QemuInstance:
         memory_mib: int = 512,
         accel: str = "tcg",
         extra_args: Sequence[str] = (),
+        profile: PlatformProfile | None = None,
     ) -> None:
+        """``profile``: write the command line the way a platform does (see
+        :mod:`forgeqmp.testing.platforms`); None for the harness's own."""
         if accel not in ("tcg", "kvm"):
             raise ValueError(f"accel must be tcg or kvm, not {accel!r}")
         self.build = build
@@ -159,6 +163,7 @@ class QemuInstance:
         self.memory_mib = memory_mib
         self.accel = accel
         self.extra_args = tuple(extra_args)
+        self.profile = profile
         self.qmp_socket = str(self.workdir / "qmp.sock")
         self.console_socket = str(self.workdir / "console.sock")
         self.shell_socket = str(self.workdir / "shell.sock")
@@ -178,10 +183,15 @@ class QemuInstance:
         self._ready: list[tuple[float, str]] = []
         self._readers: list[_SerialReader] = []
         self.argv: tuple[str, ...] = ()
+        self._plan: LaunchPlan | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     def _make_argv(self) -> tuple[str, ...]:
+        if self.profile is not None:
+            image = guest_image(modules=self.profile.guest_modules(), pvh=self.profile.pvh)
+            self._plan = self.profile.plan(self, image.kernel, image.initrd)
+            return (*self._plan.argv, *self.extra_args)
         image = guest_image()
         w = self.workdir
         argv = self.build.system_argv(
@@ -218,6 +228,8 @@ class QemuInstance:
         self._created += [
             path for name in _QEMU_FILES if not (path := self.workdir / name).exists()
         ]
+        if self.profile is not None:
+            self._created += [p for p in self.profile.files(self) if not p.exists()]
         for disk in self.disks:
             subprocess.run(
                 [str(self.build.img), "create", "-q", "-f", disk.format, disk.path,
@@ -227,6 +239,7 @@ class QemuInstance:
             )  # fmt: skip
             self._created.append(Path(disk.path))
         self.argv = self._make_argv()
+        pass_fds = self._plan.pass_fds if self._plan is not None else ()
         log = open(self.workdir / "qemu.log", "ab")  # noqa: SIM115 - handed to the child
         try:
             self._process = subprocess.Popen(
@@ -237,9 +250,18 @@ class QemuInstance:
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
+                pass_fds=pass_fds,
             )
         finally:
             log.close()
+            for fd in pass_fds:  # QEMU has its copy; ours would keep a dead QEMU's socket open
+                os.close(fd)
+        if self._plan is not None:
+            try:
+                self._finish_platform_start(self._plan, timeout)
+            except BaseException:
+                self.stop()
+                raise
         self._readers = [
             _SerialReader(self.console_socket, self._on_console),
             _SerialReader(self.shell_socket, self._on_shell),
@@ -252,6 +274,20 @@ class QemuInstance:
             self.stop()
             raise
         return self
+
+    def _finish_platform_start(self, plan: LaunchPlan, timeout: float) -> None:
+        """Wait for a ``-daemonize`` parent to exit 0; send ``cont`` to a ``-S`` QEMU."""
+        assert self._process is not None
+        if plan.daemonize:
+            try:
+                code = self._process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                raise TimeoutError(f"QEMU did not daemonize within {timeout:g} s") from None
+            if code != 0:
+                log = (self.workdir / "qemu.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"QEMU exited with status {code}: {log}")
+        if plan.start_paused:
+            qmp_sync(self.qmp_socket, ["cont"], timeout)
 
     def __enter__(self) -> QemuInstance:
         return self.start()
