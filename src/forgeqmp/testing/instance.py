@@ -466,9 +466,13 @@ class QemuInstance:
         return output
 
     def device_of(self, disk: str) -> str:
-        """The guest's /dev/vdX of the disk whose qdev id (and serial) is ``disk``."""
+        """The guest's /dev/vdX (or /dev/sdX, a SCSI disk) of the disk whose qdev id (and
+        serial) is ``disk``."""
         out = self.check(
-            f'for d in /sys/block/vd*; do [ "$(cat $d/serial)" = {disk} ] && echo ${{d##*/}}; done; true'
+            f'for d in /sys/block/vd*; do [ "$(cat $d/serial)" = {disk} ] && echo ${{d##*/}}; done; '
+            # A SCSI disk's serial is in its VPD page 0x80, after a 4-byte header.
+            f'for d in /sys/block/sd*; do [ "$(tail -c +5 $d/device/vpd_pg80 2>/dev/null)" = '
+            f"{disk} ] && echo ${{d##*/}}; done; true"
         ).split()
         if len(out) != 1:
             raise GuestCommandError(f"find disk {disk}", 1, " ".join(out))
