@@ -83,6 +83,19 @@ async def _observe(socket: str) -> dict[str, Any]:
         }
 
 
+def option_changes(before: dict[str, Any], after: dict[str, Any], path: str = "") -> list[str]:
+    """Every option that differs between two views, as "device.key: old -> new"."""
+    changes = []
+    for key in sorted(set(before) | set(after), key=str):
+        old, new = before.get(key, "(absent)"), after.get(key, "(absent)")
+        where = f"{path}.{key}" if path else str(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += option_changes(old, new, where)
+        elif old != new:
+            changes.append(f"{where}: {old!r} -> {new!r}")
+    return changes
+
+
 def observe(vm: QemuInstance) -> dict[str, Any]:
     """The VM as QEMU shows it: block options per device, devices, iothreads, run state."""
     return run(_observe, vm.qmp_socket)
@@ -183,7 +196,8 @@ def check_relaunched(
     assert ("-daemonize" in cmdline(new_pid)) is daemon
     assert after["devices"] == before["devices"]
     assert after["iothreads"] == before["iothreads"]
-    assert after["blocks"] == before["blocks"]
+    changes = option_changes(before["blocks"], after["blocks"])
+    assert not changes, changes
 
 
 def commit_cycle(vm: QemuInstance, state: Path, names: list[str], launcher: Any = None) -> None:
@@ -199,7 +213,8 @@ def commit_cycle(vm: QemuInstance, state: Path, names: list[str], launcher: Any 
     assert after["iothreads"] == before["iothreads"]
     for d in names:
         assert vm.disk_md5(d, MIB, offset_mib=MIB) == sums[d]
-    assert after["blocks"] == before["blocks"]
+    changes = option_changes(before["blocks"], after["blocks"])
+    assert not changes, changes
 
 
 # --- Proxmox-style ----------------------------------------------------------------------------
