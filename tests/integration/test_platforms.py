@@ -245,6 +245,10 @@ def test_proxmox_style_guest_as_started(qemu_factory) -> None:  # type: ignore[n
     assert seen["iothreads"] == {"virtio1": "/objects/iothread-virtio1"}
     assert vm.device_of("scsi0").startswith("/dev/sd")
     assert vm.device_of("virtio1").startswith("/dev/vd")
+    pid = vm.pid
+    vm.cleanup()  # the daemonized QEMU is stopped and every file the profile made is removed
+    assert not is_alive(pid)
+    assert not vm.workdir.exists()
 
 
 def test_proxmox_style_discard(qemu_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -301,6 +305,10 @@ def test_libvirt_style_guest_as_started(qemu_factory) -> None:  # type: ignore[n
         "/machine/peripheral/virtio-disk0/virtio-backend": "libvirt-1-format",
         "/machine/peripheral/virtio-disk1/virtio-backend": "libvirt-2-format",
     }
+    pid = vm.pid
+    vm.cleanup()
+    assert not is_alive(pid)
+    assert not vm.workdir.exists()
 
 
 @pytest.mark.xfail(
