@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 import forgeqmp
+from forgeqmp.disks import Disk, select_disks
 from forgeqmp.errors import PrerequisiteError
 from forgeqmp.launcher import LaunchSpec
 from forgeqmp.process import is_alive
@@ -127,6 +128,11 @@ def _connect_kwargs(launcher: Any) -> dict[str, Any]:
     return {}
 
 
+async def _disks(vm: QemuInstance, state: Path) -> tuple[Disk, ...]:
+    async with forgeqmp.connect(vm.qmp_socket, state_dir=state) as i:
+        return await i.disks()
+
+
 async def _enable(vm: QemuInstance, state: Path, launcher: Any, **kw: Any) -> Any:
     async with forgeqmp.connect(vm.qmp_socket, state_dir=state, **_connect_kwargs(launcher)) as i:
         return await i.enable(**kw)
@@ -225,7 +231,7 @@ def proxmox_vm(qemu_factory: Any) -> QemuInstance:
     return vm
 
 
-def test_proxmox_style_guest_as_started(qemu_factory) -> None:  # type: ignore[no-untyped-def]
+def test_proxmox_style_guest_as_started(qemu_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The harness really starts what it claims: daemonized, OVMF pflash, ISO, iothread."""
     vm = proxmox_vm(qemu_factory)
     seen = observe(vm)
@@ -245,6 +251,15 @@ def test_proxmox_style_guest_as_started(qemu_factory) -> None:  # type: ignore[n
     assert seen["iothreads"] == {"virtio1": "/objects/iothread-virtio1"}
     assert vm.device_of("scsi0").startswith("/dev/sd")
     assert vm.device_of("virtio1").startswith("/dev/vd")
+    # What enable chooses from: the primary disk by bootindex is scsi0 (100; the CD is 101),
+    # and the CD-ROM is never forgeable.
+    disks = {d.name: d for d in run(_disks, vm, tmp_path / "state")}
+    assert select_disks(list(disks.values())).forged == (disks["scsi0"],)
+    assert disks["scsi0"].bootindex == 100
+    assert disks["ide2"].unforgeable_reason is not None
+    assert {"scsi0", "virtio1"} <= {
+        d.name for d in select_disks(list(disks.values()), all_disks=True).forged
+    }
     pid = vm.pid
     vm.cleanup()  # the daemonized QEMU is stopped and every file the profile made is removed
     assert not is_alive(pid)
