@@ -3,7 +3,9 @@
 :class:`QemuInstance` launches QEMU (TCG by default) with N disks (qcow2 or raw, ``-blockdev`` +
 ``-device virtio-blk-pci,id=NAME``), a QMP unix socket, and two serial ports on unix sockets with
 log files a relaunched QEMU appends to: ttyS0 carries the guest's ready marker and its counter,
-ttyS1 the guest's command shell (see :mod:`forgeqmp.testing.guest`).
+ttyS1 the guest's command shell (see :mod:`forgeqmp.testing.guest`). With ``profile=`` the command
+line is written the way a hosting platform writes it instead (Proxmox-style, libvirt-style: see
+:mod:`forgeqmp.testing.platforms`), with the same sockets and pidfile.
 
 The API is synchronous and thread-safe: async tests call it through ``anyio.to_thread.run_sync``.
 Background threads stay connected to both serial sockets and reconnect on their own when QEMU is
