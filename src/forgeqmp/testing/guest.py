@@ -30,7 +30,7 @@ import re
 import stat
 import tempfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import attrs
@@ -48,6 +48,7 @@ __all__ = [
     "cache_dir",
     "encode_command",
     "guest_image",
+    "init_script",
     "parse_frame",
     "pattern_block",
     "pattern_md5",
@@ -92,7 +93,7 @@ MIB = 1024 * 1024
 #   earlier command can never be mistaken for the answer to the current one;
 # - FORGE-READY is printed after the shell loop has been started, so a command sent right after it
 #   is read.
-INIT_SCRIPT = r"""#!/bin/busybox sh
+_INIT_TEMPLATE = r"""#!/bin/busybox sh
 # forgeqmp test guest: see forgeqmp/testing/guest.py for the protocol.
 /bin/busybox mkdir -p /proc /sys /dev /tmp /usr/bin /usr/sbin /sbin
 /bin/busybox --install -s
@@ -152,7 +153,15 @@ while :; do
     wait
     sleep 1
 done
-""".replace("@MODULES@", " ".join(GUEST_MODULES))
+"""
+
+
+def init_script(modules: Iterable[str] = GUEST_MODULES) -> str:
+    """The guest's /init loading ``modules`` in the given order (each after those it needs)."""
+    return _INIT_TEMPLATE.replace("@MODULES@", " ".join(modules))
+
+
+INIT_SCRIPT = init_script()
 
 
 def cache_dir() -> Path:
@@ -250,7 +259,12 @@ class GuestImage:
 
 
 def build_initramfs(
-    busybox: Path, modules_dir: Path, *, init: str = INIT_SCRIPT, cache: Path | None = None
+    busybox: Path,
+    modules_dir: Path,
+    *,
+    init: str = INIT_SCRIPT,
+    cache: Path | None = None,
+    module_names: Sequence[str] = GUEST_MODULES,
 ) -> Path:
     """Return the path of the gzip'd initramfs for these inputs, building it on a cache miss.
 
@@ -259,7 +273,7 @@ def build_initramfs(
     build the same image at once both end with a complete file.
     """
     bb = busybox.read_bytes()
-    modules = {name: _find_module(modules_dir, name).read_bytes() for name in GUEST_MODULES}
+    modules = {name: _find_module(modules_dir, name).read_bytes() for name in module_names}
     key = hashlib.sha256()
     key.update(_FORMAT_VERSION.encode() + b"\0" + init.encode() + b"\0")
     key.update(hashlib.sha256(bb).digest())
@@ -283,24 +297,37 @@ def build_initramfs(
     return target
 
 
-def guest_image(prefix: Path | None = None, *, cache: Path | None = None) -> GuestImage:
+def guest_image(
+    prefix: Path | None = None,
+    *,
+    cache: Path | None = None,
+    modules: Sequence[str] = GUEST_MODULES,
+    pvh: bool = True,
+) -> GuestImage:
     """The test guest from ``<prefix>/guest`` (default ``$FORGEQMP_PREFIX``, ``/opt/forgeqmp``).
+
+    ``modules``: the kernel modules its /init loads, in order (more drivers for other disk
+    buses). ``pvh``: the PVH ELF when the kernel has one (fastest, no firmware); False for the
+    bzImage itself, which a UEFI firmware (OVMF) boots through its EFI stub.
 
     Raises :class:`FileNotFoundError` naming the missing ingredient and the script that installs it.
     """
     guest = (prefix if prefix is not None else forgeqmp_prefix()) / "guest"
     kernel = guest / "vmlinuz"
     busybox = guest / "busybox"
-    modules = guest / "modules"
-    for needed in (kernel, busybox, modules):
+    modules_dir = guest / "modules"
+    for needed in (kernel, busybox, modules_dir):
         if not needed.exists():
             raise FileNotFoundError(
                 f"test guest ingredient {needed} is missing; run scripts/setup-system"
             )
     version_file = guest / "kernel-version"
     version = version_file.read_text().strip() if version_file.exists() else "unknown"
-    bootable = pvh_kernel(kernel, cache=cache) or kernel
-    return GuestImage(bootable, build_initramfs(busybox, modules, cache=cache), version)
+    bootable = (pvh_kernel(kernel, cache=cache) if pvh else None) or kernel
+    initrd = build_initramfs(
+        busybox, modules_dir, init=init_script(modules), cache=cache, module_names=modules
+    )
+    return GuestImage(bootable, initrd, version)
 
 
 #: ELF note of a kernel that can be entered directly in 32-bit protected mode (PVH boot).

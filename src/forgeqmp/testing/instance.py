@@ -3,7 +3,9 @@
 :class:`QemuInstance` launches QEMU (TCG by default) with N disks (qcow2 or raw, ``-blockdev`` +
 ``-device virtio-blk-pci,id=NAME``), a QMP unix socket, and two serial ports on unix sockets with
 log files a relaunched QEMU appends to: ttyS0 carries the guest's ready marker and its counter,
-ttyS1 the guest's command shell (see :mod:`forgeqmp.testing.guest`).
+ttyS1 the guest's command shell (see :mod:`forgeqmp.testing.guest`). With ``profile=`` the command
+line is written the way a hosting platform writes it instead (Proxmox-style, libvirt-style: see
+:mod:`forgeqmp.testing.platforms`), with the same sockets and pidfile.
 
 The API is synchronous and thread-safe: async tests call it through ``anyio.to_thread.run_sync``.
 Background threads stay connected to both serial sockets and reconnect on their own when QEMU is
@@ -38,6 +40,7 @@ from forgeqmp.testing.guest import (
     pattern_md5,
     pattern_shell,
 )
+from forgeqmp.testing.platforms import LaunchPlan, PlatformProfile, qmp_sync
 
 __all__ = ["DiskImage", "DiskSpec", "GuestCommandError", "QemuInstance"]
 
@@ -151,11 +154,14 @@ class QemuInstance:
         accel: str = "tcg",
         extra_args: Sequence[str] = (),
         monitor_fd: bool = False,
+        profile: PlatformProfile | None = None,
     ) -> None:
         """``monitor_fd``: start QEMU the way libvirt does, with the QMP socket created here and
         passed as an inherited descriptor (``-chardev socket,id=charmonitor,fd=N,server=on,
         wait=off -mon chardev=charmonitor,id=monitor,mode=control``) instead of ``-qmp unix:``;
-        the socket is at :attr:`qmp_socket` all the same."""
+        the socket is at :attr:`qmp_socket` all the same. ``profile``: write the command line
+        the way a platform does (see :mod:`forgeqmp.testing.platforms`); None for the harness's
+        own (a profile brings its own monitor, so ``monitor_fd`` applies without one)."""
         if accel not in ("tcg", "kvm"):
             raise ValueError(f"accel must be tcg or kvm, not {accel!r}")
         self.build = build
@@ -165,6 +171,7 @@ class QemuInstance:
         self.accel = accel
         self.extra_args = tuple(extra_args)
         self.monitor_fd = monitor_fd
+        self.profile = profile
         self.qmp_socket = str(self.workdir / "qmp.sock")
         self.console_socket = str(self.workdir / "console.sock")
         self.shell_socket = str(self.workdir / "shell.sock")
@@ -184,10 +191,15 @@ class QemuInstance:
         self._ready: list[tuple[float, str]] = []
         self._readers: list[_SerialReader] = []
         self.argv: tuple[str, ...] = ()
+        self._plan: LaunchPlan | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     def _make_argv(self, monitor: int | None = None) -> tuple[str, ...]:
+        if self.profile is not None:
+            image = guest_image(modules=self.profile.guest_modules(), pvh=self.profile.pvh)
+            self._plan = self.profile.plan(self, image.kernel, image.initrd)
+            return (*self._plan.argv, *self.extra_args)
         image = guest_image()
         w = self.workdir
         argv = self.build.system_argv(
@@ -231,6 +243,8 @@ class QemuInstance:
         self._created += [
             path for name in _QEMU_FILES if not (path := self.workdir / name).exists()
         ]
+        if self.profile is not None:
+            self._created += [p for p in self.profile.files(self) if not p.exists()]
         for disk in self.disks:
             subprocess.run(
                 [str(self.build.img), "create", "-q", "-f", disk.format, disk.path,
@@ -240,13 +254,16 @@ class QemuInstance:
             )  # fmt: skip
             self._created.append(Path(disk.path))
         monitor: socket.socket | None = None
-        if self.monitor_fd:  # as libvirt: bind and listen here, QEMU inherits the socket
+        if self.monitor_fd and self.profile is None:  # as libvirt: bind and listen here
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.qmp_socket)
             monitor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             monitor.bind(self.qmp_socket)
             monitor.listen(8)
         self.argv = self._make_argv(monitor.fileno() if monitor is not None else None)
+        pass_fds = self._plan.pass_fds if self._plan is not None else ()
+        if monitor is not None:
+            pass_fds = (monitor.fileno(),)
         log = open(self.workdir / "qemu.log", "ab")  # noqa: SIM115 - handed to the child
         try:
             self._process = subprocess.Popen(
@@ -257,12 +274,21 @@ class QemuInstance:
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
-                pass_fds=(monitor.fileno(),) if monitor is not None else (),
+                pass_fds=pass_fds,
             )
         finally:
             log.close()
             if monitor is not None:
                 monitor.close()
+            else:
+                for fd in pass_fds:  # QEMU has its copy; ours would keep a dead QEMU's socket open
+                    os.close(fd)
+        if self._plan is not None:
+            try:
+                self._finish_platform_start(self._plan, timeout)
+            except BaseException:
+                self.stop()
+                raise
         self._readers = [
             _SerialReader(self.console_socket, self._on_console),
             _SerialReader(self.shell_socket, self._on_shell),
@@ -275,6 +301,20 @@ class QemuInstance:
             self.stop()
             raise
         return self
+
+    def _finish_platform_start(self, plan: LaunchPlan, timeout: float) -> None:
+        """Wait for a ``-daemonize`` parent to exit 0; send ``cont`` to a ``-S`` QEMU."""
+        assert self._process is not None
+        if plan.daemonize:
+            try:
+                code = self._process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                raise TimeoutError(f"QEMU did not daemonize within {timeout:g} s") from None
+            if code != 0:
+                log = (self.workdir / "qemu.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"QEMU exited with status {code}: {log}")
+        if plan.start_paused:
+            qmp_sync(self.qmp_socket, ["cont"], timeout)
 
     def __enter__(self) -> QemuInstance:
         return self.start()
@@ -453,9 +493,13 @@ class QemuInstance:
         return output
 
     def device_of(self, disk: str) -> str:
-        """The guest's /dev/vdX of the disk whose qdev id (and serial) is ``disk``."""
+        """The guest's /dev/vdX (or /dev/sdX, a SCSI disk) of the disk whose qdev id (and
+        serial) is ``disk``."""
         out = self.check(
-            f'for d in /sys/block/vd*; do [ "$(cat $d/serial)" = {disk} ] && echo ${{d##*/}}; done; true'
+            f'for d in /sys/block/vd*; do [ "$(cat $d/serial)" = {disk} ] && echo ${{d##*/}}; done; '
+            # A SCSI disk's serial is in its VPD page 0x80, after a 4-byte header.
+            f'for d in /sys/block/sd*; do [ "$(tail -c +5 $d/device/vpd_pg80 2>/dev/null)" = '
+            f"{disk} ] && echo ${{d##*/}}; done; true"
         ).split()
         if len(out) != 1:
             raise GuestCommandError(f"find disk {disk}", 1, " ".join(out))

@@ -8,6 +8,9 @@ Registered through the ``pytest11`` entry point, so installing forgeqmp is enoug
     def test_two_disks(qemu_factory):
         vm = qemu_factory(disks=[DiskSpec("d0", "qcow2", 64), DiskSpec("d1", "raw", 64)])
 
+    def test_on_proxmox_style(qemu_factory):   # a platform-style command line
+        vm = qemu_factory(disks=[...], profile=forgeqmp.testing.platforms.proxmox_style)
+
 Without any QEMU build the tests are skipped with the reason, unless ``FORGEQMP_REQUIRE_QEMU=1``
 (forgeqmp's own test session sets it): then a missing QEMU fails them.
 """
@@ -23,6 +26,7 @@ import pytest
 
 from forgeqmp.testing.builds import QemuBuild, installed_builds
 from forgeqmp.testing.instance import DiskSpec, QemuInstance
+from forgeqmp.testing.platforms import PlatformProfile
 
 __all__ = ["qemu_build", "qemu_factory", "qemu_instance"]
 
@@ -78,6 +82,7 @@ def qemu_factory(
         accel: str = os.environ.get("FORGEQMP_ACCEL", "tcg"),
         extra_args: Sequence[str] = (),
         monitor_fd: bool = False,
+        profile: PlatformProfile | None = None,
     ) -> QemuInstance:
         workdir = Path(tmp_path_factory.mktemp("qemu")) / "vm"
         instance = QemuInstance(
@@ -88,6 +93,7 @@ def qemu_factory(
             accel=accel,
             extra_args=extra_args,
             monitor_fd=monitor_fd,
+            profile=profile,
         )
         started.append(instance)
         return instance.start()
