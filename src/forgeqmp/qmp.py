@@ -159,6 +159,7 @@ class EventSubscription:
             with anyio.fail_after(timeout):
                 while True:
                     event = await self._next_or_disconnect(what)
+                    log.debug("QMP event %s: %s", event.get("event"), event.get("data", {}))
                     if predicate(event):
                         return event
         except TimeoutError:
@@ -364,10 +365,19 @@ class QMPConnection:
         try:
             # asyncio's own timeout: the supported backend is asyncio, and it costs a fraction
             # of a cancel scope on this path (benchmarks/overhead.py).
+            debug = log.isEnabledFor(logging.DEBUG)
+            if debug:
+                log.debug("QMP %s -> %s %s", self.socket_path, command, args or "")
             async with asyncio.timeout(limit):
-                return await self._client.execute(command, args)
+                reply = await self._client.execute(command, args)
+            if debug:
+                log.debug("QMP %s <- %s: %s", self.socket_path, command, reply)
+            return reply
         except ExecuteError as exc:
             info = exc.error.error
+            log.debug(
+                "QMP %s <- %s: error %s: %s", self.socket_path, command, info.class_, info.desc
+            )
             raise QMPCommandError(command, info.class_, info.desc, args) from None
         except (ExecInterruptedError, StateError) as exc:
             raise QMPDisconnected(

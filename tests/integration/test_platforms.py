@@ -326,11 +326,6 @@ def test_libvirt_style_guest_as_started(qemu_factory) -> None:  # type: ignore[n
     assert not vm.workdir.exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the launcher engineer's relaunchability check in enable (issue 12 item 1): "
-    "an inherited-fd monitor is accepted without a launcher",
-)
 def test_libvirt_style_enable_refused_without_launcher(qemu_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     vm = libvirt_vm(qemu_factory)
     state = tmp_path / "state"
