@@ -9,6 +9,7 @@ original). The operations themselves are in :mod:`forgeqmp.enable_driver`,
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -45,6 +46,8 @@ from forgeqmp.record import (
 from forgeqmp.recover import MIGRATION_RUNNING
 from forgeqmp.statedir import StateDir
 from forgeqmp.states import Failure, SessionStatus, State
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_COMMIT_TIMEOUT",
@@ -233,9 +236,18 @@ class DriverBase:
         return saved if saved is not None and saved.session_id == record.session_id else record
 
     def _save(self, record: SessionRecord, **changes: Any) -> SessionRecord:
-        previous = record.state
+        previous, previous_step = record.state, record.step
         record = record.evolve(updated_at=_now(), **changes)
         self.store.save(record)
+        if record.state is not previous or record.step != previous_step:
+            # Every step of every operation is saved here first: one INFO line each.
+            log.info(
+                "session %s: %s, step %s%s",
+                record.session_id,
+                record.state.value,
+                record.step,
+                f" (error: {record.error})" if "error" in changes and record.error else "",
+            )
         if record.state is not previous:
             self._state_changed(record)
         return record
