@@ -19,6 +19,7 @@ import anyio
 import anyio.to_thread
 
 from forgeqmp import crashpoints
+from forgeqmp.blockopts import BlockOptions, options_restored, reopen_command
 from forgeqmp.disks import Disk, disks_from_query, qom_path_of
 from forgeqmp.errors import (
     ForgeError,
@@ -499,6 +500,38 @@ class DriverBase:
         if disk.overlay_file is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(disk.overlay_file)
+
+    async def _restore_options(self, disk: DiskRecord) -> str | None:
+        """Put back the original node's block options that QEMU reset when it was snapshotted
+        and pivoted back (``detect-zeroes`` of a legacy ``-drive``; see :mod:`forgeqmp.blockopts`).
+        Returns a warning when they could not be restored (the data is merged either way)."""
+        wanted = BlockOptions.from_json(disk.options)
+        if wanted is None:
+            return None
+        node = disk.device_node
+        nodes = await self.conn.execute("query-named-block-nodes")
+        now = next((n for n in nodes if n.get("node-name") == node), None)
+        if now is None or options_restored(wanted, now):
+            return None
+        problem = "this QEMU has no human-monitor-command to reopen it with"
+        reopen = reopen_command(node, wanted)
+        if reopen is None:
+            problem = f"{node!r} cannot be named in a reopen command"
+        elif reopen.name in (await self.features()).commands:
+            try:
+                reply = await self.conn.execute(reopen.name, reopen.arguments)
+            except QMPCommandError as exc:
+                reply = exc.desc
+            nodes = await self.conn.execute("query-named-block-nodes")
+            now = next((n for n in nodes if n.get("node-name") == node), now)
+            if options_restored(wanted, now):
+                return None
+            problem = f"QEMU did not reopen it: {str(reply).strip() or 'no reason given'}"
+        return (
+            f"disk {disk.name} is merged, but its options differ from before enable "
+            f"(wanted detect-zeroes={wanted.detect_zeroes}, cache.direct={wanted.cache_direct}; "
+            f"{problem}); restart the VM to get its configured options back"
+        )
 
     def _remove_memory_file(self, record: SessionRecord) -> None:
         if record.memory is not None:
