@@ -91,4 +91,3 @@ def test_pflash_vars_store_is_named_by_its_drive_id(qemu_factory, tmp_path: Path
     (flash,) = [b for b in blocks if b["device"] == "drive-efidisk0"]
     assert flash["inserted"]["file"] == str(vars_file)
     assert flash["inserted"].get("backing_file_depth", 0) == 0
-
