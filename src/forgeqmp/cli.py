@@ -24,6 +24,7 @@ import anyio
 from forgeqmp._version import __version__
 from forgeqmp.errors import ForgeError, InvalidArgument, OperationBlocked, RecordError
 from forgeqmp.forge import DEFAULT_COMMIT_TIMEOUT, Instance, ProgressEvent, connect, status_of
+from forgeqmp.graphsession import GraphSession
 from forgeqmp.guard import ALWAYS_ALLOWED, BLOCKED_OPERATIONS, check_recorded, parse_operation
 from forgeqmp.plans.enable import Strategy
 from forgeqmp.power import start_argv
@@ -258,6 +259,19 @@ def _status(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     state_dir = _state_dir(args)
     record = RecordStore(state_dir).load()
     status, text = _status_of(record), _describe(record)
+    status["sessions_in_qemu"] = []
+    if record is None or status_of(record).finished:
+        found = _graph_sessions(args) or ()
+        status["sessions_in_qemu"] = [
+            {"session": g.tag, "nodes": list(g.nodes), "files": list(g.files),
+             "records": list(g.records)}
+            for g in found
+        ]  # fmt: skip
+        if found:
+            why = "; ".join(g.describe() for g in found)
+            status["warnings"] = [*status.get("warnings", []), why]
+            status["next_step"] = "finish that session through the state dir that enabled it"
+            text += f"\n  warning: {why}"
     status["stale"] = False
     status["start_argv"] = None  # how to start the VM now without bypassing the forge
     if record is not None:
@@ -270,12 +284,49 @@ def _status(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     return status, text
 
 
+#: How long ``check`` and ``status`` wait for QEMU to show its block graph (they answer from
+#: the record alone when it does not: QEMU being down never makes them fail).
+_GRAPH_TIMEOUT = 2.0
+
+
+def _graph_sessions(args: argparse.Namespace) -> tuple[GraphSession, ...] | None:
+    """Forge sessions QEMU's block graph shows (any state dir's), None if QEMU does not answer."""
+
+    async def look() -> tuple[GraphSession, ...]:
+        async with connect(args.qmp, state_dir=_state_dir(args).path, timeout=_GRAPH_TIMEOUT) as vm:
+            return await vm.sessions_in_graph()
+
+    try:
+        return anyio.run(look)
+    except (ForgeError, OSError):
+        return None
+
+
+def _check_graph(args: argparse.Namespace, record: SessionRecord | None, operation: Any) -> None:
+    """Refuse ``operation`` when this state dir has no unfinished session but QEMU shows one."""
+    if not operation.blocked_during_session:
+        return
+    if record is not None and not status_of(record).finished:
+        return
+    found = _graph_sessions(args)
+    if found:
+        raise OperationBlocked(
+            f"{operation.value} is blocked: " + "; ".join(g.describe() for g in found),
+            operation=operation.value,
+            next_step="finish that session through the state dir that enabled it",
+        )
+
+
 def _check(args: argparse.Namespace, out: _Output) -> int:
-    """``check OPERATION``: from the session record alone (QEMU is never contacted)."""
+    """``check OPERATION``: from the session record; when that shows no unfinished session and
+    the operation is one a session blocks, also from QEMU's block graph if QEMU answers within
+    a moment (a session enabled through another state dir, or whose record was deleted). QEMU
+    down or busy: the record's answer stands."""
     operation = parse_operation(args.operation)  # unknown: InvalidArgument, exit 2
     state_dir = _state_dir(args)
     try:
         record = check_recorded(RecordStore(state_dir).load, operation)
+        _check_graph(args, record, operation)
     except OperationBlocked as exc:
         print(f"forgeqmp: {exc}", file=sys.stderr)
         if out.as_json:

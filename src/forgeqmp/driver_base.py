@@ -13,10 +13,12 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.to_thread
+import attrs
 
 from forgeqmp import crashpoints
 from forgeqmp.blockopts import BlockOptions, options_restored, reopen_command
@@ -33,6 +35,7 @@ from forgeqmp.errors import (
     VMNotRunning,
 )
 from forgeqmp.features import Features, probe
+from forgeqmp.graphsession import GraphSession, find_records, sessions_in_graph
 from forgeqmp.hostflush import flush_host_images, image_files
 from forgeqmp.launcher import LaunchSpec, cold_argv, incoming_argv
 from forgeqmp.plans.command import Command
@@ -44,7 +47,7 @@ from forgeqmp.record import (
     SessionRecord,
 )
 from forgeqmp.recover import MIGRATION_RUNNING
-from forgeqmp.statedir import StateDir
+from forgeqmp.statedir import StateDir, default_state_dir
 from forgeqmp.states import Failure, SessionStatus, State
 
 __all__ = [
@@ -206,6 +209,31 @@ class DriverBase:
         status = await self.runstate()
         if status != "running":
             raise VMNotRunning(status)
+
+    async def sessions_in_graph(self) -> tuple[GraphSession, ...]:
+        """Forge sessions QEMU's block graph shows (whatever state dir enabled them), with the
+        records of them found on this host (see :mod:`forgeqmp.graphsession`)."""
+        nodes = await self.conn.execute("query-named-block-nodes")
+        try:
+            base: Path | None = default_state_dir(self.conn.socket_path).parent
+        except ForgeError:
+            base = None
+        return tuple(
+            attrs.evolve(s, records=find_records(s.tag, [self.state_dir.path], base))
+            for s in sessions_in_graph(nodes)
+        )
+
+    async def _check_no_session_in_graph(self) -> None:
+        """Refuse when QEMU shows a forge session this state dir's record does not account for
+        (enabled through another state dir, or its record deleted): stacking a second session on
+        it would make a later discard restore memory onto disks from another moment."""
+        found = await self.sessions_in_graph()
+        if found:
+            raise SessionActive(
+                "; ".join(s.describe() for s in found)
+                + ". Finish that session first: a second one on top of it would make a discard "
+                "restore memory onto disks from another moment"
+            )
 
     def _check_no_unfinished_session(self) -> SessionRecord | None:
         record = self.store.load()

@@ -139,6 +139,7 @@ class EnableDriver(DriverBase):
 
         with InstanceLock(self.state_dir, "forgeqmp enable"):
             previous = self._check_no_unfinished_session()
+            await self._check_no_session_in_graph()
             features = await self.features()
             await self._check_running()
             await self._check_no_task()

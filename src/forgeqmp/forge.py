@@ -34,6 +34,7 @@ from forgeqmp.errors import (
     InstanceLocked,
     NoSession,
     NotQMP,
+    OperationBlocked,
     QEMUUnreachable,
     RecordError,
 )
@@ -190,6 +191,14 @@ class Instance(EnableDriver, CommitDriver, DiscardDriver):
         except RecordError as exc:
             raise guard.record_unreadable(f"QMP command {command}", exc) from exc
         if record is None or status_of(record).finished:
+            if self.conn.connected and (found := await self.sessions_in_graph()):
+                # A session of another state dir (or whose record was deleted): the guard cannot
+                # tell which disks it forged, so it refuses every command it could refuse.
+                raise OperationBlocked(
+                    f"QMP command {command} is blocked: " + "; ".join(s.describe() for s in found),
+                    operation=f"QMP command {command}",
+                    next_step="finish that session through the state dir that enabled it",
+                )
             return
         nodes = None
         if self.conn.connected:  # the graph names nodes the record does not (the originals')
