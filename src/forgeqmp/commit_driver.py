@@ -156,10 +156,6 @@ class CommitDriver(DriverBase):
             lock=saver,
         )
         await self._drop_overlay(disk)
-        if (warning := await self._restore_options(disk)) is not None:
-            async with saver:
-                current = self._current()
-                self._save(current, warnings=(*current.warnings, warning))
         self._crash_point("commit", "disk-merged")
         report(ProgressEvent("commit", "disk-merged", {"disk": disk.name, "pause_ms": pause_ms}))
 

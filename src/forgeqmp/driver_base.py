@@ -9,6 +9,7 @@ original). The operations themselves are in :mod:`forgeqmp.enable_driver`,
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -70,6 +71,9 @@ PROGRESS_INTERVAL = 0.2
 _UNDO_TIMEOUT = 60.0
 #: Migration statuses that end a migration.
 _MIGRATION_ENDED = frozenset({"completed", "failed", "cancelled"})
+
+
+log = logging.getLogger(__name__)
 
 
 def _now() -> datetime:
@@ -502,6 +506,7 @@ class DriverBase:
                             record = self._current()
                             if record.step == f"pivoting:{disk}":
                                 self._save(record, step="committing")
+                await self._restore_after_pivot(disk)
                 return self._pause_ms(runstate_events.history) if paused else None
 
     async def _complete_job(self, job_id: str) -> None:
@@ -528,6 +533,20 @@ class DriverBase:
         if disk.overlay_file is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(disk.overlay_file)
+
+    async def _restore_after_pivot(self, name: str) -> None:
+        """After a disk went back onto its original (commit, an undone enable, recover): give
+        the original its options back, or record a warning that says it could not. Never
+        raises: the disk's data is where the record says either way."""
+        try:
+            disk = self._current().disk(name)
+            warning = await self._restore_options(disk)
+            if warning is not None:
+                log.warning("%s", warning)
+                current = self._current()
+                self._save(current, warnings=(*current.warnings, warning))
+        except (ForgeError, OSError) as exc:
+            log.warning("the options of disk %s were not checked after its pivot: %s", name, exc)
 
     async def _restore_options(self, disk: DiskRecord) -> str | None:
         """Put back the original node's block options that QEMU reset when it was snapshotted

@@ -16,7 +16,11 @@ from typing import Any
 
 import pytest
 
+from forgeqmp import memhash
+from forgeqmp.errors import ForgeFailed
 from forgeqmp.qmp import connect as qmp_connect
+from forgeqmp.record import RecordStore
+from forgeqmp.statedir import StateDir
 from forgeqmp.testing import DiskSpec
 
 from .helpers import commit, discard, enable, run
@@ -126,3 +130,25 @@ def test_discard_keeps_every_block_option(qemu_factory, tmp_path: Path) -> None:
     record = run(discard, vm.qmp_socket, state)
     assert record.memory_restored is True
     assert _views_of(vm, generated_names=True) == before
+
+
+def test_an_undone_enable_keeps_every_block_option(
+    qemu_factory, tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """An enable that fails after the snapshot commits the overlays back (the same pivot as a
+    commit): the disks keep their options there too."""
+    vm = qemu_factory(disks=[LEGACY, MODERN], extra_args=IOTHREAD)
+    state = tmp_path / "state"
+    before = _views_of(vm)
+
+    def no_hash(_fd: int) -> tuple[str, int]:
+        raise OSError(5, "injected: the memory file cannot be read back")
+
+    monkeypatch.setattr(memhash, "hash_fd", no_hash)
+    with pytest.raises(ForgeFailed, match="injected"):
+        run(enable, vm.qmp_socket, state, all_disks=True)
+    saved = RecordStore(StateDir(state)).load()
+    assert saved is not None
+    assert saved.rolled_back is True
+    assert saved.warnings == ()
+    assert _views_of(vm) == before
