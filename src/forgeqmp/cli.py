@@ -25,7 +25,13 @@ from forgeqmp._version import __version__
 from forgeqmp.errors import ForgeError, InvalidArgument, OperationBlocked, RecordError
 from forgeqmp.forge import DEFAULT_COMMIT_TIMEOUT, Instance, ProgressEvent, connect, status_of
 from forgeqmp.graphsession import GraphSession
-from forgeqmp.guard import ALWAYS_ALLOWED, BLOCKED_OPERATIONS, check_recorded, parse_operation
+from forgeqmp.guard import (
+    ALWAYS_ALLOWED,
+    BLOCKED_OPERATIONS,
+    check_graph_sessions,
+    check_recorded,
+    parse_operation,
+)
 from forgeqmp.plans.enable import Strategy
 from forgeqmp.power import start_argv
 from forgeqmp.record import RecordStore, SessionRecord, no_session_status
@@ -308,13 +314,7 @@ def _check_graph(args: argparse.Namespace, record: SessionRecord | None, operati
         return
     if record is not None and not status_of(record).finished:
         return
-    found = _graph_sessions(args)
-    if found:
-        raise OperationBlocked(
-            f"{operation.value} is blocked: " + "; ".join(g.describe() for g in found),
-            operation=operation.value,
-            next_step="finish that session through the state dir that enabled it",
-        )
+    check_graph_sessions(record, operation, _graph_sessions(args))
 
 
 def _check(args: argparse.Namespace, out: _Output) -> int:

@@ -19,6 +19,11 @@ from .test_cli import cli, final
 pytestmark = pytest.mark.qemu
 
 
+async def _check_with_qemu(socket: str, state: Path, operation: str) -> None:
+    async with forgeqmp.connect(socket, state_dir=state) as vm:
+        await vm.check_with_qemu(operation)
+
+
 async def _guarded(socket: str, state: Path) -> None:
     async with forgeqmp.connect(socket, state_dir=state) as vm:
         await vm.execute_guarded("block_resize", {"node-name": "disk0-fmt", "size": 128 << 20})
@@ -58,6 +63,10 @@ def test_a_second_state_dir_sees_the_session_in_qemu(
         assert code == 0, err
         with pytest.raises(OperationBlocked):
             run(_guarded, vm.qmp_socket, dir_b)
+        with pytest.raises(OperationBlocked) as blocked:
+            run(_check_with_qemu, vm.qmp_socket, dir_b, "backup")
+        assert tag in str(blocked.value)
+        run(_check_with_qemu, vm.qmp_socket, dir_b, "restart")  # always allowed
         code, lines, err = cli(*b, "status")
         assert code == 0, err
         status = final(lines)
