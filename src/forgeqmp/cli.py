@@ -107,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--disk",
         action="append",
         metavar="NAME",
-        help="a disk to forge: qdev id, qdev path or node-name (repeatable; default: the "
-        "primary disk)",
+        help="a disk to forge: qdev id, qdev path, drive id (legacy -drive id=) or node-name "
+        "(repeatable; default: the primary disk)",
     )
     enable.add_argument("--all-disks", action="store_true", help="forge every writable disk")
     enable.add_argument(
@@ -153,10 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
         "check",
         parents=[common],
         help="exit 0 if a platform operation is allowed now, 3 if a forge session blocks it",
-        description="Reads only the session record (in the state dir derived from --qmp, or "
-        "--state-dir): it answers whether QEMU runs or not, and never connects to it. Exit 0: "
-        "allowed; 3: blocked (why and how to finish the session on stderr); 2: unknown "
-        "operation.",
+        description="Reads the session record (in the state dir derived from --qmp, or "
+        "--state-dir); when it shows no unfinished session, also QEMU's block graph if QEMU "
+        "answers within 2 s (a session enabled through another state dir, or whose record was "
+        "deleted, blocks too). It answers whether QEMU runs or not. Exit 0: allowed; 3: blocked "
+        "(why and how to finish the session on stderr); 2: unknown operation.",
     )
     check.add_argument(
         "operation",
