@@ -46,6 +46,13 @@ async def _views(socket: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]
         return await conn.execute("query-block"), await conn.execute("query-named-block-nodes")
 
 
+async def _iothread(socket: str, device: str) -> Any:
+    async with qmp_connect(socket) as conn:
+        return await conn.execute(
+            "qom-get", {"path": f"/machine/peripheral/{device}", "property": "iothread"}
+        )
+
+
 def _clean(info: dict[str, Any], generated_names: bool) -> dict[str, Any]:
     """One node's or device's view minus what must change: the image's allocation info (the
     guest wrote), and node-names QEMU generates anew in every process (``#block123``: after a
@@ -67,7 +74,8 @@ def disk_view(socket: str, qdev: str, image: str, *, generated_names: bool = Fal
         (_clean(n, generated_names) for n in nodes if n.get("file") == image),
         key=lambda n: (n["drv"], str(n["node-name"])),
     )
-    return {"device": entry, "nodes": chain}
+    device = qdev.removeprefix("/machine/peripheral/").split("/")[0]
+    return {"device": entry, "nodes": chain, "iothread": run(_iothread, socket, device)}
 
 
 def _qdev(name: str) -> str:
@@ -91,6 +99,7 @@ def test_commit_keeps_every_block_option(qemu_factory, tmp_path: Path) -> None: 
     assert legacy["cache"]["direct"] is True
     assert legacy["iops"] == 20000
     assert before["virtio0"]["device"]["device"] == "drive-virtio0"
+    assert before["virtio0"]["iothread"] == "/objects/io0"
 
     record = run(enable, vm.qmp_socket, state, all_disks=True)
     (rec,) = [d for d in record.disks if d.name == "virtio0"]
