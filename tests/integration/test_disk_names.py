@@ -37,6 +37,13 @@ def _pflash_args(vars_file: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def _write_vars(socket: str, byte: int) -> None:
+    """Write the vars store's first 4 KiB through its BlockBackend (HMP qemu-io)."""
+    line = f'qemu-io drive-efidisk0 "write -P {byte} 0 4k"'
+    reply = run(qmp, socket, "human-monitor-command", {"command-line": line})
+    assert reply.strip() == "", reply  # qemu-io under HMP prints only its errors
+
+
 def test_pflash_vars_store_is_named_by_its_drive_id(qemu_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     if not Path(SEABIOS).exists():
         pytest.skip(f"{SEABIOS} is not installed")
@@ -77,6 +84,8 @@ def test_pflash_vars_store_is_named_by_its_drive_id(qemu_factory, tmp_path: Path
     (rec,) = [d for d in saved.disks if d.name == "drive-efidisk0"]
     assert rec.base_file == str(vars_file)
     assert rec.overlay_file is not None
+    _write_vars(vm.qmp_socket, 0xAB)  # what firmware storing a variable would do
+    assert sha256_of(vars_file) == before  # the write went to the overlay
     code, lines, err = cli(*base, "discard")
     assert code == 0, err
     assert final(lines)["memory_restored"] is True
@@ -85,8 +94,10 @@ def test_pflash_vars_store_is_named_by_its_drive_id(qemu_factory, tmp_path: Path
     # --all-disks forges it; commit merges it back; the names hold after the relaunch.
     record = run(enable, vm.qmp_socket, state, all_disks=True)
     assert sorted(d.name for d in record.disks) == ["disk0", "drive-efidisk0"]
+    _write_vars(vm.qmp_socket, 0xCD)
     record = run(commit, vm.qmp_socket, state)
     assert sorted(d.name for d in record.disks) == ["disk0", "drive-efidisk0"]
+    assert vars_file.read_bytes()[:4096] == b"\xcd" * 4096  # merged into the vars store
     blocks = run(qmp, vm.qmp_socket, "query-block")
     (flash,) = [b for b in blocks if b["device"] == "drive-efidisk0"]
     assert flash["inserted"]["file"] == str(vars_file)
