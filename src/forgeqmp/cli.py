@@ -24,7 +24,14 @@ import anyio
 from forgeqmp._version import __version__
 from forgeqmp.errors import ForgeError, InvalidArgument, OperationBlocked, RecordError
 from forgeqmp.forge import DEFAULT_COMMIT_TIMEOUT, Instance, ProgressEvent, connect, status_of
-from forgeqmp.guard import ALWAYS_ALLOWED, BLOCKED_OPERATIONS, check_recorded, parse_operation
+from forgeqmp.graphsession import GraphSession
+from forgeqmp.guard import (
+    ALWAYS_ALLOWED,
+    BLOCKED_OPERATIONS,
+    check_graph_sessions,
+    check_recorded,
+    parse_operation,
+)
 from forgeqmp.launcher import executable_launcher
 from forgeqmp.livestatus import observe
 from forgeqmp.plans.enable import Strategy
@@ -113,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--disk",
         action="append",
         metavar="NAME",
-        help="a disk to forge: qdev id, qdev path or node-name (repeatable; default: the "
-        "primary disk)",
+        help="a disk to forge: qdev id, qdev path, drive id (legacy -drive id=) or node-name "
+        "(repeatable; default: the primary disk)",
     )
     enable.add_argument("--all-disks", action="store_true", help="forge every writable disk")
     enable.add_argument(
@@ -159,10 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
         "check",
         parents=[common],
         help="exit 0 if a platform operation is allowed now, 3 if a forge session blocks it",
-        description="Reads only the session record (in the state dir derived from --qmp, or "
-        "--state-dir): it answers whether QEMU runs or not, and never connects to it. Exit 0: "
-        "allowed; 3: blocked (why and how to finish the session on stderr); 2: unknown "
-        "operation.",
+        description="Reads the session record (in the state dir derived from --qmp, or "
+        "--state-dir); when it shows no unfinished session, also QEMU's block graph if QEMU "
+        "answers within 2 s (a session enabled through another state dir, or whose record was "
+        "deleted, blocks too). It answers whether QEMU runs or not. Exit 0: allowed; 3: blocked "
+        "(why and how to finish the session on stderr); 2: unknown operation.",
     )
     check.add_argument(
         "operation",
@@ -278,6 +286,19 @@ def _status(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     # QEMU's runstate, overlay sizes and free space, and advice on an io-error pause.
     live = observe(args.qmp, record, busy=lock_held(state_dir)).update(status, record)
     text += f"\n{live}" if live else ""
+    status["sessions_in_qemu"] = []
+    if record is None or status_of(record).finished:
+        found = _graph_sessions(args) or ()
+        status["sessions_in_qemu"] = [
+            {"session": g.tag, "nodes": list(g.nodes), "files": list(g.files),
+             "records": list(g.records)}
+            for g in found
+        ]  # fmt: skip
+        if found:
+            why = "; ".join(g.describe() for g in found)
+            status["warnings"] = [*status.get("warnings", []), why]
+            status["next_step"] = "finish that session through the state dir that enabled it"
+            text += f"\n  warning: {why}"
     status["stale"] = False
     status["start_argv"] = None  # how to start the VM now without bypassing the forge
     if record is not None:
@@ -290,12 +311,43 @@ def _status(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     return status, text
 
 
+#: How long ``check`` and ``status`` wait for QEMU to show its block graph (they answer from
+#: the record alone when it does not: QEMU being down never makes them fail).
+_GRAPH_TIMEOUT = 2.0
+
+
+def _graph_sessions(args: argparse.Namespace) -> tuple[GraphSession, ...] | None:
+    """Forge sessions QEMU's block graph shows (any state dir's), None if QEMU does not answer."""
+
+    async def look() -> tuple[GraphSession, ...]:
+        async with connect(args.qmp, state_dir=_state_dir(args).path, timeout=_GRAPH_TIMEOUT) as vm:
+            return await vm.sessions_in_graph()
+
+    try:
+        return anyio.run(look)
+    except (ForgeError, OSError):
+        return None
+
+
+def _check_graph(args: argparse.Namespace, record: SessionRecord | None, operation: Any) -> None:
+    """Refuse ``operation`` when this state dir has no unfinished session but QEMU shows one."""
+    if not operation.blocked_during_session:
+        return
+    if record is not None and not status_of(record).finished:
+        return
+    check_graph_sessions(record, operation, _graph_sessions(args))
+
+
 def _check(args: argparse.Namespace, out: _Output) -> int:
-    """``check OPERATION``: from the session record alone (QEMU is never contacted)."""
+    """``check OPERATION``: from the session record; when that shows no unfinished session and
+    the operation is one a session blocks, also from QEMU's block graph if QEMU answers within
+    a moment (a session enabled through another state dir, or whose record was deleted). QEMU
+    down or busy: the record's answer stands."""
     operation = parse_operation(args.operation)  # unknown: InvalidArgument, exit 2
     state_dir = _state_dir(args)
     try:
         record = check_recorded(RecordStore(state_dir).load, operation)
+        _check_graph(args, record, operation)
     except OperationBlocked as exc:
         print(f"forgeqmp: {exc}", file=sys.stderr)
         if out.as_json:

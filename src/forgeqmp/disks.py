@@ -2,7 +2,11 @@
 
 With ``-blockdev`` the ``query-block`` device name is empty, so a disk is known by its qdev id
 (``-device virtio-blk-pci,id=NAME``), its qdev path (``/machine/peripheral/NAME/virtio-backend``) or
-the node-name of the block node attached to it. :func:`disks_from_query` turns the replies of
+the node-name of the block node attached to it. A legacy ``-drive`` (``if=none`` with a device,
+or ``if=pflash``, which has no qdev id: its qdev path is ``/machine/system.flashN``) is known by
+its drive id, the BlockBackend name ``query-block`` reports as ``device``. Node-names QEMU made
+up itself (``#block123``) change with every QEMU process: forgeqmp never names a disk by them.
+:func:`disks_from_query` turns the replies of
 ``query-block`` (and the ``bootindex`` of each device) into :class:`Disk` values;
 :func:`select_disks` resolves what the caller asked for, with the typed errors of the CLI contract.
 """
@@ -14,9 +18,17 @@ from typing import Any
 
 import attrs
 
+from forgeqmp.blockopts import BlockOptions, options_of
 from forgeqmp.errors import DiskNotForgeable, NoDiskSelected, UnknownDisk
 
-__all__ = ["Disk", "Selection", "disks_from_query", "qom_path_of", "select_disks"]
+__all__ = [
+    "Disk",
+    "Selection",
+    "disks_from_query",
+    "is_generated_node_name",
+    "qom_path_of",
+    "select_disks",
+]
 
 _PERIPHERAL = "/machine/peripheral/"
 
@@ -28,6 +40,11 @@ def qom_path_of(qdev: str) -> str:
     if qdev.endswith("/virtio-backend"):
         return qdev[: -len("/virtio-backend")]
     return qdev
+
+
+def is_generated_node_name(name: str | None) -> bool:
+    """True for a node-name QEMU generated (``#block123``): it changes with every QEMU process."""
+    return name is not None and name.startswith("#")
 
 
 def _device_id(qdev: str) -> str | None:
@@ -61,15 +78,32 @@ class Disk:
     backing_depth: int
     #: The device's bootindex, None when it has none.
     bootindex: int | None = None
+    #: The BlockBackend name (``query-block`` ``device``): the drive id of a legacy ``-drive``,
+    #: None for ``-blockdev`` (QEMU reports "").
+    backend: str | None = None
+    #: The attached node's options as QEMU shows them (see :mod:`forgeqmp.blockopts`).
+    options: BlockOptions | None = None
+
+    @property
+    def stable_node(self) -> str | None:
+        """The attached node-name if the platform chose it, None if QEMU made it up."""
+        return None if is_generated_node_name(self.node) else self.node
 
     @property
     def name(self) -> str:
-        """The name forgeqmp reports: the qdev id, else the node-name, else the qdev path."""
-        return self.id or self.node or self.qdev
+        """The name forgeqmp reports, stable across QEMU processes: the qdev id, else the drive
+        id (BlockBackend name), else a node-name the platform chose, else the qdev path."""
+        return self.id or self.backend or self.stable_node or self.qdev
+
+    @property
+    def on_peripheral(self) -> bool:
+        """True for a device the user added (``-device``), not a board's own (``pflash``)."""
+        return self.qdev.startswith(_PERIPHERAL) or not self.qdev.startswith("/")
 
     def names(self) -> frozenset[str]:
-        """Every name that selects this disk."""
-        return frozenset(n for n in (self.id, self.qdev, self.node) if n)
+        """Every name that selects this disk: its stable names, and the node-name even if QEMU
+        generated it (the CLI contract accepts any node-name; forgeqmp never reports it)."""
+        return frozenset(n for n in (self.id, self.qdev, self.backend, self.node) if n)
 
     @property
     def unforgeable_reason(self) -> str | None:
@@ -108,6 +142,8 @@ def disks_from_query(
                 removable=bool(entry.get("removable", False)),
                 backing_depth=int(inserted.get("backing_file_depth", 0)) if inserted else 0,
                 bootindex=boot if boot is not None and boot >= 0 else None,
+                backend=str(entry.get("device") or "") or None,
+                options=options_of(inserted) if inserted else None,
             )
         )
     return tuple(result)
@@ -140,7 +176,8 @@ def select_disks(
     - ``names`` given: each must name a disk (qdev id, qdev path or node-name), else
       :class:`UnknownDisk`; each must be forgeable, else :class:`DiskNotForgeable`.
     - ``all_disks``: every forgeable disk (CD-ROMs and read-only disks are left out).
-    - neither: the primary disk, i.e. the lowest bootindex, else the first disk device.
+    - neither: the primary disk, i.e. the lowest bootindex, else the first disk device (a
+      board's own device such as a UEFI vars store on pflash only if there is no other).
 
     :raises NoDiskSelected: the choice resolves to no disk.
     """
@@ -171,7 +208,10 @@ def select_disks(
         if not candidates:
             raise NoDiskSelected("this VM has no disk device with a medium; nothing to forge")
         booting = [d for d in candidates if d.bootindex is not None]
-        primary = min(booting, key=lambda d: d.bootindex or 0) if booting else candidates[0]
+        added = [d for d in candidates if d.on_peripheral]
+        primary = (
+            min(booting, key=lambda d: d.bootindex or 0) if booting else (added or candidates)[0]
+        )
         if primary.unforgeable_reason:
             raise DiskNotForgeable(
                 f"the primary disk {primary.name!r} cannot be forged: {primary.unforgeable_reason}; "

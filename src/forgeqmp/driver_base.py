@@ -14,12 +14,15 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.to_thread
+import attrs
 
 from forgeqmp import crashpoints
+from forgeqmp.blockopts import BlockOptions, options_restored, reopen_command
 from forgeqmp.disks import Disk, disks_from_query, qom_path_of
 from forgeqmp.errors import (
     ForgeError,
@@ -33,6 +36,7 @@ from forgeqmp.errors import (
     VMNotRunning,
 )
 from forgeqmp.features import Features, probe
+from forgeqmp.graphsession import GraphSession, find_records, sessions_in_graph
 from forgeqmp.hostflush import flush_host_images, image_files
 from forgeqmp.launcher import Launcher, LaunchSpec, cold_argv, incoming_argv
 from forgeqmp.plans.command import Command
@@ -44,7 +48,7 @@ from forgeqmp.record import (
     SessionRecord,
 )
 from forgeqmp.recover import MIGRATION_RUNNING
-from forgeqmp.statedir import StateDir
+from forgeqmp.statedir import StateDir, default_state_dir
 from forgeqmp.states import Failure, SessionStatus, State
 
 log = logging.getLogger(__name__)
@@ -69,6 +73,9 @@ PROGRESS_INTERVAL = 0.2
 _UNDO_TIMEOUT = 60.0
 #: Migration statuses that end a migration.
 _MIGRATION_ENDED = frozenset({"completed", "failed", "cancelled"})
+
+
+log = logging.getLogger(__name__)
 
 
 def _now() -> datetime:
@@ -213,6 +220,31 @@ class DriverBase:
         status = await self.runstate()
         if status != "running":
             raise VMNotRunning(status)
+
+    async def sessions_in_graph(self) -> tuple[GraphSession, ...]:
+        """Forge sessions QEMU's block graph shows (whatever state dir enabled them), with the
+        records of them found on this host (see :mod:`forgeqmp.graphsession`)."""
+        nodes = await self.conn.execute("query-named-block-nodes")
+        try:
+            base: Path | None = default_state_dir(self.conn.socket_path).parent
+        except ForgeError:
+            base = None
+        return tuple(
+            attrs.evolve(s, records=find_records(s.tag, [self.state_dir.path], base))
+            for s in sessions_in_graph(nodes)
+        )
+
+    async def _check_no_session_in_graph(self) -> None:
+        """Refuse when QEMU shows a forge session this state dir's record does not account for
+        (enabled through another state dir, or its record deleted): stacking a second session on
+        it would make a later discard restore memory onto disks from another moment."""
+        found = await self.sessions_in_graph()
+        if found:
+            raise SessionActive(
+                "; ".join(s.describe() for s in found)
+                + ". Finish that session first: a second one on top of it would make a discard "
+                "restore memory onto disks from another moment"
+            )
 
     def _check_no_unfinished_session(self) -> SessionRecord | None:
         record = self.store.load()
@@ -490,6 +522,7 @@ class DriverBase:
                             record = self._current()
                             if record.step == f"pivoting:{disk}":
                                 self._save(record, step="committing")
+                await self._restore_after_pivot(disk)
                 return self._pause_ms(runstate_events.history) if paused else None
 
     async def _complete_job(self, job_id: str) -> None:
@@ -516,6 +549,52 @@ class DriverBase:
         if disk.overlay_file is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(disk.overlay_file)
+
+    async def _restore_after_pivot(self, name: str) -> None:
+        """After a disk went back onto its original (commit, an undone enable, recover): give
+        the original its options back, or record a warning that says it could not. Never
+        raises: the disk's data is where the record says either way."""
+        try:
+            disk = self._current().disk(name)
+            warning = await self._restore_options(disk)
+            if warning is not None:
+                log.warning("%s", warning)
+                current = self._current()
+                self._save(current, warnings=(*current.warnings, warning))
+        except (ForgeError, OSError) as exc:
+            log.warning("the options of disk %s were not checked after its pivot: %s", name, exc)
+
+    async def _restore_options(self, disk: DiskRecord) -> str | None:
+        """Put back the original node's block options that QEMU reset when it was snapshotted
+        and pivoted back (``detect-zeroes`` of a legacy ``-drive``; see :mod:`forgeqmp.blockopts`).
+        Returns a warning when they could not be restored (the data is merged either way)."""
+        wanted = BlockOptions.from_json(disk.options)
+        if wanted is None:
+            return None
+        node = disk.device_node
+        nodes = await self.conn.execute("query-named-block-nodes")
+        now = next((n for n in nodes if n.get("node-name") == node), None)
+        if now is None or options_restored(wanted, now):
+            return None
+        problem = "this QEMU has no human-monitor-command to reopen it with"
+        reopen = reopen_command(node, wanted)
+        if reopen is None:
+            problem = f"{node!r} cannot be named in a reopen command"
+        elif reopen.name in (await self.features()).commands:
+            try:
+                reply = await self.conn.execute(reopen.name, reopen.arguments)
+            except QMPCommandError as exc:
+                reply = exc.desc
+            nodes = await self.conn.execute("query-named-block-nodes")
+            now = next((n for n in nodes if n.get("node-name") == node), now)
+            if options_restored(wanted, now):
+                return None
+            problem = f"QEMU did not reopen it: {str(reply).strip() or 'no reason given'}"
+        return (
+            f"disk {disk.name} is merged, but its options differ from before enable "
+            f"(wanted detect-zeroes={wanted.detect_zeroes}, cache.direct={wanted.cache_direct}; "
+            f"{problem}); restart the VM to get its configured options back"
+        )
 
     def _remove_memory_file(self, record: SessionRecord) -> None:
         if record.memory is not None:

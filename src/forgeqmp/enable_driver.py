@@ -19,6 +19,7 @@ import anyio.to_thread
 import attrs
 
 from forgeqmp import memhash, preflight
+from forgeqmp.blockopts import argv_block_options
 from forgeqmp.disks import Disk, select_disks
 from forgeqmp.driver_base import (
     _UNDO_TIMEOUT,
@@ -142,12 +143,19 @@ class EnableDriver(DriverBase):
 
         with InstanceLock(self.state_dir, "forgeqmp enable"):
             previous = self._check_no_unfinished_session()
+            await self._check_no_session_in_graph()
             features = await self.features()
             await self._check_running()
             await self._check_no_task()
             selection = select_disks(
                 await self.disks(), list(disks) if disks is not None else None, all_disks=all_disks
             )
+            given = argv_block_options(describe_process(self.conn.peer.pid).argv)
+            options = {
+                d.qdev: d.options.with_given(given.get(d.backend or "") or given.get(d.node or ""))
+                for d in selection.forged
+                if d.options is not None
+            }
             session_id = new_session_id()
             memory_name = f"memory-{session_id}.bin"
             plan = plan_enable(
@@ -157,6 +165,7 @@ class EnableDriver(DriverBase):
                 memory_file=str(self.state_dir.path_of(memory_name)),
                 strategy=strategy,
                 overlay_dir=os.fspath(overlay_dir) if overlay_dir is not None else None,
+                options=options,
             )
             for overlay in plan.overlays:
                 if os.path.lexists(overlay.overlay_file):
@@ -228,6 +237,7 @@ class EnableDriver(DriverBase):
                     overlay_file=o.overlay_file,
                     overlay_node=o.format_node,
                     overlay_file_node=o.file_node,
+                    options=o.options.to_json() if o.options is not None else None,
                 )
             )
         warnings: tuple[str, ...] = ()

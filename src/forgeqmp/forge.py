@@ -34,6 +34,7 @@ from forgeqmp.errors import (
     InstanceLocked,
     NoSession,
     NotQMP,
+    OperationBlocked,
     QEMUUnreachable,
     RecordError,
 )
@@ -149,6 +150,22 @@ class Instance(EnableDriver, CommitDriver, DiscardDriver):
         """
         return guard.check_recorded(self.store.load, operation)
 
+    async def check_with_qemu(self, operation: guard.Operation | str) -> SessionRecord | None:
+        """:meth:`check`, and when the record shows no unfinished session, QEMU's block graph
+        too (connected instances only): a session enabled through another state dir, or whose
+        record was deleted, blocks the operation as well (see :mod:`forgeqmp.graphsession`).
+
+        :raises InvalidArgument: no such operation.
+        :raises OperationBlocked: the operation must wait; the error says on which session and
+            where its record is, if it was found.
+        """
+        record = self.check(operation)
+        own_session = record is not None and not status_of(record).finished
+        blockable = guard.parse_operation(operation).blocked_during_session
+        if self.conn.connected and blockable and not own_session:
+            guard.check_graph_sessions(record, operation, await self.sessions_in_graph())
+        return record
+
     async def execute_guarded(
         self,
         command: str,
@@ -190,6 +207,14 @@ class Instance(EnableDriver, CommitDriver, DiscardDriver):
         except RecordError as exc:
             raise guard.record_unreadable(f"QMP command {command}", exc) from exc
         if record is None or status_of(record).finished:
+            if self.conn.connected and (found := await self.sessions_in_graph()):
+                # A session of another state dir (or whose record was deleted): the guard cannot
+                # tell which disks it forged, so it refuses every command it could refuse.
+                raise OperationBlocked(
+                    f"QMP command {command} is blocked: " + "; ".join(s.describe() for s in found),
+                    operation=f"QMP command {command}",
+                    next_step="finish that session through the state dir that enabled it",
+                )
             return
         nodes = None
         if self.conn.connected:  # the graph names nodes the record does not (the originals')

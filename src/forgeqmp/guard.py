@@ -30,6 +30,7 @@ from typing import Any
 import attrs
 
 from forgeqmp.errors import InvalidArgument, OperationBlocked, RecordError
+from forgeqmp.graphsession import GraphSession
 from forgeqmp.record import SessionRecord
 from forgeqmp.states import TERMINAL, SessionStatus, State
 
@@ -44,6 +45,7 @@ __all__ = [
     "Operation",
     "QMPRule",
     "Scope",
+    "check_graph_sessions",
     "check_operation",
     "check_qmp_command",
     "check_recorded",
@@ -263,6 +265,31 @@ def check_recorded(
         raise record_unreadable(op.value, exc) from exc
     check_operation(record, op)
     return record
+
+
+def check_graph_sessions(
+    record: SessionRecord | None,
+    operation: Operation | str,
+    sessions: Sequence[GraphSession] | None,
+) -> None:
+    """Refuse ``operation`` when this state dir's ``record`` shows no unfinished session but
+    QEMU's block graph shows one (``sessions``, from
+    :meth:`~forgeqmp.forge.Instance.sessions_in_graph`; None when QEMU was not asked): a
+    session enabled through another state dir, or whose record was deleted.
+
+    :raises OperationBlocked: the message names the session, what QEMU shows, and its record
+        if it was found.
+    """
+    op = parse_operation(operation)
+    if not sessions or not op.blocked_during_session:
+        return
+    if record is not None and not _status(record).finished:
+        return  # check_operation answers for this session
+    raise OperationBlocked(
+        f"{op.value} is blocked: " + "; ".join(g.describe() for g in sessions),
+        operation=op.value,
+        next_step="finish that session through the state dir that enabled it",
+    )
 
 
 def record_unreadable(what: str, error: RecordError) -> OperationBlocked:

@@ -113,6 +113,17 @@ def _opt_name(instance: object, attribute: attrs.Attribute[Any], value: object) 
         _name(instance, attribute, value)
 
 
+def _opt_options(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None and not (
+        isinstance(value, Mapping)
+        and all(
+            isinstance(k, str) and (v is None or isinstance(v, str | bool))
+            for k, v in value.items()
+        )
+    ):
+        _invalid(attribute, "null or an object of strings and booleans", value)
+
+
 def _abs_path(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if not (_is_name(value) and os.path.isabs(cast(str, value))):
         _invalid(attribute, "an absolute path", value)
@@ -282,6 +293,9 @@ class DiskRecord:
     overlay_node: str | None = attrs.field(default=None, validator=_opt_name)
     overlay_file_node: str | None = attrs.field(default=None, validator=_opt_name)
     merged: bool = attrs.field(default=False, validator=_flag)
+    #: The original node's block options at enable (:class:`forgeqmp.blockopts.BlockOptions`
+    #: as JSON), put back after commit when QEMU changed them; None: not recorded.
+    options: Mapping[str, Any] | None = attrs.field(default=None, validator=_opt_options)
 
     def __attrs_post_init__(self) -> None:
         if self.overlay_file is not None and self.overlay_file == self.base_file:

@@ -114,3 +114,37 @@ def test_primary_read_only_disk_is_refused(disks: tuple[Disk, ...]) -> None:
 )
 def test_qom_path(qdev: str, path: str) -> None:
     assert qom_path_of(qdev) == path
+
+
+def _legacy(device: str, qdev: str, node: str, file: str) -> dict[str, Any]:
+    return {
+        "device": device,
+        "qdev": qdev,
+        "removable": False,
+        "inserted": {"node-name": node, "file": file, "drv": "raw", "ro": False},
+    }
+
+
+def test_legacy_drives_and_pflash_are_named_by_drive_id_never_a_generated_node() -> None:
+    blocks = [
+        _legacy("drive-efidisk0", "/machine/system.flash1", "#block333", "/v/vars.raw"),
+        _legacy("drive-virtio0", "/machine/peripheral/virtio0/virtio-backend", "#block12", "/v/a"),
+        _legacy("", "/machine/peripheral/d1/virtio-backend", "d1-fmt", "/v/b"),
+        _legacy("", "/machine/peripheral-anon/device[3]/virtio-backend", "#block9", "/v/c"),
+    ]
+    disks = disks_from_query(blocks)
+    assert [d.name for d in disks] == [
+        "drive-efidisk0",
+        "virtio0",
+        "d1",
+        "/machine/peripheral-anon/device[3]/virtio-backend",
+    ]
+    assert all(not d.name.startswith("#") for d in disks)
+    assert select_disks(disks, ["drive-efidisk0"]).forged == (disks[0],)
+    assert select_disks(disks, ["drive-virtio0"]).forged == (disks[1],)
+    # Without a bootindex the primary disk is the first disk device the user added, not the
+    # board's pflash that QEMU lists first.
+    assert select_disks(disks).forged == (disks[1],)
+    with pytest.raises(UnknownDisk) as info:
+        select_disks(disks, ["nope"])
+    assert "#block" not in str(info.value)

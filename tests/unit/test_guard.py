@@ -625,9 +625,11 @@ class FakeConn:
     """Records the commands sent; answers query-named-block-nodes with the graph."""
 
     connected = True
+    socket_path = "/vm/qmp.sock"
 
-    def __init__(self) -> None:
+    def __init__(self, graph: list[dict[str, Any]] | None = None) -> None:
         self.sent: list[tuple[str, Mapping[str, Any] | None]] = []
+        self.graph = graph or [{"node-name": "disk0-file", "file": "/vm/disk0.qcow2"}]
 
     async def execute(
         self,
@@ -638,7 +640,7 @@ class FakeConn:
     ) -> Any:
         self.sent.append((command, arguments))
         if command == "query-named-block-nodes":
-            return [{"node-name": "disk0-file", "file": "/vm/disk0.qcow2"}]
+            return self.graph
         return {}
 
 
@@ -682,7 +684,23 @@ def test_execute_guarded_refuses_before_sending(tmp_path: Path) -> None:
 def test_execute_guarded_without_a_session_sends_everything(tmp_path: Path) -> None:
     vm, conn = instance(tmp_path, None)
     anyio.run(vm.execute_guarded, "device_del", {"id": "disk0"}, backend="asyncio")
-    assert conn.sent == [("device_del", {"id": "disk0"})]
+    # The block graph is asked whether a session of another state dir is active.
+    assert conn.sent == [("query-named-block-nodes", None), ("device_del", {"id": "disk0"})]
+
+
+def test_execute_guarded_refuses_for_a_session_only_qemu_shows(tmp_path: Path) -> None:
+    vm, _ = instance(tmp_path, None)
+    conn = FakeConn([
+        {"node-name": "disk0-fmt", "file": "/vm/disk0.qcow2"},
+        {"node-name": "fq0123abcd-0-fmt", "file": "/vm/disk0.qcow2.forge-0123abcd.qcow2"},
+    ])  # fmt: skip
+    vm = Instance(conn, vm.state_dir)  # type: ignore[arg-type]
+    with pytest.raises(OperationBlocked, match="0123abcd"):
+        anyio.run(vm.execute_guarded, "device_del", {"id": "disk0"}, backend="asyncio")
+    with pytest.raises(OperationBlocked, match="0123abcd"):
+        anyio.run(vm.check_with_qemu, "backup", backend="asyncio")
+    assert anyio.run(vm.check_with_qemu, "restart", backend="asyncio") is None
+    assert [c for c, _ in conn.sent] == ["query-named-block-nodes"] * 2
 
 
 def test_execute_guarded_while_a_forge_operation_holds_the_lock(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from typing import Any
 
 import attrs
 
+from forgeqmp.blockopts import BlockOptions
 from forgeqmp.disks import Disk, Selection
 from forgeqmp.errors import FeatureMissing
 from forgeqmp.features import Features
@@ -174,12 +175,16 @@ class OverlayPlan:
     file_node: str
     format_node: str
     create_job: str
+    #: The original's options, given to the overlay so that the guest's writes during the
+    #: session behave as before enable (see :mod:`forgeqmp.blockopts`); None: QEMU's defaults.
+    options: BlockOptions | None = None
 
     def add_file_node(self) -> Command:
         """Open the (empty, forgeqmp-created) overlay file as a file node."""
+        extra = self.options.file_node_options() if self.options is not None else {}
         return Command(
             "blockdev-add",
-            {"driver": "file", "node-name": self.file_node, "filename": self.overlay_file},
+            {"driver": "file", "node-name": self.file_node, "filename": self.overlay_file, **extra},
         )
 
     def create_image(self) -> Command:
@@ -203,6 +208,7 @@ class OverlayPlan:
 
     def add_format_node(self) -> Command:
         """Open the qcow2 overlay without its backing (``blockdev-snapshot`` links it)."""
+        extra = self.options.format_node_options() if self.options is not None else {}
         return Command(
             "blockdev-add",
             {
@@ -210,6 +216,7 @@ class OverlayPlan:
                 "node-name": self.format_node,
                 "file": self.file_node,
                 "backing": None,
+                **extra,
             },
         )
 
@@ -328,10 +335,12 @@ def plan_enable(
     memory_file: str,
     strategy: Strategy | None = None,
     overlay_dir: str | None = None,
+    options: Mapping[str, BlockOptions] | None = None,
 ) -> EnablePlan:
     """Compute the enable plan. Node names are short (QEMU allows 31 characters) and unique per
     session: ``fq<8 hex>-<n>-fmt`` / ``-file``; overlay files sit next to their base image (or in
-    ``overlay_dir``) as ``<base name>.forge-<8 hex>.qcow2``.
+    ``overlay_dir``) as ``<base name>.forge-<8 hex>.qcow2``. ``options`` maps a disk's qdev to
+    the block options its overlay gets (see :mod:`forgeqmp.blockopts`).
 
     :raises FeatureMissing: see :func:`choose_strategy`.
     """
@@ -344,6 +353,7 @@ def plan_enable(
             file_node=f"{tag}-{i}-file",
             format_node=f"{tag}-{i}-fmt",
             create_job=f"{tag}-{i}-create",
+            options=(options or {}).get(disk.qdev),
         )
         for i, disk in enumerate(selection.forged)
     )

@@ -53,11 +53,21 @@ _QEMU_FILES = (
 
 @attrs.frozen
 class DiskSpec:
-    """A disk to give the guest: its qdev id, image format and size."""
+    """A disk to give the guest: its qdev id, image format and size.
+
+    ``legacy_drive`` gives it the way Proxmox and older tools do, as a legacy
+    ``-drive if=none,id=drive-NAME,file=...,format=...`` (plus ``drive_options``, e.g.
+    ``detect-zeroes=unmap,discard=unmap,cache=none,aio=native,throttling.iops-total=500``)
+    instead of ``-blockdev`` nodes; ``device_options`` are added to its ``-device`` (e.g.
+    ``iothread=io0``, with the ``-object iothread,id=io0`` in ``extra_args``).
+    """
 
     name: str
     format: str = "qcow2"
     size_mib: int = 64
+    legacy_drive: bool = False
+    drive_options: str = ""
+    device_options: str = ""
 
     def __attrs_post_init__(self) -> None:
         if self.format not in ("qcow2", "raw"):
@@ -223,10 +233,19 @@ class QemuInstance:
             ),
             "-pidfile", str(self.pidfile),
         )  # fmt: skip
-        for i, disk in enumerate(self.disks):
-            device = f"virtio-blk-pci,id={disk.name},drive={disk.name}-fmt,serial={disk.name}"
+        for i, (disk, spec) in enumerate(zip(self.disks, self.specs, strict=True)):
+            backend = f"drive-{disk.name}" if spec.legacy_drive else f"{disk.name}-fmt"
+            device = f"virtio-blk-pci,id={disk.name},drive={backend},serial={disk.name}"
             if i == 0:
                 device += ",bootindex=1"
+            if spec.device_options:
+                device += "," + spec.device_options
+            if spec.legacy_drive:
+                drive = f"if=none,id={backend},file={disk.path},format={disk.format}"
+                if spec.drive_options:
+                    drive += "," + spec.drive_options
+                argv += ["-drive", drive, "-device", device]
+                continue
             argv += [
                 "-blockdev", f"driver=file,filename={disk.path},node-name={disk.name}-file",
                 "-blockdev", f"driver={disk.format},file={disk.name}-file,node-name={disk.name}-fmt",
