@@ -140,7 +140,6 @@ class CommitDriver(DriverBase):
         conn = self.conn
         job_id = _job_id(disk)
         await self._mark_merged(disk, saver)
-        no_return.set()
         with conn.subscribe(
             "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == job_id
         ) as sub:
@@ -159,6 +158,9 @@ class CommitDriver(DriverBase):
                 jobs.sent.discard(disk.name)  # refused: QEMU created no job
                 raise
             jobs.accepted.add(disk.name)
+            # Only now may the original receive data: the memory state is useless from here
+            # (before, a job QEMU refuses leaves discard possible, with the memory).
+            no_return.set()
             self._crash_point("commit", "job-started")
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._report_job_progress, job_id, disk.name, report)
