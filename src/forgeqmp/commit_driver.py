@@ -263,14 +263,17 @@ class CommitDriver(DriverBase):
                 next_step += ", or 'forgeqmp discard': no original was written into"
         else:
             next_step = "run 'forgeqmp recover' to finish the session"
-        detail = f"disks fully merged: {', '.join(done) or 'none'}"
+        detail = (
+            f"disks fully merged: {', '.join(done) or 'none'}; still on overlays: "
+            f"{', '.join(partly + untouched) or 'none'}"
+        )
         if partly:
             detail += (
-                f"; partly merged (their originals hold part of the writes, so discard is no "
-                f"longer possible): {', '.join(partly)}"
+                f"; of those, partly merged (their originals hold part of the writes, so "
+                f"discard is no longer possible): {', '.join(partly)}"
             )
         if untouched:
-            detail += f"; not started (their originals untouched): {', '.join(untouched)}"
+            detail += f"; of those, not started (originals untouched): {', '.join(untouched)}"
         return self._save(
             record,
             state=State.FAILED,
