@@ -177,6 +177,12 @@ def started(vm: QemuInstance) -> Iterator[QemuInstance]:
 # --- every end state ------------------------------------------------------------------------------
 
 
+#: What the fake QEMU of a failing relaunch prints before it exits (libvirt's case, issue 12).
+DYING = (
+    "qemu-system-x86_64: -chardev socket,id=charmonitor,fd=33: File descriptor '33' is not a socket"
+)
+
+
 def test_every_end_state_has_its_exit_code(qemu_build: QemuBuild, tmp_path: Path) -> None:
     """enable/commit/discard/recover through the CLI: success 0, refusals 3 and unreachable 5
     (both with the record unchanged), a discard whose relaunch cannot run 4 (it used to exit 0
@@ -216,13 +222,19 @@ def test_every_end_state_has_its_exit_code(qemu_build: QemuBuild, tmp_path: Path
         assert record_bytes(state) == saved
         assert runstate(vm) == "running"
 
-        # discard, and its relaunch cannot run: the VM is down, so exit 4 (the record FAILED).
+        # discard, and the relaunched "QEMU" dies at once with a message, as a QEMU given an fd
+        # it does not have does: the VM is down, so exit 4 (it was 0), with QEMU's own words.
         link.unlink()
+        link.write_text(f'#!/bin/sh\necho "{DYING}" >&2\nexit 1\n')
+        link.chmod(0o755)
         failed = assert_error(forgeqmp_("discard"), 4, "failed", "forge-failed")
         assert "discard could not start the VM" in failed["error"], failed
-        assert "TaskGroup" not in failed["error"]
-        assert str(link) in failed["error"], failed  # the real cause: the binary is not there
+        assert DYING in failed["error"], failed  # from <state dir>/qemu.log
         assert failed["failure_phase"] == "discarding"
+        # The binary gone altogether: the same, and the error names it.
+        link.unlink()
+        failed = assert_error(forgeqmp_("discard"), 4, "failed", "forge-failed")
+        assert str(link) in failed["error"], failed
         status = forgeqmp_("status").final
         assert (status["state"], status["error"]) == ("failed", failed["error"])
         # recover leaves it failed (QEMU is not running: it says how to start it): exit 4.
@@ -458,3 +470,40 @@ def wait_holding(pid: int, path: str, timeout: float = 60.0) -> None:
                         return
         time.sleep(0.02)
     raise TimeoutError(f"process {pid} did not open {path} within {timeout:g} s")
+
+
+# --- a deleted overlay ---------------------------------------------------------------------------
+
+
+def test_a_deleted_overlay_shows_in_status_and_blocks_stopping_qemu(
+    qemu_build: QemuBuild, tmp_path: Path
+) -> None:
+    """The overlay file of an active session deleted while QEMU runs on it: status says so at
+    once (exit 0, ``overlays_missing``, ``error``, ``next_step``), stop/restart/kill are refused (3:
+    QEMU's open file is the only copy of the writes since enable), and commit still merges them
+    live (0) from the file QEMU holds open."""
+    with started(QemuInstance(qemu_build, tmp_path / "vm", memory_mib=256)) as vm:
+        state = tmp_path / "state"
+        active = assert_ok(cli(qemu_build, vm.qmp_socket, state, "enable"), "active")
+        expected = vm.write_disk("disk0", 4, seed="deleted")
+        status = assert_ok(cli(qemu_build, vm.qmp_socket, state, "status"), "active")
+        assert (status["overlays_missing"], status["error"]) == ([], None)
+        for operation in ("stop", "restart", "kill"):
+            assert cli(qemu_build, vm.qmp_socket, state, "check", operation).code == 0
+
+        overlay = active["disks"][0]["overlay"]
+        os.unlink(overlay)
+        saved = record_bytes(state)
+        status = assert_ok(cli(qemu_build, vm.qmp_socket, state, "status"), "active")
+        assert status["overlays_missing"] == ["disk0"], status
+        assert overlay in status["error"], status
+        assert "'forgeqmp commit'" in status["next_step"], status
+        for operation in ("stop", "restart", "kill"):
+            refused = cli(qemu_build, vm.qmp_socket, state, "check", operation)
+            assert_error(refused, 3, "active", "operation-blocked")
+        assert cli(qemu_build, vm.qmp_socket, state, "check", "console").code == 0
+        assert record_bytes(state) == saved
+
+        assert_ok(cli(qemu_build, vm.qmp_socket, state, "commit"), "committed")
+        assert vm.disk_md5("disk0", 4) == expected
+        assert runstate(vm) == "running"
