@@ -3,6 +3,12 @@ shared/design/cli-contract.md; every exit code comes from the error's ``exit_cod
 
 Exit codes: 0 success; 2 usage error or invalid argument; 3 refused by a prerequisite or the guard;
 4 the operation failed (``status`` tells what it left); 5 QEMU cannot be reached on the socket.
+
+The exit code tells what really happened, whatever path led there: an operation that returns a
+record short of where it was asked to go (a discard that recorded FAILED) exits 4, as does any
+unexpected error (never a traceback and exit 1); a refusal (2, 3, 5) after which the session
+record changed anyway becomes 4. With ``--json``, a failed or refused command's final object is
+the session's status plus ``error_kind``, ``exit_code`` and ``next_step``.
 """
 
 from __future__ import annotations
@@ -22,7 +28,17 @@ from typing import Any, NoReturn, TextIO
 import anyio
 
 from forgeqmp._version import __version__
-from forgeqmp.errors import ForgeError, InvalidArgument, OperationBlocked, RecordError
+from forgeqmp.errors import (
+    ForgeError,
+    ForgeFailed,
+    InvalidArgument,
+    OperationBlocked,
+    QEMUUnreachable,
+    RecordError,
+    describe_cause,
+    error_kind,
+    leaf_errors,
+)
 from forgeqmp.forge import DEFAULT_COMMIT_TIMEOUT, Instance, ProgressEvent, connect, status_of
 from forgeqmp.graphsession import GraphSession
 from forgeqmp.guard import (
@@ -30,6 +46,8 @@ from forgeqmp.guard import (
     BLOCKED_OPERATIONS,
     check_graph_sessions,
     check_recorded,
+    missing_overlays,
+    overlays_missing_hint,
     parse_operation,
 )
 from forgeqmp.launcher import executable_launcher
@@ -38,7 +56,7 @@ from forgeqmp.plans.enable import Strategy
 from forgeqmp.power import start_argv
 from forgeqmp.record import RecordStore, SessionRecord, no_session_status
 from forgeqmp.recover_driver import DEFAULT_RECOVER_TIMEOUT, lock_held, stale
-from forgeqmp.statedir import StateDir, default_state_dir
+from forgeqmp.statedir import InstanceLock, StateDir, default_state_dir
 from forgeqmp.states import State
 from forgeqmp.terminal import PlainProgress, ProgressView, print_report, state_label
 
@@ -47,6 +65,10 @@ __all__ = ["build_parser", "main"]
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_FAILED = 4
+#: Exit codes after which the contract says nothing changed.
+_REFUSALS = frozenset({2, 3, 5})
+#: Where each operation is asked to take the session; any other end state is a failure (exit 4).
+_TARGETS = {"enable": State.ACTIVE, "commit": State.COMMITTED, "discard": State.DISCARDED}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -235,6 +257,8 @@ def _describe(record: SessionRecord | None) -> str:
     for disk in record.disks:
         if disk.merged:
             overlay = "merged into the base" if disk.overlay_node is None else "being merged"
+            if disk.overlay_node is not None and record.state is State.FAILED:
+                overlay = "partly merged: the commit stopped; commit again to finish"
             overlay = f"{disk.overlay_file} ({overlay})" if disk.overlay_file else overlay
         elif record.state is State.DISCARDED or record.rolled_back:
             overlay = f"{disk.overlay_file} (removed)" if disk.overlay_file else "none"
@@ -266,16 +290,42 @@ def _state_dir(args: argparse.Namespace) -> StateDir:
     return StateDir(given if given is not None else default_state_dir(args.qmp))
 
 
+def _offline_allowed(args: argparse.Namespace) -> bool:
+    """Whether the command may run while QEMU is provably stopped. commit and discard read the
+    record first (an unreadable one is refused, exit 3): only a session they could act on lets
+    them work offline, else an unreachable QEMU is exit 5 however the socket fails."""
+    if args.command == "recover":
+        return True
+    if args.command not in ("commit", "discard"):
+        return False
+    record = RecordStore(_state_dir(args)).load()
+    if record is None:
+        return False
+    status = status_of(record)
+    if args.command == "commit":
+        return status.can_commit
+    return status.can_discard and not any(d.merged for d in record.disks)
+
+
 async def _with_instance(
     args: argparse.Namespace, action: Callable[[Instance], Awaitable[SessionRecord | None]]
 ) -> SessionRecord | None:
     # The contract: commit, discard and recover also work on a stopped QEMU.
-    offline = args.command in ("commit", "discard", "recover")
+    offline = _offline_allowed(args)
     launcher = executable_launcher(args.launcher) if args.launcher else None
-    async with connect(
-        args.qmp, state_dir=_state_dir(args).path, allow_offline=offline, launcher=launcher
-    ) as vm:
-        return await action(vm)
+    try:
+        async with connect(
+            args.qmp, state_dir=_state_dir(args).path, allow_offline=offline, launcher=launcher
+        ) as vm:
+            return await action(vm)
+    except QEMUUnreachable as exc:
+        if args.command in ("commit", "discard") and not offline:
+            raise QEMUUnreachable(
+                exc.socket_path,
+                f"{exc.reason} (and the state dir {_state_dir(args).path} holds no session "
+                f"{args.command} could act on while QEMU is stopped)",
+            ) from None
+        raise
 
 
 def _status(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
@@ -308,6 +358,7 @@ def _status(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
             text += f"\n  stale: {reason}"
         with contextlib.suppress(ForgeError):
             status["start_argv"] = list(start_argv(record))
+    status["overlays_missing"], text = _missing_overlays(record, status, text)
     return status, text
 
 
@@ -338,6 +389,20 @@ def _check_graph(args: argparse.Namespace, record: SessionRecord | None, operati
     check_graph_sessions(record, operation, _graph_sessions(args))
 
 
+def _missing_overlays(
+    record: SessionRecord | None, status: dict[str, Any], text: str
+) -> tuple[list[str], str]:
+    """A deleted overlay of an unfinished session, seen now (not only once recover runs): the
+    status's ``error`` and ``next_step`` say so."""
+    gone = missing_overlays(record) if record is not None else ()
+    if record is None or not gone:
+        return [], text
+    hint = overlays_missing_hint(record, gone)
+    status["error"] = f"{status['error']}; {hint}" if status.get("error") else hint
+    status["next_step"] = hint
+    return [d.name for d in gone], text + f"\n  problem: {hint}"
+
+
 def _check(args: argparse.Namespace, out: _Output) -> int:
     """``check OPERATION``: from the session record; when that shows no unfinished session and
     the operation is one a session blocks, also from QEMU's block graph if QEMU answers within
@@ -356,7 +421,9 @@ def _check(args: argparse.Namespace, out: _Output) -> int:
             except ForgeError:
                 status = _status_of(None)
             status.update(operation=operation.value, allowed=False, error=str(exc))
-            status["exit_code"] = exc.exit_code
+            status.update(
+                error_kind=exc.error_kind, exit_code=exc.exit_code, next_step=exc.next_step
+            )
             out.final(status, "")
         return exc.exit_code
     if record is None:
@@ -406,8 +473,39 @@ def _run(args: argparse.Namespace, out: _Output) -> int:
     if args.command == "enable" and args.disk and args.all_disks:
         raise InvalidArgument("give --disk or --all-disks, not both")
     record = anyio.run(_with_instance, args, actions[args.command])
-    out.final(_status_of(record), _describe(record))
-    return EXIT_OK
+    failure = _end_state_failure(args.command, record)
+    status = _status_of(record)
+    if failure is None:
+        out.final(status, _describe(record))
+        return EXIT_OK
+    print(f"forgeqmp: {failure}", file=sys.stderr)
+    status.update(
+        error_kind=ForgeFailed.error_kind,
+        exit_code=EXIT_FAILED,
+        next_step=status.get("next_step") or "run 'forgeqmp status', then 'forgeqmp recover'",
+    )
+    out.final(status, _describe(record))
+    return EXIT_FAILED
+
+
+def _end_state_failure(command: str, record: SessionRecord | None) -> str | None:
+    """Why the record an operation returned is not where the user asked it to go (exit 4), or
+    None. A FAILED session is a failure whatever the operation, except a recover that found or
+    left it rolled back (nothing is left to do)."""
+    if record is None:
+        return None  # recover without a session: nothing to do
+    target = _TARGETS.get(command)
+    state = record.state
+    if target is not None and state is target:
+        return None
+    if target is None and (state is not State.FAILED or record.rolled_back):
+        return None  # recover reached a true state that needs nothing more
+    why = f"; {record.error}" if record.error else ""
+    wanted = f", not {target.value}" if target is not None else ""
+    return (
+        f"{command} left session {record.session_id} {state.value}{wanted}{why}; "
+        f"{record.next_step or 'run forgeqmp recover'}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -420,29 +518,119 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.qmp:
         parser.error("--qmp SOCKET (or FORGEQMP_QMP) is required")
     out = _Output(args.json)
+    before = _record_bytes(args)
     try:
         return _run(args, out)
     except ForgeError as exc:
-        out.close()
-        print(f"forgeqmp: {_with_next_step(exc)}", file=sys.stderr)
-        if args.json:
-            try:
-                record = RecordStore(_state_dir(args)).load()
-            except ForgeError:
-                record = None
-            status = _status_of(record)
-            status["error"] = str(exc)
-            status["exit_code"] = exc.exit_code
-            out.final(status, "")
-        return exc.exit_code
+        code, message = exc.exit_code, _with_next_step(exc)
+        changed = args.command not in ("status", "check") and _record_bytes(args) != before
+        if code in _REFUSALS and changed:  # a refusal changes nothing: this was a failure
+            code = EXIT_FAILED
+            message += (
+                "; the session record changed meanwhile, so this is reported as a failure: "
+                "'forgeqmp status' shows the state it left"
+            )
+        return _report_error(args, out, exc, code, message)
     except KeyboardInterrupt:
-        out.close()
-        print(
-            "forgeqmp: interrupted; run 'forgeqmp status' to see the state the session was left "
-            "in (an operation cut short says so there, and 'forgeqmp recover' finishes it)",
-            file=sys.stderr,
+        return _interrupted(out)
+    except (Exception, BaseExceptionGroup) as exc:
+        if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaf_errors(exc)):
+            return _interrupted(out)
+        # Not foreseen (a bug, or an error forgeqmp does not map): a failure with its cause,
+        # recorded in the session if an operation was under way, never a traceback and exit 1.
+        cause = describe_cause(exc)
+        recorded = _record_unexpected(args, cause)
+        message = f"{args.command} failed unexpectedly: {cause}" + (
+            "; the session record says so"
+            if recorded
+            else "; 'forgeqmp status' shows the state it left and what to do next"
         )
-        return EXIT_FAILED
+        return _report_error(args, out, exc, EXIT_FAILED, message)
+
+
+def _interrupted(out: _Output) -> int:
+    out.close()
+    print(
+        "forgeqmp: interrupted; run 'forgeqmp status' to see the state the session was left "
+        "in (an operation cut short says so there, and 'forgeqmp recover' finishes it)",
+        file=sys.stderr,
+    )
+    return EXIT_FAILED
+
+
+def _record_bytes(args: argparse.Namespace) -> bytes | None:
+    """The session record's bytes now (None if there is none or it cannot be read)."""
+    try:
+        return _state_dir(args).read("session.json")
+    except ForgeError:
+        return None
+
+
+def _report_error(
+    args: argparse.Namespace, out: _Output, exc: BaseException, code: int, message: str
+) -> int:
+    """Print a failed or refused command's error (stderr) and, with --json, its final object:
+    the session's status (its own state) plus error, error_kind, exit_code and next_step."""
+    out.close()
+    print(f"forgeqmp: {message}", file=sys.stderr)
+    if args.json:
+        try:
+            record = RecordStore(_state_dir(args)).load()
+        except ForgeError:
+            record = None
+        status = _status_of(record)
+        status["error"] = message
+        status["error_kind"] = error_kind(exc)
+        status["exit_code"] = code
+        status["next_step"] = _next_step(exc, code, record)
+        out.final(status, "")
+    return code
+
+
+def _next_step(exc: BaseException, code: int, record: SessionRecord | None) -> str:
+    hint = getattr(exc, "next_step", None)
+    if isinstance(hint, str) and hint:
+        return hint
+    if code == EXIT_FAILED and record is not None and record.next_step:
+        return record.next_step
+    return {
+        2: "fix the command line (see 'forgeqmp --help'); nothing was changed",
+        3: "nothing was changed: do what the error says, then run the command again",
+        5: "nothing was changed: start QEMU with its QMP socket on --qmp, or fix the path; "
+        "'forgeqmp status' shows the session",
+    }.get(code, "run 'forgeqmp status' to see the state it left, then 'forgeqmp recover'")
+
+
+def _record_unexpected(args: argparse.Namespace, cause: str) -> bool:
+    """After an unexpected error, record it in a session left in the middle of an operation
+    (creating, committing, discarding) as FAILED in that phase, so that ``status`` tells the truth
+    and ``recover`` (or the operation run again) finishes it. True if the record was updated."""
+    if args.command not in _TARGETS and args.command != "recover":
+        return False
+    state_dir = _state_dir(args)
+    try:
+        with InstanceLock(state_dir, f"forgeqmp {args.command} (recording an error)"):
+            store = RecordStore(state_dir)
+            record = store.load()
+            if record is None or record.state not in _WORKING:
+                return False
+            store.save(
+                record.evolve(
+                    state=State.FAILED,
+                    failure_phase=record.state,
+                    rolled_back=False,
+                    error=f"{args.command} stopped at step {record.step}: {cause}",
+                    next_step="run 'forgeqmp recover'",
+                    updated_at=datetime.now(UTC),
+                )
+            )
+            return True
+    except (ForgeError, OSError):
+        return False
+
+
+#: States in which an operation is under way.
+_WORKING = frozenset({State.CREATING, State.COMMITTING, State.DISCARDING})
 
 
 def _with_next_step(exc: ForgeError) -> str:

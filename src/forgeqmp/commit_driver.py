@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import anyio
 import anyio.to_thread
+import attrs
 
 from forgeqmp.driver_base import (
     _UNDO_TIMEOUT,
@@ -24,9 +25,9 @@ from forgeqmp.driver_base import (
     status_of,
 )
 from forgeqmp.errors import (
-    ForgeError,
     ForgeFailed,
     PrerequisiteError,
+    QMPCommandError,
 )
 from forgeqmp.power import (
     commit_overlay,
@@ -41,6 +42,18 @@ from forgeqmp.statedir import InstanceLock
 from forgeqmp.states import Event, State
 
 __all__ = ["CommitDriver"]
+
+#: What a stopped commit's next step is when the original's file system is full.
+_NO_SPACE = "No space left on device"
+
+
+@attrs.define
+class _JobsSent:
+    """Which disks' ``block-commit`` was sent to QEMU, and which QEMU accepted (a job exists):
+    only those can have written into their originals."""
+
+    sent: set[str] = attrs.field(factory=set)
+    accepted: set[str] = attrs.field(factory=set)
 
 
 class CommitDriver(DriverBase):
@@ -79,23 +92,26 @@ class CommitDriver(DriverBase):
             if not self.conn.connected:
                 return await self._commit_offline(record, timeout, report)
             await self._check_no_task()
+            pid, since = self.conn.peer.pid, self._started()
             blocks = await self.conn.execute("query-block")
             attached = _attached_nodes(blocks)
             pending = [d for d in record.disks if attached.get(d.qdev) == d.overlay_node]
             record = self._begin_commit(record, status.state)
             saver = anyio.Lock()
             no_return = anyio.Event()
+            jobs = _JobsSent()
             try:
                 with anyio.fail_after(timeout):
                     async with anyio.create_task_group() as tg:
                         for disk in pending:
-                            tg.start_soon(self._commit_disk, disk, saver, report, no_return)
+                            tg.start_soon(self._commit_disk, disk, saver, report, no_return, jobs)
                         if pending:
                             tg.start_soon(self._remove_memory_file_after, no_return, record)
             except BaseException as exc:
                 with anyio.CancelScope(shield=True):
-                    record = await self._commit_failed(exc, timeout, pending)
-                if isinstance(exc, TimeoutError | ForgeError | OSError):
+                    reason = self._commit_reason(exc, timeout, pid=pid, since=since)
+                    record = await self._commit_failed(reason, pending, jobs)
+                if isinstance(exc, Exception):  # an interrupt (Ctrl-C) stays one
                     raise ForgeFailed(
                         f"commit stopped: {record.error}; {record.next_step}"
                     ) from None
@@ -118,24 +134,33 @@ class CommitDriver(DriverBase):
         saver: anyio.Lock,
         report: ProgressCallback,
         no_return: anyio.Event,
+        jobs: _JobsSent,
     ) -> None:
         assert disk.overlay_node is not None
         conn = self.conn
-        job_id = f"{disk.overlay_node.removesuffix('-fmt')}-commit"
+        job_id = _job_id(disk)
         await self._mark_merged(disk, saver)
-        no_return.set()
         with conn.subscribe(
             "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == job_id
         ) as sub:
-            await conn.execute(
-                "block-commit",
-                {
-                    "job-id": job_id,
-                    "device": disk.overlay_node,
-                    "base-node": disk.device_node,
-                    "auto-dismiss": False,
-                },
-            )
+            jobs.sent.add(disk.name)
+            try:
+                await conn.execute(
+                    "block-commit",
+                    {
+                        "job-id": job_id,
+                        "device": disk.overlay_node,
+                        "base-node": disk.device_node,
+                        "auto-dismiss": False,
+                    },
+                )
+            except QMPCommandError:
+                jobs.sent.discard(disk.name)  # refused: QEMU created no job
+                raise
+            jobs.accepted.add(disk.name)
+            # Only now may the original receive data: the memory state is useless from here
+            # (before, a job QEMU refuses leaves discard possible, with the memory).
+            no_return.set()
             self._crash_point("commit", "job-started")
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._report_job_progress, job_id, disk.name, report)
@@ -175,16 +200,29 @@ class CommitDriver(DriverBase):
                     )
             await anyio.sleep(PROGRESS_INTERVAL)
 
+    def _commit_reason(
+        self, cause: BaseException, timeout: float, *, pid: int | None, since: float
+    ) -> str:
+        if isinstance(cause, TimeoutError):
+            return f"the commit deadline ({timeout:g} s) passed"
+        return self._failure_reason(cause, pid=pid, since=since)
+
     async def _commit_failed(
-        self, cause: BaseException, timeout: float, started: Sequence[DiskRecord] = ()
+        self, reason: str, started: Sequence[DiskRecord] = (), jobs: _JobsSent | None = None
     ) -> SessionRecord:
-        """Stop the jobs not past the point of no return; record per disk what is merged.
+        """Stop the jobs not past the point of no return; record per disk exactly what is merged.
 
         ``started``: the disks as they were when the commit started (their overlay node names,
-        which the record drops once a disk is back on its original)."""
+        which the record drops once a disk is back on its original). ``jobs``: whose commit job
+        was sent and accepted; a disk marked at its point of no return whose job QEMU never
+        created is unmarked, its original untouched (so discard stays possible if no disk's
+        original received data)."""
         conn = self.conn
+        existing: set[str] | None = None  # ids of the commit jobs QEMU has; None: unknown
         with contextlib.suppress(Exception), anyio.fail_after(_UNDO_TIMEOUT):
-            for job in await conn.execute("query-jobs"):
+            listed = await conn.execute("query-jobs")
+            existing = {str(job["id"]) for job in listed}
+            for job in listed:
                 if job["type"] == "commit" and job["id"].endswith("-commit"):
                     await self._drop_job(job["id"])
         record = self.store.load()
@@ -198,28 +236,51 @@ class CommitDriver(DriverBase):
             with contextlib.suppress(Exception), anyio.fail_after(_UNDO_TIMEOUT):
                 await self._drop_overlay(originals.get(disk.name, disk))
             record = _overlay_gone(record, disk.name)
-        return self._save_commit_failure(record, cause, timeout)
+        if jobs is not None:
+            for disk in record.disks:
+                started_as = originals.get(disk.name, disk)
+                if (
+                    disk.merged
+                    and disk.overlay_node is not None
+                    and _job_never_created(started_as, jobs, existing)
+                ):
+                    record = record.evolve_disk(disk.name, merged=False)
+        return self._save_commit_failure(record, reason)
 
-    def _save_commit_failure(
-        self, record: SessionRecord, cause: BaseException, timeout: float
-    ) -> SessionRecord:
+    def _save_commit_failure(self, record: SessionRecord, reason: str) -> SessionRecord:
         """Record a stopped commit as Failed, saying which disks are merged and which are not."""
-        done = [d.name for d in record.disks if d.overlay_node is None]
-        pending = [d.name for d in record.disks if d.overlay_node is not None]
-        if isinstance(cause, TimeoutError):
-            reason = f"the commit deadline ({timeout:g} s) passed"
+        done = [d.name for d in record.disks if d.merged and d.overlay_node is None]
+        partly = [d.name for d in record.disks if d.merged and d.overlay_node is not None]
+        untouched = [d.name for d in record.disks if not d.merged]
+        if partly or untouched:
+            next_step = "run 'forgeqmp commit' again to finish the disks still on overlays"
+            if _NO_SPACE in reason:
+                next_step = (
+                    "free space on the file system of the original image(s) (or grow it), then "
+                    "run 'forgeqmp commit' again to finish the disks still on overlays"
+                )
+            if not done and not partly:
+                next_step += ", or 'forgeqmp discard': no original was written into"
         else:
-            reason = f"{type(cause).__name__}: {cause}"
+            next_step = "run 'forgeqmp recover' to finish the session"
+        detail = (
+            f"disks fully merged: {', '.join(done) or 'none'}; still on overlays: "
+            f"{', '.join(partly + untouched) or 'none'}"
+        )
+        if partly:
+            detail += (
+                f"; of those, partly merged (their originals hold part of the writes, so "
+                f"discard is no longer possible): {', '.join(partly)}"
+            )
+        if untouched:
+            detail += f"; of those, not started (originals untouched): {', '.join(untouched)}"
         return self._save(
             record,
             state=State.FAILED,
             failure_phase=State.COMMITTING,
             rolled_back=False,
-            error=f"{reason}; disks fully merged: {', '.join(done) or 'none'}; still on "
-            f"overlays: {', '.join(pending) or 'none'}",
-            next_step="run 'forgeqmp commit' again to finish the disks still on overlays"
-            if pending
-            else "run 'forgeqmp recover' to finish the session",
+            error=f"{reason}; {detail}",
+            next_step=next_step,
         )
 
     def _begin_commit(self, record: SessionRecord, state: State) -> SessionRecord:
@@ -272,8 +333,9 @@ class CommitDriver(DriverBase):
                     for disk in pending:
                         tg.start_soon(merge, disk)
         except BaseException as exc:
-            record = self._save_commit_failure(self._current(), exc, timeout)
-            if isinstance(exc, TimeoutError | ForgeError | OSError):
+            reason = self._commit_reason(exc, timeout, pid=None, since=0.0)
+            record = self._save_commit_failure(self._current(), reason)
+            if isinstance(exc, Exception):  # an interrupt (Ctrl-C) stays one
                 raise ForgeFailed(f"commit stopped: {record.error}; {record.next_step}") from None
             raise
         record = self._current()
@@ -295,3 +357,19 @@ class CommitDriver(DriverBase):
         takes a while."""
         await event.wait()
         await anyio.to_thread.run_sync(self._remove_memory_file, record)
+
+
+def _job_id(disk: DiskRecord) -> str:
+    assert disk.overlay_node is not None
+    return f"{disk.overlay_node.removesuffix('-fmt')}-commit"
+
+
+def _job_never_created(disk: DiskRecord, jobs: _JobsSent, existing: set[str] | None) -> bool:
+    """Whether QEMU certainly never created ``disk``'s commit job (so nothing was written into
+    its original): its ``block-commit`` was never sent or was refused, or it was sent without an
+    answer and QEMU, asked after, has no such job. Unknown (QEMU did not answer): False."""
+    if disk.name not in jobs.sent:
+        return True
+    if disk.name in jobs.accepted or existing is None:
+        return False
+    return _job_id(disk) not in existing

@@ -218,7 +218,11 @@ class DiscardDriver(DriverBase):
                     report(ProgressEvent("discard", "cold-start", {"reason": problem}))
                     await self._cold_start(record, launch)
         except Exception as exc:
-            reason = "the discard deadline passed" if isinstance(exc, TimeoutError) else str(exc)
+            reason = (
+                "the discard deadline passed"
+                if isinstance(exc, TimeoutError)
+                else self._failure_reason(exc, pid=None, since=0.0)  # the inner error(s)
+            )
             spec = self._spec(record, incoming=False)
             cold_start = (
                 f"cd {shlex.quote(spec.cwd)} && {shlex.join(spec.argv)}, then run "

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,12 +35,14 @@ from forgeqmp.errors import (
     SessionActive,
     TaskRunning,
     VMNotRunning,
+    describe_cause,
 )
 from forgeqmp.features import Features, probe
 from forgeqmp.graphsession import GraphSession, find_records, sessions_in_graph
 from forgeqmp.hostflush import flush_host_images, image_files
 from forgeqmp.launcher import Launcher, LaunchSpec, cold_argv, incoming_argv
 from forgeqmp.plans.command import Command
+from forgeqmp.process import is_alive
 from forgeqmp.progress import StateListener
 from forgeqmp.qmp import QMPConnection
 from forgeqmp.record import (
@@ -119,6 +122,20 @@ def _check_timeout(name: str, value: float) -> float:
 def _overlay_gone(record: SessionRecord, disk: str) -> SessionRecord:
     """The record with ``disk`` merged and its overlay removed (nothing left to commit)."""
     return record.evolve_disk(disk, merged=True, overlay_node=None, overlay_file_node=None)
+
+
+def _log_tail(path: str, since: float, size: int = 1500) -> str | None:
+    """The last lines of QEMU's log at ``path`` if QEMU wrote to it after ``since`` (a time.time()
+    value), else None: an older message is not about what just happened."""
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_mtime < since:
+                return None
+            f.seek(max(0, os.fstat(f.fileno()).st_size - size))
+            text = f.read().decode(errors="replace").strip()
+    except OSError:
+        return None
+    return " / ".join(line.strip() for line in text.splitlines() if line.strip()) or None
 
 
 def _attached_nodes(query_block: Sequence[Mapping[str, Any]]) -> dict[str, str]:
@@ -268,7 +285,12 @@ class DriverBase:
         return saved if saved is not None and saved.session_id == record.session_id else record
 
     def _save(self, record: SessionRecord, **changes: Any) -> SessionRecord:
+        """Save ``record`` with ``changes``. A change of state drops the ``next_step`` of the
+        state left (it told what to do *there*: "the session is Active..." on a discarded session
+        would mislead) unless ``changes`` gives the new state's own."""
         previous, previous_step = record.state, record.step
+        if changes.get("state", previous) is not previous:
+            changes.setdefault("next_step", None)
         record = record.evolve(updated_at=_now(), **changes)
         self.store.save(record)
         if record.state is not previous or record.step != previous_step:
@@ -287,6 +309,25 @@ class DriverBase:
     def _state_changed(self, record: SessionRecord) -> None:
         for listener in list(self._state_listeners):
             listener(record)
+
+    def _failure_reason(self, cause: BaseException, *, pid: int | None, since: float) -> str:
+        """Why an operation stopped, for its record: the inner error(s) of ``cause`` (never a task
+        group's "unhandled errors"), and, when the QEMU it talked to (``pid``) is gone, that it
+        exited, with QEMU's own last words from the state dir's ``qemu.log`` if it wrote any since
+        ``since`` (the QEMU forgeqmp relaunched logs there; one the platform started logs where
+        the platform says)."""
+        reason = describe_cause(cause)
+        if pid is not None and not is_alive(pid):
+            reason += f"; QEMU (pid {pid}) exited"
+            tail = _log_tail(str(self.state_dir.path_of("qemu.log")), since)
+            if tail:
+                reason += f"; QEMU's log says: {tail}"
+        return reason
+
+    @staticmethod
+    def _started() -> float:
+        """The wall-clock time an operation starts at (to tell QEMU's log lines about it)."""
+        return time.time()
 
     def _crash_point(self, operation: str, step: str) -> None:
         """A step boundary: the fault-matrix tests crash here (see :mod:`forgeqmp.crashpoints`)."""

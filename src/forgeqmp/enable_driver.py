@@ -36,6 +36,7 @@ from forgeqmp.errors import (
     NotRelaunchable,
     QMPCommandError,
     QMPError,
+    describe_cause,
 )
 from forgeqmp.features import Features
 from forgeqmp.plans.enable import (
@@ -191,12 +192,17 @@ class EnableDriver(DriverBase):
                 with anyio.CancelScope(shield=True):
                     record = self._reload(record)
                     record = await self._undo_enable(plan, record, undo, exc)
+                undone = (
+                    "was undone"
+                    if record.rolled_back
+                    else f"was not fully undone: {record.next_step}"
+                )
                 if isinstance(exc, TimeoutError):
                     raise ForgeFailed(
-                        f"enable did not finish within {timeout:g} s and was undone"
+                        f"enable did not finish within {timeout:g} s and {undone}"
                     ) from None
-                if isinstance(exc, ForgeError | OSError):
-                    raise ForgeFailed(f"enable failed and was undone: {exc}") from exc
+                if isinstance(exc, Exception):  # an interrupt (Ctrl-C) stays one
+                    raise ForgeFailed(f"enable failed and {undone}: {describe_cause(exc)}") from exc
                 raise
             return record
 
@@ -559,7 +565,7 @@ class EnableDriver(DriverBase):
                 pass
             except OSError as exc:
                 problems.append(f"removing {path}: {exc}")
-        reason = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
+        reason = describe_cause(cause)
         if isinstance(cause, TimeoutError):
             reason = "the enable deadline passed"
         rolled_back = not problems

@@ -12,15 +12,25 @@ and each maps to one of the CLI's exit codes (``exit_code``), so the CLI never g
 - :class:`QEMUUnreachable` (5): nothing that speaks QMP answers on the socket.
 - :class:`QMPError` (4): QEMU answered a command with an error, the connection dropped, or a deadline
   passed while waiting for QEMU.
+- :class:`RecordUnreadable` and :class:`UnsafeStateDir` (3): the session record cannot be read, or
+  the state dir is unsafe (a symlink, another owner, writable by others...): refused before
+  anything changed. Any other :class:`RecordError` (a record that cannot be written during an
+  operation) is a failure (4).
 
-Every message says what happened and what to do next.
+Every message says what happened and what to do next. Every class also has a stable
+``error_kind`` (``forge-failed``, ``qemu-unreachable``...): the CLI's ``--json`` final object of a
+failed or refused command carries it, so scripts never parse messages (docs/troubleshooting.md
+lists them). :func:`leaf_errors` and :func:`describe_cause` turn what a task group raised (an
+``ExceptionGroup``) into the inner errors and their messages.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
 __all__ = [
+    "INTERNAL_ERROR_KIND",
     "DiskNotForgeable",
     "FeatureMissing",
     "ForgeError",
@@ -41,11 +51,26 @@ __all__ = [
     "QMPError",
     "QMPTimeout",
     "RecordError",
+    "RecordUnreadable",
     "SessionActive",
     "TaskRunning",
     "UnknownDisk",
+    "UnsafeStateDir",
     "VMNotRunning",
+    "describe_cause",
+    "error_kind",
+    "leaf_errors",
 ]
+
+#: The ``error_kind`` of an exception that is not a :class:`ForgeError` (a bug in forgeqmp, or
+#: something it did not foresee): the CLI reports it as a failure (exit 4) with its message.
+INTERNAL_ERROR_KIND = "internal-error"
+
+
+def _kebab(name: str) -> str:
+    """``QEMUUnreachable`` → ``qemu-unreachable``, ``NotQMP`` → ``not-qmp``."""
+    words = re.findall(r"[A-Z]+(?=[A-Z][a-z]|$)|[A-Z][a-z0-9]*|[a-z0-9]+", name)
+    return "-".join(w.lower() for w in words)
 
 
 class ForgeError(Exception):
@@ -53,6 +78,14 @@ class ForgeError(Exception):
 
     #: The CLI exit code for this kind of error (see the CLI contract).
     exit_code: ClassVar[int] = 4
+    #: A stable name of the class for scripts (the CLI's ``error_kind``): the class name in
+    #: kebab case, set once per class here, never renamed (tests pin the whole list).
+    error_kind: ClassVar[str] = "forge-error"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "error_kind" not in cls.__dict__:
+            cls.error_kind = _kebab(cls.__name__)
 
 
 # --- 2: invalid argument -------------------------------------------------------------------------
@@ -194,7 +227,24 @@ class ForgeFailed(ForgeError):
 
 
 class RecordError(ForgeError):
-    """A session record on disk is unreadable, corrupted, or unsafe (e.g. a symlink)."""
+    """A session record on disk is unreadable, corrupted, or unsafe (e.g. a symlink), or it could
+    not be written. The subclasses :class:`RecordUnreadable` and :class:`UnsafeStateDir` are the
+    refusals (exit 3: nothing changed); a plain RecordError is a failure (exit 4)."""
+
+
+class RecordUnreadable(RecordError):
+    """The session record cannot be read or is not a valid record (damaged, hand-edited, from
+    another format version, not a regular file). Refused before anything changed."""
+
+    exit_code = 3
+
+
+class UnsafeStateDir(RecordError):
+    """The state dir cannot be used safely: a symlink, not a directory, owned by another user,
+    writable by others, or it cannot be opened or created; or a file in it is a symlink or not a
+    regular file. Refused before anything changed."""
+
+    exit_code = 3
 
 
 # --- QMP -----------------------------------------------------------------------------------------
@@ -245,3 +295,46 @@ class NotQMP(QEMUUnreachable):
 
 class IllegalTransition(ForgeError):
     """A state change the transition table does not allow; a bug or a hand-edited record."""
+
+
+# --- what a task group raised --------------------------------------------------------------------
+
+
+def leaf_errors(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside ``exc``: an ``ExceptionGroup`` (what an anyio task group raises) is
+    opened down to its innermost exceptions, in order; anything else is itself.
+
+    Cancellations that only accompany a real error (anyio cancels the other tasks of a group when
+    one fails) are left out when there is a real error.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [leaf for inner in exc.exceptions for leaf in leaf_errors(inner)]
+        real: list[BaseException] = [leaf for leaf in leaves if isinstance(leaf, Exception)]
+        return real or leaves
+    return [exc]
+
+
+def describe_cause(exc: BaseException) -> str:
+    """What went wrong, for a record's ``error`` and the CLI: the message of each inner error
+    (never "unhandled errors in a TaskGroup"), prefixed by its class for errors that are not
+    forgeqmp's own (``OSError: [Errno 28] No space left on device``)."""
+    parts: list[str] = []
+    for leaf in leaf_errors(exc):
+        if isinstance(leaf, TimeoutError):
+            text = "a deadline passed"
+        elif isinstance(leaf, ForgeError):
+            text = str(leaf) or type(leaf).__name__
+        else:
+            text = f"{type(leaf).__name__}: {leaf}" if str(leaf) else type(leaf).__name__
+        if text not in parts:
+            parts.append(text)
+    return "; ".join(parts)
+
+
+def error_kind(exc: BaseException) -> str:
+    """The stable ``error_kind`` of ``exc``: its class's for a :class:`ForgeError` (the first
+    inner one of a group), else :data:`INTERNAL_ERROR_KIND`."""
+    for leaf in leaf_errors(exc):
+        if isinstance(leaf, ForgeError):
+            return leaf.error_kind
+    return INTERNAL_ERROR_KIND

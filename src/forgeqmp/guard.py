@@ -31,7 +31,7 @@ import attrs
 
 from forgeqmp.errors import InvalidArgument, OperationBlocked, RecordError
 from forgeqmp.graphsession import GraphSession
-from forgeqmp.record import SessionRecord
+from forgeqmp.record import DiskRecord, SessionRecord
 from forgeqmp.states import TERMINAL, SessionStatus, State
 
 __all__ = [
@@ -51,6 +51,8 @@ __all__ = [
     "check_recorded",
     "finish_hint",
     "may_refuse",
+    "missing_overlays",
+    "overlays_missing_hint",
     "parse_operation",
     "qmp_rule",
     "record_unreadable",
@@ -264,6 +266,17 @@ def check_recorded(
             return None
         raise record_unreadable(op.value, exc) from exc
     check_operation(record, op)
+    if record is not None and op in _STOPS_QEMU:
+        gone = missing_overlays(record)
+        if gone:
+            hint = overlays_missing_hint(record, gone)
+            raise OperationBlocked(
+                f"{op.value} is blocked: {hint}",
+                operation=op.value,
+                session_id=record.session_id,
+                state=record.state.value,
+                next_step=hint,
+            )
     return record
 
 
@@ -289,6 +302,41 @@ def check_graph_sessions(
         f"{op.value} is blocked: " + "; ".join(g.describe() for g in sessions),
         operation=op.value,
         next_step="finish that session through the state dir that enabled it",
+    )
+
+
+#: Always-allowed operations that end the QEMU process: blocked when an overlay file is gone,
+#: since the running QEMU's open file is then the only copy of the guest's writes.
+_STOPS_QEMU = frozenset({Operation.STOP, Operation.RESTART, Operation.KILL})
+#: Failure phases in which the forged disks may still run on their overlays.
+_ON_OVERLAYS = frozenset({State.ACTIVE, State.COMMITTING})
+
+
+def missing_overlays(
+    record: SessionRecord, exists: Callable[[str], bool] = os.path.exists
+) -> tuple[DiskRecord, ...]:
+    """The forged disks of an unfinished session that are still on their overlay (not merged
+    back) while the overlay file is gone from its directory (``exists`` is the only I/O)."""
+    if record.state is State.FAILED:
+        if record.rolled_back or record.failure_phase not in _ON_OVERLAYS:
+            return ()
+    elif record.state not in _ON_OVERLAYS:
+        return ()
+    return tuple(
+        d
+        for d in record.disks
+        if d.overlay_node is not None and d.overlay_file is not None and not exists(d.overlay_file)
+    )
+
+
+def overlays_missing_hint(record: SessionRecord, gone: Sequence[DiskRecord]) -> str:
+    """What a deleted overlay means and what to do, in one sentence."""
+    names = ", ".join(f"{d.name} ({d.overlay_file})" for d in gone)
+    return (
+        f"the overlay file of forged disk(s) {names} was deleted; a QEMU still running on it "
+        "holds the only copy of the guest's writes since enable: run 'forgeqmp commit' now to "
+        "keep them, or 'forgeqmp discard' to drop them, and do not stop or restart QEMU before "
+        "(if QEMU is not running any more, those writes are lost: run 'forgeqmp recover')"
     )
 
 

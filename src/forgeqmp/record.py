@@ -30,7 +30,7 @@ from typing import Any, Final, NoReturn, TypeVar, cast
 
 import attrs
 
-from forgeqmp.errors import InvalidArgument, RecordError, SessionActive
+from forgeqmp.errors import InvalidArgument, RecordError, RecordUnreadable, SessionActive
 from forgeqmp.statedir import StateDir
 from forgeqmp.states import TERMINAL, State
 
@@ -280,7 +280,9 @@ class DiskRecord:
     ``device_node`` is the format node attached to the device at enable (the original, which
     becomes the overlay's backing); commit merges into it and discard restarts QEMU on
     ``base_file``. ``merged`` becomes true once commit passed the point of no return for this disk
-    (its overlay is being or has been written into the base), after which discard is impossible.
+    (its overlay is being or has been written into the base), after which discard is impossible;
+    the disk is fully merged once, in addition, ``overlay_node`` is None (it is back on its
+    original). ``status`` shows the two apart: ``merged`` (fully) and ``original_written``.
     """
 
     name: str = attrs.field(validator=_name)  #: qdev id of the disk device
@@ -480,11 +482,11 @@ class SessionRecord:
             raw = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
             return _decode_session(raw)
         except _FormatMismatch as exc:
-            raise RecordError(str(exc)) from None
+            raise RecordUnreadable(str(exc)) from None
         except _Invalid as exc:
-            raise RecordError(f"invalid session record: {exc}; {_ADVICE}") from None
+            raise RecordUnreadable(f"invalid session record: {exc}; {_ADVICE}") from None
         except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, absurdly nested JSON
-            raise RecordError(
+            raise RecordUnreadable(
                 f"the session record is not valid JSON ({_show_error(exc)}); {_DAMAGED}"
             ) from None
 
@@ -500,7 +502,10 @@ class SessionRecord:
                     "name": d.name,
                     "base": d.base_file,
                     "overlay": d.overlay_file,
-                    "merged": d.merged,
+                    # Exactly: merged once its switch back to the original completed; before
+                    # that, a commit that started writes into the original (no discard then).
+                    "merged": d.merged and d.overlay_node is None,
+                    "original_written": d.merged,
                 }
                 for d in self.disks
             ],
@@ -782,7 +787,7 @@ class RecordStore:
         try:
             return SessionRecord.from_json(data)
         except RecordError as exc:
-            raise RecordError(f"{self.path}: {exc}") from None
+            raise RecordUnreadable(f"{self.path}: {exc}") from None
 
     def save(self, record: SessionRecord, *, force: bool = False) -> None:
         """Write ``record`` as the current record, atomically and durably.

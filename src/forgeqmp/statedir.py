@@ -35,7 +35,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
-from forgeqmp.errors import InstanceLocked, InvalidArgument, RecordError
+from forgeqmp.errors import (
+    InstanceLocked,
+    InvalidArgument,
+    RecordError,
+    RecordUnreadable,
+    UnsafeStateDir,
+)
 
 __all__ = [
     "LOCK_FILE",
@@ -143,7 +149,9 @@ class StateDir:
     :meth:`path_of` returns). Anything else (``..``, subdirectories, another directory) is refused
     with :class:`~forgeqmp.errors.RecordError`.
 
-    All failures are :class:`~forgeqmp.errors.RecordError` with a message saying what to fix.
+    All failures are :class:`~forgeqmp.errors.RecordError` with a message saying what to fix; the
+    checks that refuse an unsafe directory or file are :class:`~forgeqmp.errors.UnsafeStateDir`,
+    an unreadable file :class:`~forgeqmp.errors.RecordUnreadable` (both exit 3: nothing changed).
     """
 
     __slots__ = ("_path",)
@@ -195,7 +203,7 @@ class StateDir:
             except FileExistsError:
                 continue  # created concurrently: the checks below decide whether it is usable
             except OSError as exc:
-                raise RecordError(
+                raise UnsafeStateDir(
                     f"cannot create the state dir {directory}: {exc.strerror}; create it yourself "
                     f"(mkdir -m 700) or choose another --state-dir"
                 ) from exc
@@ -207,7 +215,7 @@ class StateDir:
         try:
             fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
-            raise RecordError(
+            raise UnsafeStateDir(
                 f"the state dir {directory} changed while it was being created ({exc.strerror}); "
                 "check who else writes there, or choose another --state-dir"
             ) from exc
@@ -231,16 +239,16 @@ class StateDir:
             raise
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(self._path):
-                raise RecordError(
+                raise UnsafeStateDir(
                     f"the state dir {self._path} is a symlink; forgeqmp does not follow it: point "
                     "--state-dir at the real directory, or remove the link"
                 ) from exc
             if exc.errno == errno.ENOTDIR:
-                raise RecordError(
+                raise UnsafeStateDir(
                     f"the state dir {self._path} is not a directory: move it away or choose "
                     "another --state-dir"
                 ) from exc
-            raise RecordError(
+            raise UnsafeStateDir(
                 f"cannot open the state dir {self._path}: {exc.strerror}; check its permissions "
                 "or choose another --state-dir"
             ) from exc
@@ -253,17 +261,17 @@ class StateDir:
 
     def _check_dir(self, st: os.stat_result) -> None:
         if not stat.S_ISDIR(st.st_mode):  # pragma: no cover - O_DIRECTORY guarantees it
-            raise RecordError(f"the state dir {self._path} is not a directory")
+            raise UnsafeStateDir(f"the state dir {self._path} is not a directory")
         uid = os.geteuid()
         if st.st_uid != uid:
-            raise RecordError(
+            raise UnsafeStateDir(
                 f"the state dir {self._path} is owned by uid {st.st_uid}, not by you (uid {uid}); "
                 "it holds guest memory, so it must be yours: chown it, or choose another "
                 "--state-dir"
             )
         if st.st_mode & 0o022:
             mode = stat.S_IMODE(st.st_mode)
-            raise RecordError(
+            raise UnsafeStateDir(
                 f"the state dir {self._path} is writable by group or others (mode {mode:04o}); it "
                 f"holds guest memory: run 'chmod 700 {self._path}', or choose another --state-dir"
             )
@@ -370,14 +378,14 @@ class StateDir:
             return None
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise RecordError(
+                raise UnsafeStateDir(
                     f"{self._path / entry} is a symlink; forgeqmp does not follow links in its "
                     "state dir: someone else put it there, check and remove it"
                 ) from exc
-            raise RecordError(f"cannot open {self._path / entry}: {exc.strerror}") from exc
+            raise RecordUnreadable(f"cannot open {self._path / entry}: {exc.strerror}") from exc
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise RecordError(
+                raise UnsafeStateDir(
                     f"{self._path / entry} is not a regular file; forgeqmp did not create it: "
                     "check and remove it"
                 )
@@ -412,14 +420,14 @@ class StateDir:
             while chunk := os.read(fd, 1 << 16):
                 total += len(chunk)
                 if total > limit:
-                    raise RecordError(
+                    raise RecordUnreadable(
                         f"{self._path / entry} is larger than {limit} bytes; it is not a file "
                         "forgeqmp wrote: check it and move it away"
                     )
                 chunks.append(chunk)
             return b"".join(chunks)
         except OSError as exc:
-            raise RecordError(f"cannot read {self._path / entry}: {exc.strerror}") from exc
+            raise RecordUnreadable(f"cannot read {self._path / entry}: {exc.strerror}") from exc
         finally:
             os.close(fd)
 
@@ -578,7 +586,7 @@ class InstanceLock:
             except BlockingIOError:
                 raise InstanceLocked(str(self.path), self._read_holder(fd)) from None
             except OSError as exc:
-                raise RecordError(
+                raise UnsafeStateDir(
                     f"cannot lock {self.path}: {exc.strerror}; the state dir must be on a local "
                     "file system that supports flock"
                 ) from exc
@@ -598,15 +606,15 @@ class InstanceLock:
                 fd = os.open(LOCK_FILE, flags, _FILE_MODE, dir_fd=dfd)
             except OSError as exc:
                 if exc.errno == errno.ELOOP:
-                    raise RecordError(
+                    raise UnsafeStateDir(
                         f"{self.path} is a symlink; forgeqmp does not follow links in its state "
                         "dir: someone else put it there, check and remove it"
                     ) from exc
-                raise RecordError(f"cannot open the lock {self.path}: {exc.strerror}") from exc
+                raise UnsafeStateDir(f"cannot open the lock {self.path}: {exc.strerror}") from exc
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise RecordError(
+                raise UnsafeStateDir(
                     f"the lock {self.path} is not a regular file; check it and remove it"
                 )
             if stat.S_IMODE(st.st_mode) != _FILE_MODE:

@@ -3,7 +3,7 @@ value given to the API (``enable``'s disks, strategy, timeout and overlay_dir; `
 ``discard``'s timeout) or to the CLI (disk names, overlay dirs, timeouts) gets a typed error (the
 contract's exit code) before anything changes: QEMU's block graph, jobs, migration state and
 capabilities, the state dir and the files beside the disks are compared after every example, with
-no session and with an Active one. A damaged record with QEMU reachable is a RecordError (4) and
+no session and with an Active one. A damaged record with QEMU reachable is refused (RecordUnreadable, 3) and
 stays as it was; once repaired, the session discards normally.
 """
 
@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import forgeqmp
 from forgeqmp.cli import main
-from forgeqmp.errors import ForgeError, RecordError
+from forgeqmp.errors import ForgeError, RecordUnreadable
 from forgeqmp.plans.enable import Strategy
 from forgeqmp.record import RECORD_FILE
 from forgeqmp.statedir import InstanceLock, StateDir
@@ -222,7 +222,7 @@ def test_bad_values_change_nothing(qemu_factory, tmp_path: Path, capsys) -> None
     assert cli(capsys, *base, "enable", "--disk", "d1")[0] == 3
     assert observe(vm, state) == during
 
-    # --- a damaged record, QEMU reachable: RecordError, and the file is left as it is ----------
+    # --- a damaged record, QEMU reachable: refused (RecordUnreadable, 3), the file left as is ---
     path = state / RECORD_FILE
     good = path.read_bytes()
     obj = json.loads(good)
@@ -238,11 +238,11 @@ def test_bad_values_change_nothing(qemu_factory, tmp_path: Path, capsys) -> None
         damaged_state = observe(vm, state)
         for method in ("commit", "discard", "enable"):
             error = run(call, method)
-            assert isinstance(error, RecordError), (label, method, error)
-            assert error.exit_code == 4
+            assert isinstance(error, RecordUnreadable), (label, method, error)
+            assert error.exit_code == 3
         for command in ("status", "commit", "discard", "enable"):
             code, err = cli(capsys, *base, command)
-            assert code == 4, (label, command, err)
+            assert code == 3, (label, command, err)
         assert path.read_bytes() == damaged
         assert observe(vm, state) == damaged_state, label
     StateDir(state).atomic_write(RECORD_FILE, good)

@@ -1,7 +1,7 @@
 """Bad input through the CLI, run in process (no QEMU needed): whatever the arguments, the exit code
 is one of the contract's and a refusal changes nothing; sockets that are not QMP give exit 5 within
-the connect deadline; corrupted, truncated or hand-edited session records give a RecordError (4),
-never a crash, and are left as they were.
+the connect deadline; corrupted, truncated or hand-edited session records are refused
+(RecordUnreadable or UnsafeStateDir, 3), never a crash, and are left as they were.
 
 Every example runs against one prepared tree (a state dir holding a finished session, a socket path
 nothing listens on) and checks that the whole tree is unchanged, so one example cannot hide what
@@ -509,11 +509,12 @@ def test_damaged_records_are_record_errors_and_stay_as_they_are(
         final = status.json_lines()[-1]
         assert set(final) >= STATUS_KEYS
         if parsed is None:
-            assert status.code == 4, status
-            assert final["exit_code"] == 4
+            # Refused (3: nothing changed), whatever reads it; enable talks to QEMU first.
+            assert status.code == 3, status
+            assert (final["exit_code"], final["error_kind"]) == (3, "record-unreadable")
             assert str(path) in status.err
-            assert run_cli(capsys, [*tree.base(), "status"]).code == 4
-            expected = {"commit": 4, "discard": 4, "enable": 5, "check destroy": 3}
+            assert run_cli(capsys, [*tree.base(), "status"]).code == 3
+            expected = {"commit": 3, "discard": 3, "enable": 5, "check destroy": 3}
         else:
             assert status.code == 0, status
             assert final["state"] == parsed.state.value
@@ -545,7 +546,7 @@ def test_a_record_that_is_not_a_file_is_refused(
         plant(path)
         before = snapshot(tree.root)
         result = run_cli(capsys, [*tree.base(), *command.split()])
-        expected = {"enable": 5, "check destroy": 3}.get(command, 4)
+        expected = {"enable": 5}.get(command, 3)  # refused: nothing changed
         assert result.code == expected, (plant, result)
         assert snapshot(tree.root) == before
 
@@ -554,10 +555,12 @@ def test_a_record_that_is_not_a_file_is_refused(
 def test_no_session_is_refused_without_creating_the_state_dir(
     tree: Tree, capsys: pytest.CaptureFixture[str], command: str
 ) -> None:
-    """A mistyped --state-dir: refused (3), and no directory (with a lock in it) appears there."""
+    """A mistyped --state-dir while nothing listens on the socket: QEMU unreachable (5, as for a
+    socket that does not speak QMP: there is no session to act on offline), the message says the
+    state dir holds no session, and no directory (with a lock in it) appears there."""
     typo = tree.root / "cwd" / "typo" / "state"
     before = snapshot(tree.root)
     result = run_cli(capsys, ["--qmp", tree.socket, "--state-dir", str(typo), command])
-    assert result.code == 3, result
-    assert "no forge session" in result.err
+    assert result.code == 5, result
+    assert f"the state dir {typo} holds no session {command} could act on" in result.err
     assert snapshot(tree.root) == before

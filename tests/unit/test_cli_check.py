@@ -9,9 +9,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 from forgeqmp.cli import main
+from forgeqmp.guard import missing_overlays
 from forgeqmp.record import DiskRecord, MemoryRecord, QemuRecord, RecordStore, SessionRecord
 from forgeqmp.statedir import StateDir, default_state_dir
 from forgeqmp.states import State
@@ -139,9 +141,50 @@ def test_exit_codes_for_every_operation_in_every_state(
             assert out == ""
             assert err.startswith(f"forgeqmp: {operation} is blocked: forge session {SID} is ")
             assert ("recover" in err) or ("'forgeqmp commit'" in err)
+        elif operation in STOPS_QEMU and record is not None and missing_overlays(record):
+            # The records' overlay files do not exist: QEMU's open file would be the only copy.
+            assert code == 3, (operation, out, err)
+            assert err.startswith(f"forgeqmp: {operation} is blocked: the overlay file of ")
         else:
             assert (code, err) == (0, ""), (operation, err)
             assert out.startswith(f"{operation} is allowed: ")
+
+
+STOPS_QEMU = ("stop", "restart", "kill")
+
+
+@pytest.mark.parametrize("subject", ["active", "committing"])
+def test_stopping_qemu_is_blocked_once_an_overlay_is_deleted(
+    subject: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """While the overlay exists, stop/restart/kill are allowed (start_argv restarts on it); once
+    it is deleted, the running QEMU's open file is the only copy of the guest's writes: refused
+    (3), and the JSON says what to do. Nothing is changed either way."""
+    record, _ = RECORDS[subject]
+    assert record is not None
+    overlay = tmp_path / "disk0.fq.qcow2"
+    overlay.write_bytes(b"overlay")
+    record = record.evolve(disks=(attrs.evolve(record.disks[0], overlay_file=str(overlay)),))
+    state = state_dir_with(tmp_path, record)
+    saved = (state / "session.json").read_bytes()
+    for operation in STOPS_QEMU:
+        assert check(capsys, state, operation)[0] == 0, operation
+    overlay.unlink()
+    for operation in STOPS_QEMU:
+        code, out, err = check(capsys, state, operation, "--json")
+        assert code == 3, (operation, err)
+        assert str(overlay) in err
+        obj = json.loads(out.splitlines()[-1])
+        assert (obj["state"], obj["allowed"], obj["exit_code"], obj["error_kind"]) == (
+            subject,
+            False,
+            3,
+            "operation-blocked",
+        )
+        assert "'forgeqmp commit'" in obj["next_step"]
+    assert check(capsys, state, "console")[0] == 0
+    assert check(capsys, state, "start")[0] == 0
+    assert (state / "session.json").read_bytes() == saved
 
 
 def test_the_blocked_message_says_why_and_how_to_finish(
@@ -204,9 +247,9 @@ def test_json_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
         3,
     )
     assert obj["error"] == err.removeprefix("forgeqmp: ").strip()
-    code, out, _ = check(capsys, state, "kill", "--json")
+    code, out, _ = check(capsys, state, "console", "--json")
     obj = json.loads(out)
-    assert (code, obj["state"], obj["operation"], obj["allowed"]) == (0, "active", "kill", True)
+    assert (code, obj["state"], obj["operation"], obj["allowed"]) == (0, "active", "console", True)
 
 
 def test_the_state_dir_derives_from_the_socket(
@@ -220,7 +263,7 @@ def test_the_state_dir_derives_from_the_socket(
     assert main(["--qmp", str(socket), "check", "disk-remove"]) == 3
     assert "is committing" in capsys.readouterr().err
     monkeypatch.setenv("FORGEQMP_QMP", str(socket))
-    assert main(["check", "restart"]) == 0
+    assert main(["check", "console"]) == 0
     other = tmp_path / "vm2" / "qmp.sock"
     assert main(["--qmp", str(other), "check", "disk-remove"]) == 0  # another instance
 
@@ -259,6 +302,8 @@ def test_error_messages_say_what_to_do_next(
     state = state_dir_with(tmp_path / "x", None)
     code = main(["--qmp", str(tmp_path / "qmp.sock"), "--state-dir", str(state), "commit"])
     err = capsys.readouterr().err
-    assert code == 3  # QEMU is provably down: commit opens offline, and finds no session
-    assert "no forge session to commit" in err
-    assert "start one with 'forgeqmp enable'" in err
+    # The record is read first; with no session to act on offline, an unreachable QEMU is exit 5
+    # (as for a socket that does not speak QMP), and the message says both.
+    assert code == 5
+    assert "check that QEMU is running" in err
+    assert f"the state dir {state} holds no session commit could act on" in err

@@ -351,6 +351,27 @@ def test_new_session_id_is_a_valid_id() -> None:
 
 # --- status --------------------------------------------------------------------------------------
 
+
+def test_status_says_exactly_which_disks_are_merged() -> None:
+    """A disk past its point of no return whose switch back did not complete is not merged (its
+    original was written into: no discard), a disk back on its original is; one never started
+    is neither."""
+    record = make_record()
+    base = record.disks[0]
+    disks = (
+        attrs.evolve(base, name="done", base_file="/i/a", overlay_file="/i/a.o", merged=True,
+                     overlay_node=None, overlay_file_node=None),
+        attrs.evolve(base, name="partly", base_file="/i/b", overlay_file="/i/b.o", merged=True),
+        attrs.evolve(base, name="untouched", base_file="/i/c", overlay_file="/i/c.o"),
+    )  # fmt: skip
+    status = record.evolve(disks=disks).status_dict()
+    assert [(d["name"], d["merged"], d["original_written"]) for d in status["disks"]] == [
+        ("done", True, True),
+        ("partly", False, True),
+        ("untouched", False, False),
+    ]
+
+
 CONTRACT_KEYS = {"state", "activated_at", "disks", "memory_file", "memory_restored", "error"}
 
 
@@ -366,6 +387,7 @@ def test_status_dict_follows_the_contract() -> None:
             "base": "/var/lib/vms/web1.qcow2",
             "overlay": "/var/lib/vms/web1.forge-1.qcow2",
             "merged": False,
+            "original_written": False,
         }
     ]
     assert status["memory_file"] == "/home/u/.local/state/forgeqmp/web1/memory-1.bin"

@@ -190,7 +190,8 @@ def test_recover_of_a_commit_with_qemu_stopped_leaves_the_disks_to_commit(tmp_pa
         assert d.overlay_file is not None
         Path(d.overlay_file).write_bytes(b"overlay")
     code, status = run_cli(tmp_path, "recover")
-    assert code == 0, status
+    # The session is left failed (half merged) until a commit runs: exit 4, never 0.
+    assert (code, status["exit_code"], status["error_kind"]) == (4, 4, "forge-failed"), status
     assert status["state"] == "failed"
     assert status["failure_phase"] == "committing"
     assert "offline" in status["next_step"]
