@@ -274,11 +274,6 @@ def test_proxmox_style_discard(qemu_factory, tmp_path: Path) -> None:  # type: i
     assert len(record.unforged_disks) == 1  # the UEFI vars store, writable, left out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the options engineer's stable disk names (issue 12 item 6): the UEFI vars "
-    "pflash is recorded as QEMU's throwaway #blockNNN",
-)
 def test_proxmox_style_disk_names_are_stable(qemu_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     vm = proxmox_vm(qemu_factory)
     record = run(_enable, vm, tmp_path / "state", None, disks=["scsi0", "virtio1"])
@@ -289,11 +284,6 @@ def test_proxmox_style_disk_names_are_stable(qemu_factory, tmp_path: Path) -> No
         run(_discard, vm, tmp_path / "state", None)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the options engineer's block options kept across commit (issue 12 item 5): "
-    "detect_zeroes of the -drive disks is 'off' after commit",
-)
 def test_proxmox_style_commit_keeps_options(qemu_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     vm = proxmox_vm(qemu_factory)
     commit_cycle(vm, tmp_path / "state", ["scsi0", "virtio1"])
