@@ -83,7 +83,8 @@ class DiscardDriver(DriverBase):
         ``connect(..., allow_offline=True)``): the disks are reverted and the VM is started.
 
         :raises NoSession: no Active session, or a disk already merged by a commit.
-        :raises PrerequisiteError: QEMU no longer runs the recorded configuration. Nothing changed.
+        :raises PrerequisiteError: QEMU no longer runs the recorded configuration, or recover
+            found the forge bypassed (the originals were written since enable). Nothing changed.
         :raises ForgeFailed: even the cold start failed; the record holds the argv and QEMU's error.
         """
         timeout = _check_timeout("timeout", timeout)
@@ -91,9 +92,9 @@ class DiscardDriver(DriverBase):
         launch = launcher or functools.partial(detached_launcher, timeout=timeout)
         started = time.monotonic()
         # Refused without a session before taking the lock, which would create the state dir.
-        self._require_session("discard", lambda st: st.can_discard)
+        self._require_discardable()
         with InstanceLock(self.state_dir, "forgeqmp discard"):
-            record = self._require_session("discard", lambda st: st.can_discard)
+            record = self._require_discardable()
             touched = [d.name for d in record.disks if d.merged]
             if touched:
                 raise NoSession(
@@ -112,6 +113,25 @@ class DiscardDriver(DriverBase):
                     record, launch, timeout, report, started, cold=cold
                 )
             return record
+
+    def _require_discardable(self) -> SessionRecord:
+        """The session's record if a discard may start. Refused (nothing changed) also once
+        recover found the forge bypassed: the guest wrote to the originals since enable, and the
+        memory state of enable would run on disks it does not match (a corrupted guest)."""
+        record = self._require_session("discard", lambda _st: True)
+        if status_of(record).originals_written:
+            why = f" ({record.error})" if record.error else ""
+            raise PrerequisiteError(
+                f"cannot discard session {record.session_id}: the forge was bypassed{why}; the "
+                "memory state saved at enable no longer matches the original disks, so resuming "
+                "it would corrupt the guest. Safe way out: "
+                + (
+                    record.next_step
+                    or "keep the VM as it runs on its originals and remove the session's "
+                    "overlays and memory file by hand ('forgeqmp status' lists them)"
+                )
+            )
+        return self._require_session("discard", lambda st: st.can_discard)
 
     async def _finish_discard(
         self, record: SessionRecord, launch: Launcher, timeout: float, report: ProgressCallback
