@@ -12,6 +12,7 @@ import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from qemu_schema import migration_statuses  # tests/unit is on sys.path (rootdir-relative)
 
 from forgeqmp.errors import PrerequisiteError
 from forgeqmp.forge import status_of
@@ -506,7 +507,8 @@ def test_start_argv_follows_the_session() -> None:
 ENABLE_STEPS = ("planned", "overlays-created", "migration-started", "snapshot-done")
 RUNSTATES = ("running", "paused", "postmigrate", "finish-migrate", "inmigrate", "prelaunch")
 JOB_STATES = ("running", "ready", "concluded", "paused", "pending", "aborting")
-MIGRATIONS = ("none", "active", "pre-switchover", "completed", "failed", "cancelled")
+#: Every migration status of QEMU's schema (every recorded build), not a hand-picked few.
+MIGRATIONS = migration_statuses()
 
 
 @st.composite
