@@ -112,6 +112,8 @@ class DiscardDriver(DriverBase):
                 record = await self._run_discard(
                     record, launch, timeout, report, started, cold=cold
                 )
+            if record.state is State.FAILED:  # not even the cold start ran: no VM is running
+                raise ForgeFailed(f"{record.error}; {record.next_step}")
             return record
 
     def _require_discardable(self) -> SessionRecord:
