@@ -165,6 +165,18 @@ class DiscardDriver(DriverBase):
         disks = {d.qdev: d for d in await self.disks()}
         for disk in record.disks:
             now = disks.get(disk.qdev)
+            if (
+                record.state is State.ACTIVE
+                and now is not None
+                and (now.node == disk.device_node or now.file == disk.base_file)
+            ):
+                raise PrerequisiteError(
+                    f"disk {disk.name} runs on its original image, not on its overlay: QEMU was "
+                    "started with the original command line since enable, so the forge was "
+                    "bypassed and the memory state saved at enable no longer matches the disks; "
+                    "discard would corrupt the guest. Run 'forgeqmp recover' to record that, and "
+                    "keep the VM as it runs"
+                )
             if now is None or now.virtual_size != disk.virtual_size:
                 raise PrerequisiteError(
                     f"disk {disk.name} is missing or has another size than at enable; the memory "

@@ -196,6 +196,16 @@ def test_a_restart_on_the_originals_is_a_bypassed_forge_and_discard_is_refused(
     # The guest writes to its originals now: the memory state of enable no longer matches them.
     bypassed = {d: write(vm, d, f"{d}bypass") for d in ("d0", "d1")}
 
+    # Discard before recover: QEMU shows the disks on their originals, so it is refused already.
+    pid = vm.pid
+    saved = forgeqmp.RecordStore(forgeqmp.StateDir(state)).load()
+    code, final = cli(vm, state, "discard")
+    assert code == 3, final
+    assert "bypassed" in final["error"]
+    assert forgeqmp.RecordStore(forgeqmp.StateDir(state)).load() == saved
+    assert vm.pid == pid
+    assert {d: vm.disk_md5(d, 2) for d in bypassed} == bypassed
+
     recovered = run(_open, vm, state, "recover")
     assert recovered.state is State.FAILED
     assert recovered.failure_phase is State.ACTIVE
