@@ -1,12 +1,21 @@
 """Deterministic crash points, for the fault-matrix tests.
 
 The enable, commit and discard drivers call :func:`reached` at every step boundary (after the
-record of the step is on disk). Normally it returns at once. With ``FORGEQMP_TEST_CRASH_AT`` set
-to ``<operation>:<step>`` it kills the controlling process right there with SIGKILL (no cleanup,
-no ``finally``: what a crash or an OOM kill does); with ``<operation>:<step>:qemu`` it SIGKILLs the
-QEMU process instead (once) and lets the controller carry on, as when QEMU crashes under it.
+record of the step is on disk). Normally it returns at once. Only with **both**
+``FORGEQMP_TEST_CRASH_ENABLE=1`` and ``FORGEQMP_TEST_CRASH_AT=<operation>:<step>`` set does it kill
+the controlling process right there with SIGKILL (no cleanup, no ``finally``: what a crash or an
+OOM kill does); with ``<operation>:<step>:qemu`` it SIGKILLs the QEMU process instead (once) and
+lets the controller carry on, as when QEMU crashes under it. The second, explicit opt-in means a
+stray ``FORGEQMP_TEST_CRASH_AT`` in a production environment can never make forgeqmp kill itself
+or a customer's QEMU.
 
-Only this function reads the variable; nothing else in forgeqmp changes behaviour for tests.
+When a crash point fires it says so on stderr first (``forgeqmp: crash point ...``), so a test can
+tell the point was really reached and QEMU really killed. A QEMU crash point that cannot do its
+job (no QEMU pid known, the process already gone, or still alive after the SIGKILL) does not
+return silently: it reports that on stderr and ends the controller with exit status
+:data:`NOT_DONE_EXIT`, so the cell fails instead of testing nothing.
+
+Only this function reads the variables; nothing else in forgeqmp changes behaviour for tests.
 :data:`STEPS` lists the crash points of each operation in the order they are reached.
 """
 
@@ -14,15 +23,20 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from collections.abc import Mapping
-from typing import Final
+from typing import Final, NoReturn
 
 from forgeqmp.process import wait_gone
 
-__all__ = ["ENV", "STEPS", "reached"]
+__all__ = ["ENABLE_ENV", "ENV", "NOT_DONE_EXIT", "STEPS", "enabled", "reached"]
 
 #: The environment variable naming the crash point: ``operation:step`` or ``operation:step:qemu``.
 ENV: Final = "FORGEQMP_TEST_CRASH_AT"
+#: The second, explicit opt-in: crash points fire only while this is exactly ``"1"``.
+ENABLE_ENV: Final = "FORGEQMP_TEST_CRASH_ENABLE"
+#: The controller's exit status when a QEMU crash point was reached but could not kill QEMU.
+NOT_DONE_EXIT: Final = 86
 
 #: Every crash point, per operation, in the order the driver reaches them.
 STEPS: Final[Mapping[str, tuple[str, ...]]] = {
@@ -57,23 +71,41 @@ STEPS: Final[Mapping[str, tuple[str, ...]]] = {
 _fired = False
 
 
+def enabled() -> bool:
+    """Whether crash injection is switched on: both variables set (see the module docstring)."""
+    return os.environ.get(ENABLE_ENV) == "1" and bool(os.environ.get(ENV))
+
+
+def _say(text: str) -> None:
+    print(f"forgeqmp: crash point {text}", file=sys.stderr, flush=True)
+
+
+def _not_done(where: str, why: str) -> NoReturn:
+    _say(f"{where}: NOT DONE: {why}")
+    os._exit(NOT_DONE_EXIT)
+
+
 def reached(operation: str, step: str, qemu_pid: int | None = None) -> None:
     """A driver reached ``step`` of ``operation``: crash here if the test asked for it."""
     global _fired
-    spec = os.environ.get(ENV)
-    if not spec or _fired:
+    if _fired or not enabled():
         return
-    parts = spec.split(":")
+    parts = os.environ[ENV].split(":")
     if parts[:2] != [operation, step]:
         return
     victim = parts[2] if len(parts) > 2 else "self"
+    where = f"{operation}:{step}:{victim}"
     _fired = True
     if victim == "qemu":
-        if qemu_pid is not None:
-            try:
-                os.kill(qemu_pid, signal.SIGKILL)
-            except ProcessLookupError:
-                return
-            wait_gone(qemu_pid, 10.0)
+        if qemu_pid is None:
+            _not_done(where, "no QEMU pid is known here, nothing was killed")
+        try:
+            os.kill(qemu_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            _not_done(where, f"QEMU pid {qemu_pid} was already gone, nothing was killed")
+        if not wait_gone(qemu_pid, 10.0):
+            _not_done(where, f"QEMU pid {qemu_pid} is still there 10 s after SIGKILL")
+        _say(f"{where}: killed QEMU pid {qemu_pid}")
         return
+    _say(f"{where}: SIGKILL of the controller, pid {os.getpid()}")
     os.kill(os.getpid(), signal.SIGKILL)

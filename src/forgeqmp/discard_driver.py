@@ -89,7 +89,8 @@ class DiscardDriver(DriverBase):
         ``connect(..., allow_offline=True)``): the disks are reverted and the VM is started.
 
         :raises NoSession: no Active session, or a disk already merged by a commit.
-        :raises PrerequisiteError: QEMU no longer runs the recorded configuration. Nothing changed.
+        :raises PrerequisiteError: QEMU no longer runs the recorded configuration, or recover
+            found the forge bypassed (the originals were written since enable). Nothing changed.
         :raises ForgeFailed: even the cold start failed; the record holds the argv and QEMU's error.
         """
         timeout = _check_timeout("timeout", timeout)
@@ -97,9 +98,9 @@ class DiscardDriver(DriverBase):
         launch = launcher or self.launcher or functools.partial(detached_launcher, timeout=timeout)
         started = time.monotonic()
         # Refused without a session before taking the lock, which would create the state dir.
-        self._require_session("discard", lambda st: st.can_discard)
+        self._require_discardable()
         with InstanceLock(self.state_dir, "forgeqmp discard"):
-            record = self._require_session("discard", lambda st: st.can_discard)
+            record = self._require_discardable()
             touched = [d.name for d in record.disks if d.merged]
             if touched:
                 raise NoSession(
@@ -127,7 +128,28 @@ class DiscardDriver(DriverBase):
                 record = await self._run_discard(
                     record, launch, timeout, report, started, cold=cold
                 )
+            if record.state is State.FAILED:  # not even the cold start ran: no VM is running
+                raise ForgeFailed(f"{record.error}; {record.next_step}")
             return record
+
+    def _require_discardable(self) -> SessionRecord:
+        """The session's record if a discard may start. Refused (nothing changed) also once
+        recover found the forge bypassed: the guest wrote to the originals since enable, and the
+        memory state of enable would run on disks it does not match (a corrupted guest)."""
+        record = self._require_session("discard", lambda _st: True)
+        if status_of(record).originals_written:
+            why = f" ({record.error})" if record.error else ""
+            raise PrerequisiteError(
+                f"cannot discard session {record.session_id}: the forge was bypassed{why}; the "
+                "memory state saved at enable no longer matches the original disks, so resuming "
+                "it would corrupt the guest. Safe way out: "
+                + (
+                    record.next_step
+                    or "keep the VM as it runs on its originals and remove the session's "
+                    "overlays and memory file by hand ('forgeqmp status' lists them)"
+                )
+            )
+        return self._require_session("discard", lambda st: st.can_discard)
 
     async def _finish_discard(
         self, record: SessionRecord, launch: Launcher, timeout: float, report: ProgressCallback
@@ -159,6 +181,18 @@ class DiscardDriver(DriverBase):
         disks = {d.qdev: d for d in await self.disks()}
         for disk in record.disks:
             now = disks.get(disk.qdev)
+            if (
+                record.state is State.ACTIVE
+                and now is not None
+                and (now.node == disk.device_node or now.file == disk.base_file)
+            ):
+                raise PrerequisiteError(
+                    f"disk {disk.name} runs on its original image, not on its overlay: QEMU was "
+                    "started with the original command line since enable, so the forge was "
+                    "bypassed and the memory state saved at enable no longer matches the disks; "
+                    "discard would corrupt the guest. Run 'forgeqmp recover' to record that, and "
+                    "keep the VM as it runs"
+                )
             if now is None or now.virtual_size != disk.virtual_size:
                 raise PrerequisiteError(
                     f"disk {disk.name} is missing or has another size than at enable; the memory "

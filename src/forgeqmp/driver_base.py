@@ -52,7 +52,7 @@ from forgeqmp.record import (
 )
 from forgeqmp.recover import MIGRATION_RUNNING
 from forgeqmp.statedir import StateDir, default_state_dir
-from forgeqmp.states import Failure, SessionStatus, State
+from forgeqmp.states import FORGE_BYPASSED, Failure, SessionStatus, State
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,9 @@ def _now() -> datetime:
 
 def status_of(record: SessionRecord) -> SessionStatus:
     """The sans-IO status (state + failure) a record describes."""
+    bypassed = record.step == FORGE_BYPASSED  # the originals were written outside a commit
     if record.state is not State.FAILED:
-        return SessionStatus(record.state, None)
+        return SessionStatus(record.state, None, originals_written=bypassed)
     # Fully merged: the overlay is gone. A disk whose commit started but did not finish is
     # pending (a later commit finishes it) and also bars discard (see Instance.discard).
     merged = tuple(d.name for d in record.disks if d.merged and d.overlay_node is None)
@@ -103,7 +104,7 @@ def status_of(record: SessionRecord) -> SessionStatus:
         merged_disks=merged,
         pending_disks=pending,
     )
-    return SessionStatus(State.FAILED, failure)
+    return SessionStatus(State.FAILED, failure, originals_written=bypassed)
 
 
 def _event_time(event: Mapping[str, Any]) -> float:

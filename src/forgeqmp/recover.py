@@ -40,7 +40,7 @@ import attrs
 from forgeqmp.launcher import cold_argv
 from forgeqmp.plans.enable import DOWNTIME_LIMIT_MS, MAX_BANDWIDTH
 from forgeqmp.record import DiskRecord, SessionRecord
-from forgeqmp.states import Event, State
+from forgeqmp.states import FORGE_BYPASSED, Event, State
 
 __all__ = [
     "ENABLE_STEPS_AFTER_SNAPSHOT",
@@ -792,7 +792,9 @@ def _active(p: _Planner) -> RecoveryPlan:
             "it on the overlays (Instance.start_spec()) and run 'forgeqmp recover', or keep the "
             "VM as it runs and remove the overlays and the memory file by hand"
         )
-        return p.failed(State.ACTIVE, reason, step, vm_running=p.running())
+        return p.failed(
+            State.ACTIVE, reason, step, vm_running=p.running(), record_step=FORGE_BYPASSED
+        )
     if missing:
         names = ", ".join(f"{d.name} ({d.overlay_file})" for d in missing)
         reason = (

@@ -22,13 +22,14 @@ from __future__ import annotations
 import enum
 import types
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Final
 
 import attrs
 
 from forgeqmp.errors import IllegalTransition, InvalidArgument, PrerequisiteError, SessionActive
 
 __all__ = [
+    "FORGE_BYPASSED",
     "RECOVER_EVENTS",
     "TERMINAL",
     "TRANSITIONS",
@@ -265,6 +266,13 @@ class Failure:
             )
 
 
+#: The record step recover writes when it finds the forge bypassed (the VM ran on its original disks
+#: since enable, e.g. QEMU restarted with its original command line). The originals may have
+#: changed since, so the memory state saved at enable no longer matches them: discard stays refused
+#: for the rest of the session (:attr:`SessionStatus.originals_written`).
+FORGE_BYPASSED: Final = "forge-bypassed"
+
+
 def _check_status_state(_: Any, attribute: attrs.Attribute[Any], value: State) -> None:
     if not isinstance(value, State):
         raise InvalidArgument(f"state must be a State, not {value!r}")
@@ -290,6 +298,10 @@ class SessionStatus:
     state: State = attrs.field(validator=_check_status_state)
     failure: Failure | None = attrs.field(default=None, validator=_check_status_failure)
     merged_disks: tuple[str, ...] = attrs.field(converter=_disk_names, validator=_check_disk_names)
+    #: The originals may have been written since enable other than by a commit (a bypassed forge,
+    #: see :data:`FORGE_BYPASSED`): the memory state of enable no longer fits them, discard is
+    #: refused in every state.
+    originals_written: bool = attrs.field(default=False, validator=_check_bool, kw_only=True)
 
     @merged_disks.default
     def _merged_from_failure(self) -> tuple[str, ...]:
@@ -341,7 +353,10 @@ class SessionStatus:
 
     @property
     def can_discard(self) -> bool:
-        """A discard may start: ACTIVE, or FAILED with nothing rolled back and no disk merged."""
+        """A discard may start: ACTIVE, or FAILED with nothing rolled back and no disk merged; never
+        once the originals were written outside a commit (:attr:`originals_written`)."""
+        if self.originals_written:
+            return False
         if self.state is State.ACTIVE:
             return True
         failure = self.failure
@@ -359,6 +374,13 @@ class SessionStatus:
         target = next_state(self.state, event)
         if self.state is State.FAILED and event is Event.COMMIT and not self.can_commit:
             raise PrerequisiteError(self._refusal("commit"))
+        if event is Event.DISCARD and self.originals_written:
+            raise PrerequisiteError(
+                "cannot discard: the forge was bypassed (the VM ran on its original disks since "
+                "enable), so the originals may have changed and the memory state saved at enable "
+                "no longer matches them; keep the VM as it runs on its originals and remove the "
+                "session's overlays and memory file by hand ('forgeqmp status' lists them)"
+            )
         if self.state is State.FAILED and event is Event.DISCARD and not self.can_discard:
             raise PrerequisiteError(self._refusal("discard"))
         if self.merged_disks and event in {Event.RECOVERED_ACTIVE, Event.RECOVERED_DISCARDED}:
@@ -374,13 +396,13 @@ class SessionStatus:
                     "and what to do next"
                 )
             self._check_failure(event, failure)
-            return SessionStatus(target, failure)
+            return SessionStatus(target, failure, originals_written=self.originals_written)
         if failure is not None:
             raise InvalidArgument(
                 f"event {event.value!r} leads to {target.value!r}, which carries no Failure"
             )
         merged = () if target is State.ACTIVE else self.merged_disks
-        return SessionStatus(target, None, merged)
+        return SessionStatus(target, None, merged, originals_written=self.originals_written)
 
     def _check_failure(self, event: Event, failure: Failure) -> None:
         # A failure is reported in the state the work was in; a FAILED session found FAILED again by

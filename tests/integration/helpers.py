@@ -8,14 +8,24 @@ import hashlib
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import anyio
+import pytest
 
 import forgeqmp
 from forgeqmp.qmp import connect as qmp_connect
+from forgeqmp.testing.builds import require_qemu
 
 T = TypeVar("T")
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skip a real-QEMU test that cannot run here, or fail it when ``FORGEQMP_REQUIRE_QEMU`` is
+    set (CI): there, every real-QEMU test must run, so a skip would shrink the suite silently."""
+    if require_qemu():
+        pytest.fail(f"{reason} (FORGEQMP_REQUIRE_QEMU is set: every real-QEMU test must run)")
+    pytest.skip(reason)
 
 
 def run(fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 import forgeqmp
+from forgeqmp.driver_base import status_of
 from forgeqmp.errors import ForgeFailed, NoSession
 from forgeqmp.states import State
 from forgeqmp.testing import DiskSpec
@@ -130,10 +131,12 @@ def test_timed_out_commit_is_finished_by_the_next(qemu_factory, tmp_path: Path) 
     assert failed is not None
     assert failed.state is State.FAILED
     assert failed.failure_phase is State.COMMITTING
-    assert "still on overlays" in (failed.error or "")
-    assert "commit" in (failed.next_step or "")
     pending = [d.name for d in failed.disks if d.overlay_node is not None]
     assert pending  # a 10 ms deadline cannot merge 128 MiB
+    # The record says which disks are left, by name (not only that some are), and how to finish.
+    assert all(name in (failed.error or "") for name in pending), failed.error
+    assert status_of(failed).can_commit
+    assert "forgeqmp commit" in (failed.next_step or "")
     # Once a commit started writing into an original, discard would mix old memory with new disks.
     if any(d.merged for d in failed.disks):
         with pytest.raises(NoSession, match="commit"):

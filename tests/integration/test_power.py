@@ -22,7 +22,7 @@ from forgeqmp.process import wait_gone
 from forgeqmp.states import State
 from forgeqmp.testing import DiskSpec, QemuInstance
 
-from .helpers import block_graph, qmp, run, sha256_of
+from .helpers import block_graph, files_under, qmp, run, sha256_of
 
 pytestmark = pytest.mark.qemu
 
@@ -185,24 +185,65 @@ def test_discard_while_qemu_is_stopped_can_boot_cold(qemu_factory, tmp_path: Pat
         assert sha256_of(d.base_file) == originals[d.name]
 
 
-def test_a_restart_on_the_originals_is_reported_as_a_bypassed_forge(
-    qemu_factory, qemu_build, tmp_path: Path
+def test_a_restart_on_the_originals_is_a_bypassed_forge_and_discard_is_refused(
+    qemu_factory, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    if qemu_build.name != "10.0":
-        pytest.skip("the check does not depend on the QEMU build; one is enough")
     vm = qemu_factory(disks=DISKS, memory_mib=256)
     state = tmp_path / "state"
     run(_open, vm, state, "enable", all_disks=True)
     stop_qemu(vm)
     start(vm, original_spec(vm))  # what a platform unaware of the forge would do
+    # The guest writes to its originals now: the memory state of enable no longer matches them.
+    bypassed = {d: write(vm, d, f"{d}bypass") for d in ("d0", "d1")}
+
+    # Discard before recover: QEMU shows the disks on their originals, so it is refused already.
+    pid = vm.pid
+    saved = forgeqmp.RecordStore(forgeqmp.StateDir(state)).load()
+    code, final = cli(vm, state, "discard")
+    assert code == 3, final
+    assert "bypassed" in final["error"]
+    assert forgeqmp.RecordStore(forgeqmp.StateDir(state)).load() == saved
+    assert vm.pid == pid
+    assert {d: vm.disk_md5(d, 2) for d in bypassed} == bypassed
 
     recovered = run(_open, vm, state, "recover")
     assert recovered.state is State.FAILED
-    assert "bypassed" in (recovered.error or "")
+    assert recovered.failure_phase is State.ACTIVE
+    assert not recovered.rolled_back
     assert "do not discard" in (recovered.next_step or "")
     # Nothing the guest may have written was deleted.
     for d in recovered.disks:
         assert d.overlay_file is not None
         assert Path(d.overlay_file).exists()
+    assert recovered.memory is not None
+    assert Path(recovered.memory.path).exists()
     status = run(qmp, vm.qmp_socket, "query-status")
     assert status["status"] == "running"
+
+    # Discard is refused, through the CLI as an operator runs it: exit 3, the reason and the safe
+    # way out, and nothing changed (same QEMU, still running on the originals, same files, same
+    # record).
+    pid = vm.pid
+    session_files = files_under(state) | {d.overlay_file for d in recovered.disks if d.overlay_file}
+    files_before = {f: sha256_of(f) for f in session_files}
+    assert str(state / "session.json") in files_before
+    code, final = cli(vm, state, "discard")
+    assert code == 3, final
+    assert final["exit_code"] == 3
+    assert "bypassed" in final["error"]
+    assert "Safe way out" in final["error"]
+    assert final["state"] == "failed"
+    assert vm.pid == pid
+    assert run(qmp, vm.qmp_socket, "query-status")["status"] == "running"
+    attached, nodes = block_graph(vm.qmp_socket)
+    assert [node for _q, node, _d in attached] == ["d0-fmt", "d1-fmt"]
+    assert not [n for n in nodes if n.startswith("fq")]
+    assert {d: vm.disk_md5(d, 2) for d in bypassed} == bypassed
+    assert {f: sha256_of(f) for f in files_under(state) | session_files} == files_before
+    again = forgeqmp.RecordStore(forgeqmp.StateDir(state)).load()
+    assert again == recovered
+    # The API refuses it the same way (a typed error, exit code 3).
+    with pytest.raises(forgeqmp.PrerequisiteError, match="bypassed") as refused:
+        run(_open, vm, state, "discard")
+    assert refused.value.exit_code == 3
+    assert vm.pid == pid

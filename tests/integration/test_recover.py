@@ -8,10 +8,15 @@ QEMU; then ``forgeqmp recover`` runs (the CLI, as an operator would). Every cell
   enable and the guest sees its data of then; after a commit the disks hold every write; an enable
   that is undone keeps every write.
 
+Every cell also checks that its crash point was really reached: the controller says so on stderr
+when a crash point fires (and was SIGKILLed for a ``self`` cell); for a ``qemu`` cell the QEMU it
+names was killed and is gone. A crash point that is not reached, or cannot kill QEMU, fails the cell.
+
 The VMs are shared by the cells of a module and a QEMU build (a boot costs ~10 s here); a cell that
-leaves its VM stopped boots it again for the next. Every cell runs on QEMU 10.0 (the controller
-crashes in CI, QEMU crashes a representative few in CI and all under ``-m slow``); on 7.2 a
-representative subset runs in CI and the rest under ``-m slow`` (``nox -s faults``).
+leaves its VM stopped boots it again for the next. Every cell runs on the newest QEMU build found
+(the controller crashes in CI, QEMU crashes a representative few in CI and all under ``-m slow``);
+on the older builds a representative subset runs in CI and the rest under ``-m slow``
+(``nox -s faults``).
 docs/fault-matrix.md lists the cells and what each asserts.
 """
 
@@ -31,13 +36,13 @@ import attrs
 import pytest
 
 import forgeqmp
-from forgeqmp.crashpoints import ENV, STEPS
+from forgeqmp.crashpoints import ENABLE_ENV, ENV, NOT_DONE_EXIT, STEPS
 from forgeqmp.launcher import LaunchSpec, detached_launcher
-from forgeqmp.process import wait_gone
+from forgeqmp.process import is_alive, wait_gone
 from forgeqmp.states import State
 from forgeqmp.testing import DiskSpec, QemuBuild, QemuInstance, installed_builds
 
-from .helpers import block_graph, run, sha256_of
+from .helpers import block_graph, run, sha256_of, skip_or_fail
 
 pytestmark = pytest.mark.qemu
 
@@ -80,14 +85,15 @@ def _cells() -> list[Cell]:
     return cells
 
 
-#: QEMU-crash cells run in CI on 10.0 (the rest are slow): one per operation, the riskiest step.
+#: QEMU-crash cells run in CI on the newest build (the rest are slow): one per operation, the
+#: riskiest step.
 CI_QEMU_CELLS = {
     "enable:snapshot-transaction-done:qemu",
     "commit:pivoting:qemu",
     "discard:qemu-launched:qemu",  # the cold-start fallback must still run
 }
-#: Cells run in CI on 7.2 (the rest are slow).
-CI_72_CELLS = {
+#: Cells run in CI on the older builds (7.2; the rest are slow).
+CI_OLDER_CELLS = {
     "enable:snapshot-transaction-done:self",
     "commit:job-ready:self",
     "discard:qemu-stopped:self",
@@ -96,13 +102,14 @@ CI_72_CELLS = {
 
 def _params() -> list[Any]:
     params = []
-    for build in installed_builds() or [None]:
+    builds = installed_builds()  # newest first
+    for build in builds or [None]:
         name = build.name if build else "none"
         for cell in _cells():
-            if name == "10.0":
+            if build is builds[0]:
                 slow = cell.victim == "qemu" and cell.id not in CI_QEMU_CELLS
             else:
-                slow = cell.id not in CI_72_CELLS
+                slow = cell.id not in CI_OLDER_CELLS
             marks = [pytest.mark.slow] if slow else []
             params.append(pytest.param(build, cell, id=f"qemu-{name}-{cell.id}", marks=marks))
     return params
@@ -187,8 +194,11 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
 # --- running forgeqmp as the operator would ------------------------------------------------------
 
 
-def controller(build: QemuBuild, operation: str, vm: QemuInstance, state: Path, crash: str) -> int:
-    env = {**build.environ(), ENV: crash}
+def controller(
+    build: QemuBuild, operation: str, vm: QemuInstance, state: Path, crash: str
+) -> tuple[int, str]:
+    """Run ``operation`` in a child with the crash point ``crash``: its exit code and stderr."""
+    env = {**build.environ(), ENV: crash, ENABLE_ENV: "1"}
     done = subprocess.run(
         [sys.executable, "-c", CONTROLLER, operation, vm.qmp_socket, str(state)],
         env=env,
@@ -197,7 +207,7 @@ def controller(build: QemuBuild, operation: str, vm: QemuInstance, state: Path, 
         timeout=300,
         check=False,
     )
-    return done.returncode
+    return done.returncode, done.stderr
 
 
 def cli(build: QemuBuild, vm: QemuInstance, state: Path, *args: str) -> tuple[int, Any]:
@@ -267,7 +277,8 @@ def qemu_running(vm: QemuInstance) -> bool:
 @pytest.mark.parametrize(("build", "cell"), _params())
 def test_fault_cell(pool: Pool, build: QemuBuild | None, cell: Cell, tmp_path: Path) -> None:
     if build is None:
-        pytest.skip("no QEMU build found: run scripts/setup-system")
+        skip_or_fail("no QEMU build found: run scripts/setup-system")
+    assert build is not None
     vm = pool.get(build)
     state = tmp_path / "state"
     tag = f"{cell.operation}{STEPS[cell.operation].index(cell.step)}{cell.victim[0]}"
@@ -284,9 +295,22 @@ def test_fault_cell(pool: Pool, build: QemuBuild | None, cell: Cell, tmp_path: P
             expected = written
 
     started = time.monotonic()
-    code = controller(build, cell.operation, vm, state, cell.id)
+    qemu_before = _qemu_pid(vm)
+    code, stderr = controller(build, cell.operation, vm, state, cell.id)
+    assert code != NOT_DONE_EXIT, f"the crash point {cell.id} was reached but not done: {stderr}"
+    if cell.victim == "qemu":
+        # The crash point fired, and the QEMU it killed is gone (for enable and commit the one the
+        # cell started with; for discard the one discard had started by then).
+        fired = f"forgeqmp: crash point {cell.id}: killed QEMU pid "
+        lines = [line for line in stderr.splitlines() if line.startswith(fired)]
+        assert len(lines) == 1, f"the crash point {cell.id} was not reached: {stderr}"
+        killed = int(lines[0].removeprefix(fired))
+        assert not is_alive(killed), f"QEMU pid {killed} still runs"
+        if cell.operation != "discard" or cell.step == "stopping-qemu":
+            assert killed == qemu_before, (killed, qemu_before)
     if cell.victim == "self":
-        assert code == -9, f"the controller was not killed at {cell.id} (exit {code})"
+        assert code == -9, f"the controller was not killed at {cell.id} (exit {code}): {stderr}"
+        assert f"forgeqmp: crash point {cell.id}: SIGKILL of the controller" in stderr, stderr
         record = load(state)
         if record.state in (State.CREATING, State.COMMITTING, State.DISCARDING):
             stale_code, status = cli(build, vm, state, "status")

@@ -16,7 +16,6 @@ import os
 import socket
 import stat
 import threading
-import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -401,11 +400,12 @@ def test_peers_that_are_not_qmp_exit_5_at_once(
     before = snapshot(tree.root)
     with peer(tree.socket, handler):
         for command in ("enable", "commit", "discard", "recover"):
-            started = time.monotonic()
             result = run_cli(capsys, [*tree.base("--json"), command])
-            elapsed = time.monotonic() - started
             assert result.code == 5, (command, result)
-            assert elapsed < DEFAULT_CONNECT_TIMEOUT, (command, elapsed)
+            # Ended by what the peer said, not by the connect deadline (no wall clock: the
+            # deadline path is the only one that reports a missing greeting).
+            assert "no QMP greeting within" not in result.err, (command, result.err)
+            assert "QMP" in result.err, (command, result.err)
             assert tree.socket in result.err
             final = result.json_lines()[-1]
             assert (final["exit_code"], final["state"]) == (5, "discarded")
@@ -429,11 +429,11 @@ def test_peers_that_hang_exit_5_within_the_connect_deadline(
     listens on is never taken for a stopped QEMU."""
     before = snapshot(tree.root)
     with peer(tree.socket, handler):
-        started = time.monotonic()
         result = run_cli(capsys, [*tree.base(), command])
-        elapsed = time.monotonic() - started
     assert result.code == 5, result
-    assert DEFAULT_CONNECT_TIMEOUT - 0.5 < elapsed < DEFAULT_CONNECT_TIMEOUT + 3, elapsed
+    # Ended by the connect deadline (anyio.fail_after), and the message names it; how long that
+    # took on the wall clock is no test's business.
+    assert f"no QMP greeting within {DEFAULT_CONNECT_TIMEOUT:g} s" in result.err, result.err
     assert snapshot(tree.root) == before
 
 

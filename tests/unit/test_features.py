@@ -91,4 +91,6 @@ def test_schema_of_unknown_command_is_empty() -> None:
 
 
 def test_features_dict_is_json_able() -> None:
-    json.dumps(features_of("10.0").as_dict())
+    as_dict = features_of("10.0").as_dict()
+    assert as_dict
+    assert json.loads(json.dumps(as_dict)) == as_dict

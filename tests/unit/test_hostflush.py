@@ -69,19 +69,23 @@ def test_a_slow_flush_is_abandoned_at_the_deadline(
 ) -> None:
     image = tmp_path / "image.qcow2"
     image.write_bytes(b"x")
+    started = threading.Event()
     release = threading.Event()
     finished = threading.Event()
 
     def stuck_fsync(fd: int) -> None:
+        started.set()
         release.wait(30)
         finished.set()
 
     monkeypatch.setattr(hostflush.os, "fsync", stuck_fsync)
     anyio.run(lambda: hostflush.flush_host_images([str(image)], deadline=0.1))
     try:
+        assert started.wait(30)  # the fsync really ran (a flush that does nothing fails here)
         assert not finished.is_set()  # returned at the deadline, the fsync still under way
     finally:
         release.set()
+    assert finished.wait(30)
 
 
 def test_image_files_walks_every_backing_chain() -> None:

@@ -12,7 +12,9 @@ import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from qemu_schema import migration_statuses  # tests/unit is on sys.path (rootdir-relative)
 
+from forgeqmp.errors import PrerequisiteError
 from forgeqmp.forge import status_of
 from forgeqmp.launcher import cold_argv
 from forgeqmp.power import active_argv, start_argv
@@ -43,7 +45,7 @@ from forgeqmp.recover import (
     stale_reason,
     where_is,
 )
-from forgeqmp.states import TERMINAL, Event, State, next_state
+from forgeqmp.states import FORGE_BYPASSED, TERMINAL, Event, State, next_state
 
 SID = "3f2a9c1e-4b7d-4e8a-9c3b-2d1e0f9a8b7c"
 TAG = session_tag(SID)
@@ -279,6 +281,17 @@ def test_active_restarted_on_the_originals_is_a_bypassed_forge() -> None:
     assert "bypassed" in (plan.record.error or "")
     assert "do not discard" in plan.next_step
     assert not deleted(plan)
+    # The record itself bars discard from now on (not only the advice): also once QEMU runs on
+    # the overlays again and recover finds the session Active.
+    assert plan.record.step == FORGE_BYPASSED
+    assert not status_of(plan.record).can_discard
+    with pytest.raises(PrerequisiteError, match="bypassed"):
+        status_of(plan.record).apply(Event.DISCARD)
+    again = reconcile(plan.record, Observation(qemu_on(rec, Where.OVERLAY, pid=999), files_of(rec)))
+    assert again.event is Event.RECOVERED_ACTIVE
+    assert not status_of(again.record).can_discard
+    with pytest.raises(PrerequisiteError, match="bypassed"):
+        status_of(again.record).apply(Event.DISCARD)
 
 
 def test_active_restarted_on_the_overlays_is_intact_and_records_the_new_pid() -> None:
@@ -494,7 +507,8 @@ def test_start_argv_follows_the_session() -> None:
 ENABLE_STEPS = ("planned", "overlays-created", "migration-started", "snapshot-done")
 RUNSTATES = ("running", "paused", "postmigrate", "finish-migrate", "inmigrate", "prelaunch")
 JOB_STATES = ("running", "ready", "concluded", "paused", "pending", "aborting")
-MIGRATIONS = ("none", "active", "pre-switchover", "completed", "failed", "cancelled")
+#: Every migration status of QEMU's schema (every recorded build), not a hand-picked few.
+MIGRATIONS = migration_statuses()
 
 
 @st.composite

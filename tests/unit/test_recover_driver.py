@@ -1,22 +1,18 @@
 """The recover driver and the CLI without QEMU: the lock probe, ``status`` flagging an interrupted
 operation as stale, ``recover`` on a stopped QEMU (an interrupted enable undone, files outside the
-record untouched), and the crash points."""
+record untouched). The crash points are tested in test_crashpoints.py."""
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
-import sys
 from contextlib import redirect_stdout
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from forgeqmp import cli, crashpoints
+from forgeqmp import cli
 from forgeqmp.record import DiskRecord, MemoryRecord, QemuRecord, RecordStore, SessionRecord
 from forgeqmp.recover_driver import lock_held
 from forgeqmp.statedir import InstanceLock, StateDir
@@ -198,52 +194,6 @@ def test_recover_of_a_commit_with_qemu_stopped_leaves_the_disks_to_commit(tmp_pa
     for d in record.disks:
         assert d.overlay_file is not None
         assert Path(d.overlay_file).read_bytes() == b"overlay"  # pending: kept
-
-
-def test_crash_point_does_nothing_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(crashpoints.ENV, raising=False)
-    crashpoints.reached("commit", "job-ready", None)
-    monkeypatch.setenv(crashpoints.ENV, "commit:job-started")
-    crashpoints.reached("commit", "job-ready", None)  # another step
-
-
-def test_crash_point_kills_the_controller() -> None:
-    code = (
-        "from forgeqmp import crashpoints; crashpoints.reached('enable', 'planned'); print('alive')"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        env={**os.environ, crashpoints.ENV: "enable:planned"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == -9
-    assert "alive" not in done.stdout
-
-
-def test_crash_point_can_kill_qemu_instead(monkeypatch: pytest.MonkeyPatch) -> None:
-    victim = subprocess.Popen(["sleep", "60"])
-    monkeypatch.setattr(crashpoints, "_fired", False)
-    monkeypatch.setenv(crashpoints.ENV, "discard:qemu-launched:qemu")
-    crashpoints.reached("discard", "qemu-launched", victim.pid)
-    assert victim.wait(10) == -9
-    crashpoints.reached("discard", "qemu-launched", os.getpid())  # fires once only
-
-
-def test_every_operation_lists_its_crash_points() -> None:
-    assert set(crashpoints.STEPS) == {"enable", "commit", "discard"}
-    package = Path(crashpoints.__file__).parent
-    source = "".join(
-        (package / f"{name}.py").read_text()
-        for name in ("driver_base", "enable_driver", "commit_driver", "discard_driver")
-    )
-    for operation, steps in crashpoints.STEPS.items():
-        for step in steps:
-            assert f'"{operation}", "{step}"' in source or f'operation, "{step}"' in source, (
-                operation,
-                step,
-            )
 
 
 def test_recover_waits_for_no_one_while_another_controller_works(tmp_path: Path) -> None:

@@ -202,6 +202,7 @@ def test_ensure_accepts_readable_by_others(tmp_path: Path) -> None:
     path.mkdir()
     path.chmod(0o755)
     StateDir(path).ensure()  # files inside are 0600; only writability matters for safety
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755  # accepted as it is, not "fixed"
 
 
 def test_ensure_refuses_dir_of_another_user(
@@ -734,7 +735,8 @@ def test_lock_is_not_inherited_by_programs_started_while_held(tmp_path: Path) ->
     )
     try:
         lock.release()
-        with InstanceLock(path):
+        assert sleeper.poll() is None  # the child still runs, with whatever it inherited
+        with InstanceLock(path):  # would raise InstanceLocked if the child held the lock
             pass
     finally:
         sleeper.kill()

@@ -581,3 +581,46 @@ def test_dot_renders_the_table_it_is_given() -> None:
         '    "creating" -> "active" [label="enabled"];',
         '    "active" -> end;',
     ]
+
+
+# --- a bypassed forge: discard refused for good -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "status",
+    [
+        SessionStatus(State.ACTIVE, originals_written=True),
+        SessionStatus(
+            State.FAILED,
+            Failure(phase=State.ACTIVE, reason="bypassed", next_step="do not discard"),
+            originals_written=True,
+        ),
+    ],
+    ids=["active", "failed"],
+)
+def test_discard_is_refused_once_the_originals_were_written(status: SessionStatus) -> None:
+    assert not status.can_discard
+    with pytest.raises(PrerequisiteError, match="bypassed") as info:
+        status.apply(Event.DISCARD)
+    assert info.value.exit_code == 3
+    # The mark is kept by every move the session can still make.
+    kept = []
+    for event in allowed_events(status.state):
+        if event is Event.DISCARD:
+            continue
+        failure = None
+        if next_state(status.state, event) is State.FAILED:
+            phase = status.state if status.state is not State.FAILED else State.ACTIVE
+            failure = Failure(phase=phase, reason="r", next_step="s")
+        try:
+            after = status.apply(event, failure)
+        except (PrerequisiteError, IllegalTransition, InvalidArgument):
+            continue
+        assert after.originals_written, event
+        kept.append(event)
+    assert kept  # at least one move was checked (commit, or a recover outcome)
+
+
+def test_without_the_mark_an_active_session_may_discard() -> None:
+    assert SessionStatus(State.ACTIVE).can_discard
+    assert not SessionStatus(State.ACTIVE).originals_written

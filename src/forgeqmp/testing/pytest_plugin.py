@@ -12,7 +12,10 @@ Registered through the ``pytest11`` entry point, so installing forgeqmp is enoug
         vm = qemu_factory(disks=[...], profile=forgeqmp.testing.platforms.proxmox_style)
 
 Without any QEMU build the tests are skipped with the reason, unless ``FORGEQMP_REQUIRE_QEMU=1``
-(forgeqmp's own test session sets it): then a missing QEMU fails them.
+(forgeqmp's own test session sets it): then a missing QEMU fails them, and a session that collects
+real-QEMU tests (the ``qemu`` marker or the ``qemu_build`` fixture) fails at once, naming each
+build the setup installs that is missing or does not start and why
+(:func:`~forgeqmp.testing.builds.build_problems`): the build matrix never shrinks silently.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from forgeqmp.testing.builds import QemuBuild, installed_builds
+from forgeqmp.testing.builds import QemuBuild, build_problems, installed_builds, require_qemu
 from forgeqmp.testing.instance import DiskSpec, QemuInstance
 from forgeqmp.testing.platforms import PlatformProfile
 
@@ -36,11 +39,33 @@ _MISSING = (
 
 
 def _require() -> bool:
-    return os.environ.get("FORGEQMP_REQUIRE_QEMU", "") not in ("", "0")
+    return require_qemu()
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "qemu: needs a real QEMU (integration test)")
+
+
+def _needs_qemu(item: pytest.Item) -> bool:
+    return item.get_closest_marker("qemu") is not None or "qemu_build" in getattr(
+        item, "fixturenames", ()
+    )
+
+
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    if not _require() or not any(_needs_qemu(item) for item in items):
+        return
+    problems = build_problems()
+    if problems:
+        raise pytest.UsageError(
+            "FORGEQMP_REQUIRE_QEMU is set, but not every QEMU build the setup installs works, so "
+            "the real-QEMU tests would silently run on fewer builds:\n  - "
+            + "\n  - ".join(problems)
+            + "\nRun scripts/setup-system (as root) to repair them, or name the builds to test "
+            "with FORGEQMP_QEMU (e.g. FORGEQMP_QEMU=10.0)."
+        )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
