@@ -28,6 +28,7 @@ import attrs
 import pytest
 
 import forgeqmp
+from forgeqmp.crashpoints import ENABLE_ENV as CRASH_ENABLE
 from forgeqmp.crashpoints import ENV as CRASH_ENV
 from forgeqmp.statedir import StateDir
 from forgeqmp.testing import DiskSpec, QemuBuild, QemuInstance
@@ -339,7 +340,7 @@ def test_qemu_killed_during_commit_is_exit_4_and_recoverable(
             vm.check(f"dd if=/dev/null of={vm.device_of(d)} conv=fsync 2>/dev/null")
         pid = vm.pid
         result = cli(qemu_build, vm.qmp_socket, state, "commit",
-                     env={CRASH_ENV: f"commit:{step}:qemu"})  # fmt: skip
+                     env={CRASH_ENV: f"commit:{step}:qemu", CRASH_ENABLE: "1"})  # fmt: skip
         final = assert_error(result, 4, "failed", "forge-failed")
         assert f"QEMU (pid {pid}) exited" in final["error"], final
         assert final["failure_phase"] == "committing"

@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 import forgeqmp
+from forgeqmp.crashpoints import ENABLE_ENV as CRASH_ENABLE
 from forgeqmp.crashpoints import ENV as CRASH_ENV
 from forgeqmp.states import State
 
@@ -300,7 +301,9 @@ def test_discard_retries_the_restore_when_qemu_dies_loading(qemu_factory, tmp_pa
     latest = vm.wait_counter(min_value=at_enable[1] + 15)
 
     # The relaunched QEMU is SIGKILLed once, just after it started waiting for the memory state.
-    code, lines, err = cli(*base, "discard", env={CRASH_ENV: "discard:qemu-launched:qemu"})
+    code, lines, err = cli(
+        *base, "discard", env={CRASH_ENV: "discard:qemu-launched:qemu", CRASH_ENABLE: "1"}
+    )
     assert code == 0, err
     status = final(lines)
     assert (status["state"], status["memory_restored"], status["error"]) == (
@@ -334,7 +337,9 @@ def test_recover_finishes_an_interrupted_discard_through_the_launcher(
     vm.wait_counter(min_value=at_enable[1] + 10)
 
     # The controller is SIGKILLed once the old QEMU is gone: the VM is down, mid-discard.
-    code, _lines, _err = cli(*base, "discard", env={CRASH_ENV: "discard:qemu-stopped"})
+    code, _lines, _err = cli(
+        *base, "discard", env={CRASH_ENV: "discard:qemu-stopped", CRASH_ENABLE: "1"}
+    )
     assert code == -9
     assert calls_of(calls) == []
     code, lines, err = cli(*base, "recover")

@@ -191,12 +191,6 @@ def test_the_offline_commit_refuses_a_missing_overlay_and_finishes_after_each_cr
     finish_and_check(vm, state, data, tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="today the offline commit lets its ForgeFailed out of a task group as an "
-    "ExceptionGroup: the CLI prints a traceback and exits 1 (unwrapping it is the 'exits' "
-    "branch's work; remove this mark when that is merged)",
-)
 def test_the_offline_commit_fails_safely_on_a_damaged_overlay_or_a_failing_qemu_img(  # type: ignore[no-untyped-def]
     vm: QemuInstance, tmp_path: Path
 ) -> None:
