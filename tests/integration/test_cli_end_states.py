@@ -265,7 +265,7 @@ def test_every_end_state_has_its_exit_code(qemu_build: QemuBuild, tmp_path: Path
 def test_enable_that_fails_is_exit_4_and_rolled_back(qemu_build: QemuBuild, tmp_path: Path) -> None:
     with started(QemuInstance(qemu_build, tmp_path / "vm", memory_mib=256)) as vm:
         state = tmp_path / "state"
-        with tmpfs(tmp_path / "ro", "ro,size=1m") as readonly:
+        with tmpfs(tmp_path / "ro", "ro,size=128m") as readonly:
             result = cli(qemu_build, vm.qmp_socket, state, "enable", "--overlay-dir", str(readonly))
         final = assert_error(result, 4, "failed", "forge-failed")
         assert "Read-only file system" in final["error"], final
