@@ -35,6 +35,7 @@ from forgeqmp.statedir import StateDir
 from forgeqmp.states import TERMINAL, State
 
 __all__ = [
+    "ADDED_FIELDS",
     "BASE_FORMATS",
     "FORMAT_VERSION",
     "RECORD_FILE",
@@ -636,7 +637,10 @@ class _Fields:
         special: Mapping[str, Callable[[object, str], object]],
     ) -> _R:
         kwargs: dict[str, object] = {}
+        added = ADDED_FIELDS.get(getattr(factory, "__name__", ""), frozenset())
         for name in names:
+            if name in added and name not in self._raw:
+                continue  # written by an older forgeqmp: the field's default applies
             value = self.take(name)
             decode = special.get(name)
             kwargs[name] = decode(value, self._where + name) if decode else value
@@ -716,6 +720,14 @@ def _decode_qemu(value: object, where: str) -> object:
     return fields.build(
         QemuRecord, _field_names(QemuRecord), {"argv": _decode_str_list, "env": _decode_env}
     )
+
+
+#: Fields added to record format 1 after records of it were first written, per class: a record
+#: without one (written by an older forgeqmp, e.g. during a session that spans an upgrade) still
+#: loads, with the field's default. Every other field is required; an unknown one is refused.
+ADDED_FIELDS: Final[Mapping[str, frozenset[str]]] = {
+    "DiskRecord": frozenset({"options"}),
+}
 
 
 def _field_names(cls: type[DiskRecord | MemoryRecord | QemuRecord | SessionRecord]) -> list[str]:
