@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -39,11 +40,20 @@ from forgeqmp.errors import (
     error_kind,
     leaf_errors,
 )
-from forgeqmp.forge import DEFAULT_COMMIT_TIMEOUT, Instance, ProgressEvent, connect, status_of
+from forgeqmp.forge import (
+    DEFAULT_COMMIT_TIMEOUT,
+    DEFAULT_DISCARD_TIMEOUT,
+    DEFAULT_ENABLE_TIMEOUT,
+    Instance,
+    ProgressEvent,
+    connect,
+    status_of,
+)
 from forgeqmp.graphsession import GraphSession
 from forgeqmp.guard import (
     ALWAYS_ALLOWED,
     BLOCKED_OPERATIONS,
+    Operation,
     check_graph_sessions,
     check_recorded,
     missing_overlays,
@@ -65,6 +75,8 @@ __all__ = ["build_parser", "main"]
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_FAILED = 4
+#: Interrupted by Ctrl-C (SIGINT), as shells report it: 128 + 2.
+EXIT_INTERRUPTED = 130
 #: Exit codes after which the contract says nothing changed.
 _REFUSALS = frozenset({2, 3, 5})
 #: Where each operation is asked to take the session; any other end state is a failure (exit 4).
@@ -128,11 +140,38 @@ def build_parser() -> argparse.ArgumentParser:
         "it must exit 0 once QMP listens (see docs/platforms.md; default: $FORGEQMP_LAUNCHER)",
     )
     parser.add_argument(
-        "--json", action="store_true", help="JSON lines: progress events, then one final object"
+        "--json",
+        action="store_true",
+        help="JSON lines: progress events, then one final object (default: human text)",
+    )
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log every step forgeqmp takes (logger 'forgeqmp', INFO) on stderr",
+    )
+    verbosity.add_argument(
+        "--debug",
+        action="store_true",
+        help="log everything, QMP traffic included ('forgeqmp.qmp' and qemu.qmp's 'qemu.qmp', "
+        "DEBUG) on stderr",
+    )
+    verbosity.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress and no report on success; errors still go to stderr and the exit code "
+        "says what happened (with --json, only the final object)",
     )
     # --json is also accepted after the command (the contract puts it before).
     common = _Parser(add_help=False)
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="JSON lines")
+    common.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="JSON lines, as the global --json (default: human text)",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     enable = commands.add_parser(
@@ -145,14 +184,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="a disk to forge: qdev id, qdev path, drive id (legacy -drive id=) or node-name "
         "(repeatable; default: the primary disk)",
     )
-    enable.add_argument("--all-disks", action="store_true", help="forge every writable disk")
+    enable.add_argument(
+        "--all-disks",
+        action="store_true",
+        help="forge every writable disk (default: only the primary disk, or those of --disk)",
+    )
     enable.add_argument(
         "--strategy",
         choices=[s.value for s in Strategy],
         help="how memory is saved (default: precopy, the smallest pause)",
     )
-    enable.add_argument("--overlay-dir", metavar="DIR", help="where overlays go (default: beside)")
-    enable.add_argument("--timeout", type=_seconds, default=600.0, metavar="SECONDS")
+    enable.add_argument(
+        "--overlay-dir",
+        metavar="DIR",
+        help="where overlays go (default: beside each disk's image)",
+    )
+    enable.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=DEFAULT_ENABLE_TIMEOUT,
+        metavar="SECONDS",
+        help=f"give up, undoing everything, after this many seconds (default {DEFAULT_ENABLE_TIMEOUT:g})",
+    )
 
     commands.add_parser("status", parents=[common], help="show the session of this instance")
 
@@ -164,15 +217,26 @@ def build_parser() -> argparse.ArgumentParser:
         type=_seconds,
         default=DEFAULT_COMMIT_TIMEOUT,
         metavar="SECONDS",
-        help="give up after this many seconds (default 3600); a later commit finishes the rest",
+        help=f"give up after this many seconds (default {DEFAULT_COMMIT_TIMEOUT:g}); a later "
+        "commit finishes the rest",
     )
 
     discard = commands.add_parser(
         "discard", parents=[common], help="revert the disks and resume the VM from the memory state"
     )
-    discard.add_argument("--timeout", type=_seconds, default=300.0, metavar="SECONDS")
     discard.add_argument(
-        "--cold", action="store_true", help="start the VM cold instead of from the memory state"
+        "--timeout",
+        type=_seconds,
+        default=DEFAULT_DISCARD_TIMEOUT,
+        metavar="SECONDS",
+        help=f"give up after this many seconds (default {DEFAULT_DISCARD_TIMEOUT:g}); "
+        "'forgeqmp status' then says what was left",
+    )
+    discard.add_argument(
+        "--cold",
+        action="store_true",
+        help="start the VM cold on the reverted disks instead of from the memory state "
+        "(default: resume from memory)",
     )
 
     recover = commands.add_parser(
@@ -181,7 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="after a crash: reconcile the session with QEMU and the files, reach a true state",
     )
     recover.add_argument(
-        "--timeout", type=_seconds, default=DEFAULT_RECOVER_TIMEOUT, metavar="SECONDS"
+        "--timeout",
+        type=_seconds,
+        default=DEFAULT_RECOVER_TIMEOUT,
+        metavar="SECONDS",
+        help=f"give up after this many seconds (default {DEFAULT_RECOVER_TIMEOUT:g}); recover "
+        "can be run again",
     )
 
     check = commands.add_parser(
@@ -209,12 +278,16 @@ class _Output:
     """Human text or JSON lines, on stdout; errors on stderr. Progress: JSON lines with --json,
     live bars and steps on a terminal (rich), plain lines otherwise (a log, a pipe)."""
 
-    def __init__(self, as_json: bool, stream: TextIO | None = None) -> None:
+    def __init__(self, as_json: bool, stream: TextIO | None = None, *, quiet: bool = False) -> None:
         self.as_json = as_json
+        #: -q: no progress, and no human report (errors still go to stderr).
+        self.quiet = quiet
         self.stream = stream if stream is not None else sys.stdout
         self._view: ProgressView | PlainProgress | None = None
 
     def progress(self, event: ProgressEvent) -> None:
+        if self.quiet:
+            return
         if self.as_json:
             self._line(event.as_dict())
             return
@@ -233,7 +306,7 @@ class _Output:
         self.close()
         if self.as_json:
             self._line(status)
-        else:
+        elif not self.quiet:
             print_report(self.stream, text, status.get("state"))
 
     def _line(self, obj: dict[str, Any]) -> None:
@@ -432,6 +505,14 @@ def _check(args: argparse.Namespace, out: _Output) -> int:
         why = f"the last forge session is {record.state.value}, which is finished"
     else:
         why = f"it is safe during a forge session: {operation.why}"
+        if operation in (Operation.START, Operation.RESTART):
+            # The command line that keeps the forge, on the command line (not only in the API).
+            with contextlib.suppress(ForgeError):
+                why = (
+                    f"it is safe during a forge session if QEMU is started with this command "
+                    f"line, which keeps each forged disk on its overlay (the platform's own "
+                    f"would bypass them):\n  {shlex.join(start_argv(record))}"
+                )
     status = _status_of(record)
     status.update(operation=operation.value, allowed=True)
     out.final(status, f"{operation.value} is allowed: {why}")
@@ -440,7 +521,14 @@ def _check(args: argparse.Namespace, out: _Output) -> int:
 
 def _run(args: argparse.Namespace, out: _Output) -> int:
     if args.command == "status":
-        out.final(*_status(args))
+        status, text = _status(args)
+        if status["state"] == "none" and status.get("qemu") == "unreachable":
+            # No session and nothing on the socket: a mistyped path must not read as "no
+            # session here" (with a record, status reports it and says QEMU is unreachable).
+            raise QEMUUnreachable(
+                args.qmp, f"nothing answers QMP there, and {_state_dir(args).path} has no session"
+            )
+        out.final(status, text)
         return EXIT_OK
     if args.command == "check":
         return _check(args, out)
@@ -510,14 +598,14 @@ def _end_state_failure(command: str, record: SessionRecord | None) -> str | None
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code of the contract."""
-    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)  # we report its errors ourselves
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.error("a command is required")
     if not args.qmp:
         parser.error("--qmp SOCKET (or FORGEQMP_QMP) is required")
-    out = _Output(args.json)
+    _set_up_logging(args)
+    out = _Output(args.json, quiet=args.quiet)
     before = _record_bytes(args)
     try:
         return _run(args, out)
@@ -532,10 +620,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         return _report_error(args, out, exc, code, message)
     except KeyboardInterrupt:
-        return _interrupted(out)
+        return _interrupted(args, out)
     except (Exception, BaseExceptionGroup) as exc:
         if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaf_errors(exc)):
-            return _interrupted(out)
+            return _interrupted(args, out)
         # Not foreseen (a bug, or an error forgeqmp does not map): a failure with its cause,
         # recorded in the session if an operation was under way, never a traceback and exit 1.
         cause = describe_cause(exc)
@@ -548,14 +636,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _report_error(args, out, exc, EXIT_FAILED, message)
 
 
-def _interrupted(out: _Output) -> int:
+def _set_up_logging(args: argparse.Namespace) -> None:
+    """-v: forgeqmp's steps (INFO); --debug: everything, QMP traffic and qemu.qmp's own logs
+    (DEBUG); otherwise warnings only. On stderr, so stdout keeps the command's output."""
+    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    for name in ("forgeqmp", "qemu.qmp"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.propagate = False
+        # qemu.qmp's errors are reported by forgeqmp itself unless --debug asks for them.
+        logger.setLevel(level if name == "forgeqmp" or args.debug else logging.CRITICAL + 1)
+
+
+def _interrupted(args: argparse.Namespace, out: _Output) -> int:
+    """Ctrl-C: the operation under way was undone or left as its record says; exit 130. The
+    message sends the user to ``recover`` only when the record shows something to finish."""
     out.close()
-    print(
-        "forgeqmp: interrupted; run 'forgeqmp status' to see the state the session was left "
-        "in (an operation cut short says so there, and 'forgeqmp recover' finishes it)",
-        file=sys.stderr,
-    )
-    return EXIT_FAILED
+    try:
+        record = RecordStore(_state_dir(args)).load()
+    except ForgeError:
+        record = None
+    if record is not None and record.state in _WORKING:
+        advice = (
+            f"the session was left {record.state.value} at step {record.step}: "
+            "'forgeqmp recover' finishes it"
+        )
+    elif record is not None and record.state is State.FAILED and not record.rolled_back:
+        advice = f"the session is failed: {record.next_step or 'run forgeqmp recover'}"
+    elif record is not None and not status_of(record).finished and not record.rolled_back:
+        advice = f"the session is {record.state.value}, as before; nothing is left to recover"
+    else:
+        advice = "nothing was left changed; nothing to recover"
+    print(f"forgeqmp: interrupted; {advice}", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def _record_bytes(args: argparse.Namespace) -> bytes | None:

@@ -5,6 +5,8 @@ the human side of ``status``: the coloured state, activation time and forged dis
 from __future__ import annotations
 
 import json
+import logging
+import shlex
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -285,10 +287,15 @@ def test_status_text_shows_state_activation_and_disks(
     assert "           overlay /vm/disk0.fq.qcow2" in lines
 
 
-def test_status_text_without_a_session(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_status_without_a_session_or_a_qemu_is_unreachable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A mistyped socket path must not read as "no session here" (exit 0): exit 5, as the contract.
     state = state_dir_with(tmp_path, None)
-    assert main(["--qmp", str(tmp_path / "qmp.sock"), "--state-dir", str(state), "status"]) == 0
-    assert capsys.readouterr().out == "no forge session on this instance\n"
+    assert main(["--qmp", str(tmp_path / "qmp.sock"), "--state-dir", str(state), "status"]) == 5
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "has no session" in captured.err
 
 
 def test_error_messages_say_what_to_do_next(
@@ -307,3 +314,79 @@ def test_error_messages_say_what_to_do_next(
     assert code == 5
     assert "check that QEMU is running" in err
     assert f"the state dir {state} holds no session commit could act on" in err
+
+
+def test_check_start_during_a_session_prints_the_command_line_that_keeps_the_forge(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from forgeqmp.power import start_argv
+
+    record = make_record(
+        State.ACTIVE,
+        qemu=attrs.evolve(
+            make_record(State.ACTIVE).qemu,
+            argv=(
+                "qemu-system-x86_64",
+                "-blockdev",
+                "driver=file,filename=/vm/disk0.qcow2,node-name=disk0-file",
+                "-blockdev",
+                "driver=qcow2,file=disk0-file,node-name=disk0-fmt",
+                "-device",
+                "virtio-blk-pci,id=disk0,drive=disk0-fmt",
+            ),
+        ),
+    )
+    overlay = tmp_path / "disk0.qcow2.forge.qcow2"
+    overlay.write_bytes(b"")  # present: a deleted overlay blocks restart (see above)
+    record = attrs.evolve(record, disks=(attrs.evolve(record.disks[0], overlay_file=str(overlay)),))
+    state = state_dir_with(tmp_path, record)
+    for operation in ("start", "restart"):
+        code = main(
+            ["--qmp", str(tmp_path / "q.sock"), "--state-dir", str(state), "check", operation]
+        )
+        out = capsys.readouterr().out
+        assert code == 0
+        expected = shlex.join(start_argv(record))
+        assert str(overlay) in expected  # the overlay, not the base
+        assert out.splitlines()[-1] == f"  {expected}"
+
+
+def test_quiet_prints_no_report_and_keeps_the_exit_code(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = state_dir_with(tmp_path, make_record(State.ACTIVE))
+    qmp = str(tmp_path / "q.sock")
+    assert main(["-q", "--qmp", qmp, "--state-dir", str(state), "check", "console"]) == 0
+    assert capsys.readouterr().out == ""
+    assert main(["-q", "--qmp", qmp, "--state-dir", str(state), "check", "destroy"]) == 3
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "destroy is blocked" in captured.err
+    # --json -q: the final object only.
+    assert main(["-q", "--json", "--qmp", qmp, "--state-dir", str(state), "check", "console"]) == 0
+    assert json.loads(capsys.readouterr().out)["allowed"] is True
+
+
+@pytest.mark.parametrize(
+    ("flag", "forgeqmp_level", "qmp_level"),
+    [
+        (None, logging.WARNING, logging.CRITICAL + 1),
+        ("-v", logging.INFO, logging.CRITICAL + 1),
+        ("--verbose", logging.INFO, logging.CRITICAL + 1),
+        ("--debug", logging.DEBUG, logging.DEBUG),
+    ],
+)
+def test_verbosity_flags_set_the_documented_loggers(
+    tmp_path: Path, flag: str | None, forgeqmp_level: int, qmp_level: int
+) -> None:
+    state = state_dir_with(tmp_path, None)
+    argv = ["--qmp", str(tmp_path / "q.sock"), "--state-dir", str(state), "check", "console"]
+    assert main([flag, *argv] if flag else argv) == 0
+    assert logging.getLogger("forgeqmp").level == forgeqmp_level
+    assert logging.getLogger("qemu.qmp").level == qmp_level
+
+
+def test_verbose_debug_and_quiet_exclude_each_other(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["-v", "-q", "--qmp", str(tmp_path / "q.sock"), "status"])
+    assert info.value.code == 2

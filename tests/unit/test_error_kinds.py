@@ -204,9 +204,45 @@ def test_an_interrupt_stays_an_interrupt(
 
     monkeypatch.setattr(cli.anyio, "run", interrupted)
     code = cli.main(["--qmp", str(tmp_path / "q.sock"), "--state-dir", str(state), "commit"])
-    assert code == 4
-    assert "interrupted" in capsys.readouterr().err
+    assert code == 130  # as shells report SIGINT
+    err = capsys.readouterr().err
+    assert "interrupted; the session was left committing at step committing" in err
+    assert "'forgeqmp recover' finishes it" in err
     assert (state / "session.json").read_bytes() == saved  # recover judges what it left
+
+
+@pytest.mark.parametrize(
+    ("record", "advice"),
+    [
+        (None, "nothing was left changed; nothing to recover"),
+        (
+            make_record(State.FAILED, rolled_back=True),
+            "nothing was left changed; nothing to recover",
+        ),
+        (make_record(State.ACTIVE), "the session is active, as before; nothing is left to recover"),
+    ],
+    ids=["no-session", "rolled-back", "active"],
+)
+def test_an_interrupt_with_nothing_left_does_not_send_the_user_to_recover(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    record: Any,
+    advice: str,
+) -> None:
+    state = tmp_path / "state"
+    StateDir(state).ensure()
+    if record is not None:
+        RecordStore(StateDir(state)).save(record)
+
+    def interrupted(*_args: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.anyio, "run", interrupted)
+    code = cli.main(["--qmp", str(tmp_path / "q.sock"), "--state-dir", str(state), "enable"])
+    err = capsys.readouterr().err
+    assert code == 130
+    assert err == f"forgeqmp: interrupted; {advice}\n"
 
 
 def test_a_refusal_that_changed_the_record_is_a_failure(
