@@ -14,6 +14,7 @@ Directives (usable from MyST Markdown pages as ```` ```{name} ```` fences):
   instead of failing the build; ``:others:`` appends every other page of the docs.
 - ``forgeqmp-optional-automodule``: ``automodule`` with ``:members:`` for a module, only if it
   imports (for modules other engineers are writing).
+- ``forgeqmp-cli-reference``: the CLI reference generated from its argparse parser.
 - ``forgeqmp-when``: its content only if ``module:NAME`` imports, ``doc:NAME`` exists or
   ``cli:NAME`` is a CLI command (with ``:absent:``, only if not), so pages describe what this
   build really has.
@@ -236,6 +237,50 @@ def cli_commands() -> frozenset[str]:
     return frozenset(found)
 
 
+class CliReference(SphinxDirective):
+    """The CLI's reference, from its argparse parser: the global options, then each command with
+    its usage and every option with its help text (which states its default). Generated, so it
+    cannot drift from ``forgeqmp --help``."""
+
+    def run(self) -> list[nodes.Node]:
+        from forgeqmp import cli
+
+        self.env.note_dependency(cli.__file__)
+        parser = cli.build_parser()
+        out: list[nodes.Node] = [nodes.literal_block(text=parser.format_usage().strip())]
+        out.append(self._options("Global options", parser))
+        for action in parser._actions:
+            if not isinstance(action, argparse._SubParsersAction):
+                continue
+            helps = {a.dest: a.help or "" for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                section = nodes.section(ids=[f"cli-{name}"])
+                section += nodes.title(text=f"forgeqmp {name}")
+                section += nodes.paragraph(text=sub.description or helps.get(name, ""))
+                section += nodes.literal_block(text=sub.format_usage().strip())
+                section += self._options("Options", sub)
+                out.append(section)
+        return out
+
+    @staticmethod
+    def _options(title: str, parser: argparse.ArgumentParser) -> nodes.Node:
+        rows = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction | argparse._HelpAction):
+                continue
+            names = ", ".join(action.option_strings) or (action.metavar or action.dest)
+            if action.option_strings and action.nargs != 0:
+                names += f" {action.metavar or action.dest.upper()}"
+            text = action.help or ""
+            if action.choices and not isinstance(action.choices, dict):
+                text += f" (one of: {', '.join(map(str, action.choices))})"
+            rows.append((f"`{names}`", text.replace("`", "'")))
+        container = nodes.container()
+        container += nodes.rubric(text=title)
+        container += _table(("option", "meaning"), rows, (1, 3))
+        return container
+
+
 class When(SphinxDirective):
     """Content shown only if ``module:NAME`` imports, ``doc:NAME`` exists or ``cli:NAME`` is a
     command of the CLI (``:absent:``: only if not), so a page says what this build really has."""
@@ -293,5 +338,6 @@ def setup(app: Sphinx) -> dict[str, Any]:
     app.add_directive("forgeqmp-optional-toctree", OptionalTocTree)
     app.add_directive("forgeqmp-optional-automodule", OptionalAutomodule)
     app.add_directive("forgeqmp-when", When)
+    app.add_directive("forgeqmp-cli-reference", CliReference)
     app.add_role("optdoc", optdoc_role)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
