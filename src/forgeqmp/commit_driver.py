@@ -6,6 +6,7 @@ with ``qemu-img commit`` while QEMU is not running.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Sequence
 
@@ -40,6 +41,8 @@ from forgeqmp.record import (
 )
 from forgeqmp.statedir import InstanceLock
 from forgeqmp.states import Event, State
+
+log = logging.getLogger(__name__)
 
 __all__ = ["CommitDriver"]
 
@@ -182,6 +185,13 @@ class CommitDriver(DriverBase):
         )
         await self._drop_overlay(disk)
         self._crash_point("commit", "disk-merged")
+        log.info(
+            "commit: disk %s merged into %s, overlay %s removed; guest paused %s ms to switch",
+            disk.name,
+            disk.base_file,
+            disk.overlay_file,
+            "?" if pause_ms is None else f"{pause_ms:.1f}",
+        )
         report(ProgressEvent("commit", "disk-merged", {"disk": disk.name, "pause_ms": pause_ms}))
 
     async def _report_job_progress(self, job_id: str, disk: str, report: ProgressCallback) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import shlex
 import signal
@@ -51,6 +52,8 @@ from forgeqmp.record import (
 from forgeqmp.relaunch import describe_findings, relaunch_findings
 from forgeqmp.statedir import InstanceLock
 from forgeqmp.states import Event, State
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DiscardDriver"]
 
@@ -297,6 +300,12 @@ class DiscardDriver(DriverBase):
             finished_at=_now(),
         )
         self._crash_point("discard", "discarded")
+        log.info(
+            "discard %s: VM running %s, %.2f s after discard began",
+            record.session_id,
+            "from the memory state" if restored else "cold (memory not restored)",
+            seconds,
+        )
         report(
             ProgressEvent(
                 "discard", "running", {"memory_restored": restored, "resume_seconds": seconds}
@@ -329,6 +338,12 @@ class DiscardDriver(DriverBase):
         assert memory is not None
         await launch(self._spec(record, incoming=True))
         await self.conn.reconnect()
+        log.info(
+            "discard %s: QEMU relaunched waiting for the memory state, pid %d; restoring %s",
+            record.session_id,
+            self.conn.peer.pid,
+            memory.path,
+        )
         self._crash_point("discard", "qemu-launched")
         conn = self.conn
         try:
@@ -434,6 +449,7 @@ class DiscardDriver(DriverBase):
             await anyio.to_thread.run_sync(wait_gone, pid, 30.0)
         await launch(self._spec(record, incoming=False))
         await self.conn.reconnect()
+        log.info("discard %s: QEMU started cold, pid %d", record.session_id, self.conn.peer.pid)
         if await self.runstate() != "running":
             await self.conn.execute("cont")
 

@@ -182,6 +182,13 @@ class EnableDriver(DriverBase):
             if previous is not None:
                 self.store.archive(force=True)
             self.store.save(record)
+            log.info(
+                "session %s: %s, step %s (disks %s)",
+                record.session_id,
+                record.state.value,
+                record.step,
+                ", ".join(o.disk.name for o in plan.overlays),
+            )
             self._state_changed(record)
             self._crash_point("enable", "planned")
             undo = _EnableUndo()
@@ -352,6 +359,13 @@ class EnableDriver(DriverBase):
 
             record = self._save(record, step="snapshot-done", pause_ms=pause_ms)
             self._crash_point("enable", "snapshot-done")
+            log.info(
+                "enable %s: disks %s on their overlays, memory saved to %s; guest paused %s ms",
+                record.session_id,
+                ", ".join(f"{d.name} ({d.overlay_file})" for d in record.disks),
+                record.memory.path if record.memory else "?",
+                "?" if pause_ms is None else f"{pause_ms:.1f}",
+            )
             report(ProgressEvent("enable", "snapshot-done", {"pause_ms": pause_ms}))
 
             # QEMU does not fsync the memory file: do it, then fingerprint it from the page cache.

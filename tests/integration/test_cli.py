@@ -108,3 +108,31 @@ def test_cli_unreachable_qemu_is_exit_5(tmp_path: Path) -> None:
     not_a_socket = tmp_path / "file"
     not_a_socket.write_text("x")
     assert cli("--qmp", str(not_a_socket), "--state-dir", str(tmp_path / "s"), "enable")[0] == 5
+
+
+def test_verbose_logs_every_step_and_debug_the_qmp_traffic(qemu_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """-v: one INFO line per saved step, the pause, the disk and file, the relaunched QEMU's pid;
+    --debug: the QMP traffic too. All on stderr (stdout keeps the JSON)."""
+    vm = qemu_factory(memory_mib=256)
+    base = ["--qmp", vm.qmp_socket, "--state-dir", str(tmp_path / "state"), "--json"]
+    code, lines, err = cli("-v", *base, "enable")
+    assert code == 0, err
+    record = final(lines)
+    sid = record["session_id"]
+    for step in ("planned", "overlays-created", "snapshot-done", "active"):
+        assert f"forgeqmp.driver_base INFO: session {sid}: " in err, err
+        assert f", step {step}" in err, (step, err)
+    overlay = record["disks"][0]["overlay"]
+    assert f"disk0 ({overlay}) on their overlays" in err
+    assert "guest paused" in err
+    assert "QMP" not in err  # traffic only with --debug
+
+    code, lines, err = cli("--debug", *base, "discard")
+    assert code == 0, err
+    assert final(lines)["memory_restored"] is True
+    pid = vm.pid  # the relaunched QEMU
+    assert f"QEMU relaunched waiting for the memory state, pid {pid}" in err
+    assert "VM running from the memory state" in err
+    assert "forgeqmp.qmp DEBUG: QMP " in err
+    assert "-> migrate-incoming" in err
+    assert "QMP event MIGRATION" in err
