@@ -2,7 +2,7 @@
 
 forgeqmp chooses code paths by probing QEMU's features, so its tests must run against more than one
 QEMU: the newest (10.0 here, with the ``file:`` migration transport) and the oldest supported (7.2,
-``fd:`` only). ``scripts/setup-system`` installs 10.0 system-wide and unpacks 7.2 into
+``fd:`` only). ``python -m forgeqmp.testing setup`` (``scripts/setup-system`` in the repository) installs 10.0 system-wide and unpacks 7.2 into
 ``$FORGEQMP_PREFIX/qemu-7.2``; this module finds both and describes how to run each.
 
 A build is only listed if ``--version`` of both its binaries answers and its QEMU really starts
@@ -47,7 +47,7 @@ _PROBE_TIMEOUT = 20.0
 
 
 def forgeqmp_prefix() -> Path:
-    """Where ``scripts/setup-system`` put the side-by-side QEMU and the guest: ``$FORGEQMP_PREFIX``."""
+    """Where the set-up (:mod:`forgeqmp.testing.setup`) put the side-by-side QEMU and the guest: ``$FORGEQMP_PREFIX``."""
     return Path(os.environ.get("FORGEQMP_PREFIX") or "/opt/forgeqmp")
 
 

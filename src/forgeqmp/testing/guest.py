@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import gzip
 import hashlib
 import io
@@ -36,6 +37,7 @@ from pathlib import Path
 import attrs
 
 from forgeqmp.testing.builds import forgeqmp_prefix
+from forgeqmp.testing.setup import setup_command
 
 __all__ = [
     "COUNTER_RE",
@@ -244,7 +246,7 @@ def _find_module(modules_dir: Path, name: str) -> Path:
     hits = sorted(modules_dir.rglob(f"{name}.ko"))
     if not hits:
         raise FileNotFoundError(
-            f"kernel module {name}.ko not found under {modules_dir}; run scripts/setup-system"
+            f"kernel module {name}.ko not found under {modules_dir}; run {setup_command()}"
         )
     return hits[0]
 
@@ -312,14 +314,28 @@ def guest_image(
 
     Raises :class:`FileNotFoundError` naming the missing ingredient and the script that installs it.
     """
-    guest = (prefix if prefix is not None else forgeqmp_prefix()) / "guest"
+    key = (prefix if prefix is not None else forgeqmp_prefix(), cache, tuple(modules), pvh)
+    image = _guest_image(*key)
+    if not (image.kernel.exists() and image.initrd.exists()):  # a cache emptied meanwhile
+        _guest_image.cache_clear()
+        image = _guest_image(*key)
+    return image
+
+
+@functools.cache
+def _guest_image(
+    prefix: Path, cache: Path | None, modules: tuple[str, ...], pvh: bool
+) -> GuestImage:
+    """:func:`guest_image`, built once per process and arguments (a test session boots many
+    guests from one image; the files themselves are cached on disk too)."""
+    guest = prefix / "guest"
     kernel = guest / "vmlinuz"
     busybox = guest / "busybox"
     modules_dir = guest / "modules"
     for needed in (kernel, busybox, modules_dir):
         if not needed.exists():
             raise FileNotFoundError(
-                f"test guest ingredient {needed} is missing; run scripts/setup-system"
+                f"test guest ingredient {needed} is missing; run {setup_command()}"
             )
     version_file = guest / "kernel-version"
     version = version_file.read_text().strip() if version_file.exists() else "unknown"

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from forgeqmp.testing.guest import GUEST_MODULES
+from forgeqmp.testing.setup import setup_command
 
 if TYPE_CHECKING:
     from forgeqmp.launcher import LaunchSpec
@@ -84,22 +85,22 @@ _OVMF_VARS = "OVMF_VARS_4M.fd"
 
 
 def find_ovmf() -> tuple[Path, Path]:
-    """The OVMF code and vars templates (``scripts/setup-system`` installs Debian's ``ovmf``)."""
+    """The OVMF code and vars templates (``python -m forgeqmp.testing setup`` installs Debian's ``ovmf``)."""
     for directory in _OVMF_DIRS:
         code, variables = Path(directory, _OVMF_CODE), Path(directory, _OVMF_VARS)
         if code.is_file() and variables.is_file():
             return code, variables
     raise FileNotFoundError(
         f"UEFI firmware {_OVMF_CODE}/{_OVMF_VARS} not found in {', '.join(_OVMF_DIRS)}: "
-        "run scripts/setup-system (it installs the ovmf package)"
+        f"run {setup_command()} (it installs the ovmf package)"
     )
 
 
 def make_iso(path: Path, label: str = "FORGEISO") -> None:
-    """Write a small ISO 9660 image at ``path`` (genisoimage, from ``scripts/setup-system``)."""
+    """Write a small ISO 9660 image at ``path`` (genisoimage, from ``python -m forgeqmp.testing setup``)."""
     tool = shutil.which("genisoimage") or shutil.which("xorrisofs") or shutil.which("mkisofs")
     if tool is None:
-        raise FileNotFoundError("no ISO tool (genisoimage): run scripts/setup-system")
+        raise FileNotFoundError(f"no ISO tool (genisoimage): run {setup_command()}")
     content = path.with_name(path.name + ".d")
     content.mkdir()
     try:
