@@ -22,6 +22,10 @@ The rules, in one sentence each:
   none answers, the record's step and the files on disk tell it;
 - it only ever deletes files the record names (overlays, the memory file), and an overlay only
   once its data is in the original or the session was discarded;
+- it leaves the guest running as it was before the operation, whatever instant the operation was
+  killed at: it resumes a guest the recorded QEMU holds while the record says forgeqmp paused it
+  (``paused_by_forgeqmp``, written before each pause), and leaves any other pause as it is, saying
+  in the record's warnings who paused the guest and what to do;
 - applied to its own result it plans nothing: recover is idempotent.
 
 The driver (:mod:`forgeqmp.recover_driver`) observes, runs the actions, saves the record and
