@@ -62,12 +62,18 @@ def load(session: nox.Session) -> None:
 @nox.session
 def faults(session: nox.Session) -> None:
     """The full fault matrix (``slow``): the controller and QEMU SIGKILLed at every step of enable,
-    commit and discard, then recover, on every installed QEMU (docs/fault-matrix.md)."""
+    commit and discard, and at random moments of each, then recover, on every installed QEMU
+    (docs/fault-matrix.md). ``FORGEQMP_RANDOM_KILL_SEED`` picks other random moments."""
     setup_system(session)
     session.install("-e", ".[test]")
     session.env["FORGEQMP_REQUIRE_QEMU"] = "1"
     session.run(
-        "pytest", "-m", "slow", "tests/integration/test_recover.py", *(session.posargs or ["-q"])
+        "pytest",
+        "-m",
+        "slow",
+        "tests/integration/test_recover.py",
+        "tests/integration/test_random_kills.py",
+        *(session.posargs or ["-q"]),
     )
 
 

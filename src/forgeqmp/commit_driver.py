@@ -92,6 +92,7 @@ class CommitDriver(DriverBase):
         with InstanceLock(self.state_dir, "forgeqmp commit"):
             record = self._require_session("commit", lambda st: st.can_commit)
             status = status_of(record).apply(Event.COMMIT)
+            self.store.remove_temp_files()  # a killed operation's: never a file of another
             if not self.conn.connected:
                 return await self._commit_offline(record, timeout, report)
             await self._check_no_task()

@@ -56,6 +56,7 @@ STEPS: Final[Mapping[str, tuple[str, ...]]] = {
         "job-ready",  # job ready (overlay and original in sync); not completed
         "pivoting",  # guest paused by us for the completion
         "pivoted",  # the disk is on its original again; not recorded yet
+        "disk-recorded",  # recorded on its original (step committing); guest still paused by us
         "disk-merged",  # recorded, overlay removed, guest running
         "committed",  # COMMITTED recorded
     ),

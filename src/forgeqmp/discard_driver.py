@@ -124,6 +124,7 @@ class DiscardDriver(DriverBase):
                     )
             if self.conn.connected:
                 await self._check_recorded_configuration(record)
+            self.store.remove_temp_files()  # a killed operation's: never a file of another
             record = self._save(record, state=State.DISCARDING, step="stopping-qemu")
             self._crash_point("discard", "stopping-qemu")
             report(ProgressEvent("discard", "stopping-qemu"))

@@ -517,8 +517,10 @@ class DriverBase:
                 paused = await self.runstate() == "running"
                 if paused:
                     await self._flush_before_pause()
-                    if mark_step:
-                        self._save(self._current(), step=f"pivoting:{disk}")
+                    # On disk before the pause: a recover after a kill anywhere from here to
+                    # the resume below knows the pause is ours, and resumes the guest.
+                    marks: dict[str, Any] = {"step": f"pivoting:{disk}"} if mark_step else {}
+                    self._save(self._current(), paused_by_forgeqmp=True, **marks)
                     await conn.execute("stop")
                     self._crash_point(operation, "pivoting")
                 resumed = False
@@ -554,16 +556,20 @@ class DriverBase:
                     self._crash_point(operation, "pivoted")
                     changes: dict[str, Any] = {"step": "committing"} if mark_step else {}
                     self._save(update(self._current()), **changes)
+                    self._crash_point(operation, "disk-recorded")
                 finally:
                     if paused:
                         with anyio.CancelScope(shield=True), contextlib.suppress(QMPError):
                             await conn.execute("cont")
                             resumed = True
-                    if mark_step and (resumed or not paused):
+                    if resumed or not paused:
                         with contextlib.suppress(ForgeError, OSError):
                             record = self._current()
-                            if record.step == f"pivoting:{disk}":
-                                self._save(record, step="committing")
+                            done: dict[str, Any] = {"paused_by_forgeqmp": False} if resumed else {}
+                            if mark_step and record.step == f"pivoting:{disk}":
+                                done["step"] = "committing"
+                            if any(getattr(record, k) != v for k, v in done.items()):
+                                self._save(record, **done)
                 await self._restore_after_pivot(disk)
                 return self._pause_ms(runstate_events.history) if paused else None
 

@@ -179,6 +179,7 @@ class EnableDriver(DriverBase):
             report(
                 ProgressEvent("enable", "planned", {"disks": [o.disk.name for o in plan.overlays]})
             )
+            self.store.remove_temp_files()  # a killed operation's: never a file of another
             if previous is not None:
                 self.store.archive(force=True)
             self.store.save(record)
@@ -342,7 +343,9 @@ class EnableDriver(DriverBase):
             undo.previous_parameters = dict(await conn.execute("query-migrate-parameters"))
             set_params = plan.set_parameters()
             await conn.execute(set_params.name, set_params.arguments)
-            record = self._save(record, step="migration-started")
+            # Before the save, which pauses the guest (at its switchover, or a stop first):
+            # recover resumes a guest it finds paused while this is recorded.
+            record = self._save(record, step="migration-started", paused_by_forgeqmp=True)
             self._crash_point("enable", "migration-started")
 
             with (
@@ -380,6 +383,7 @@ class EnableDriver(DriverBase):
             record,
             state=State.ACTIVE,
             step="active",
+            paused_by_forgeqmp=False,
             activated_at=_now(),
             memory=attrs.evolve(record.memory, size=size, sha256=digest),
         )
@@ -557,7 +561,9 @@ class EnableDriver(DriverBase):
             # An overlay a disk may still be on holds the guest's writes since the snapshot:
             # never delete it; recover merges it back (live, or offline once QEMU is gone).
             keep_overlays = len(problems) > before
+        before = len(problems)
         await attempt("resuming the guest", self._resume_if_stopped)
+        resumed = len(problems) == before
         for job in list(undo.jobs):
             await attempt(f"dismissing job {job}", functools.partial(self._drop_job, job))
         for node in reversed(undo.nodes):
@@ -596,6 +602,7 @@ class EnableDriver(DriverBase):
                 state=State.FAILED,
                 failure_phase=State.CREATING,
                 rolled_back=rolled_back,
+                paused_by_forgeqmp=record.paused_by_forgeqmp and not resumed,
                 error=f"enable failed at step {record.step}: {reason}",
                 next_step=next_step,
                 finished_at=_now() if rolled_back else None,

@@ -433,6 +433,11 @@ class SessionRecord:
     failure_phase: State | None = attrs.field(default=None, validator=_opt_state)
     #: A failure that undid everything: nothing to reconcile, the instance is free again.
     rolled_back: bool = attrs.field(default=False, validator=_flag)
+    #: Set on disk *before* forgeqmp pauses a running guest (or starts what pauses it: a memory
+    #: save that stops at its switchover, a discard whose new QEMU starts paused), cleared once it
+    #: resumed it. A guest found paused while this is set was paused by forgeqmp, so ``recover``
+    #: resumes it; one found paused while it is not set was paused by someone else, and stays so.
+    paused_by_forgeqmp: bool = attrs.field(default=False, validator=_flag)
 
     def __attrs_post_init__(self) -> None:
         forged = {d.name for d in self.disks}
@@ -727,6 +732,7 @@ def _decode_qemu(value: object, where: str) -> object:
 #: loads, with the field's default. Every other field is required; an unknown one is refused.
 ADDED_FIELDS: Final[Mapping[str, frozenset[str]]] = {
     "DiskRecord": frozenset({"options"}),
+    "SessionRecord": frozenset({"paused_by_forgeqmp"}),
 }
 
 
@@ -818,6 +824,12 @@ class RecordStore:
                     "RecordStore.archive())"
                 )
         self._dir.atomic_write(RECORD_FILE, record.to_json())
+
+    def remove_temp_files(self) -> list[str]:
+        """Remove the temporary files a killed write of the record left (see
+        :meth:`StateDir.remove_temp_files`); call it holding the instance's lock. Returns the
+        names removed."""
+        return self._dir.remove_temp_files(RECORD_FILE)
 
     def archive(self, *, force: bool = False) -> Path | None:
         """Move the current record aside as ``session-<id>.json`` so a new session can start.

@@ -22,6 +22,10 @@ The rules, in one sentence each:
   none answers, the record's step and the files on disk tell it;
 - it only ever deletes files the record names (overlays, the memory file), and an overlay only
   once its data is in the original or the session was discarded;
+- it leaves the guest running as it was before the operation, whatever instant the operation was
+  killed at: it resumes a guest the recorded QEMU holds while the record says forgeqmp paused it
+  (``paused_by_forgeqmp``, written before each pause), and leaves any other pause as it is, saying
+  in the record's warnings who paused the guest and what to do;
 - applied to its own result it plans nothing: recover is idempotent.
 
 The driver (:mod:`forgeqmp.recover_driver`) observes, runs the actions, saves the record and
@@ -94,6 +98,23 @@ ENABLE_STEPS_AFTER_SNAPSHOT: Final = frozenset({"migration-started", "snapshot-d
 _HELD: Final = frozenset({"paused", "postmigrate", "finish-migrate"})
 #: Runstates of a QEMU that has not run the guest yet (waiting for or loading a memory state).
 _NOT_STARTED: Final = frozenset({"inmigrate", "prelaunch", "restore-vm"})
+#: Why a guest stopped that forgeqmp did not pause, and what to do (status shows it).
+_PAUSED_BY: Final[Mapping[str, str]] = {
+    "io-error": (
+        "QEMU paused it after an I/O error (a full or failing disk, often the overlay's file "
+        "system): free space, then resume it (QMP cont), or discard"
+    ),
+    "guest-panicked": "the guest kernel panicked: reset or restart the VM",
+    "internal-error": "QEMU hit an internal error: check its log, then reset or restart the VM",
+    "shutdown": "the guest shut down (QEMU runs with -no-shutdown): reset or restart it",
+    "suspended": "the guest suspended itself (ACPI S3): wake it (QMP system_wakeup)",
+    "watchdog": "the guest's watchdog fired: reset or restart the VM",
+    "paused": (
+        "it was paused by someone else (a QMP stop, or started with -S), not by forgeqmp: "
+        "resume it (QMP cont) when it should run"
+    ),
+    "postmigrate": "a migration not started by forgeqmp paused it: resume it (QMP cont)",
+}
 #: Migration capabilities enable turns on that would change later migrations if left on
 #: ("events" only adds QMP events, and other tools turn it on themselves: left alone).
 _RESETTABLE_CAPABILITIES: Final = (
@@ -420,6 +441,8 @@ class _Planner:
         self.findings: list[str] = []
         self.where = {d.name: where_is(d, obs.qemu) for d in record.disks}
         self.same_qemu = self.qemu is not None and self.qemu.pid == record.qemu.pid
+        #: What the operator must know that the record's own fields do not say (status shows it).
+        self.warnings: list[str] = []
 
     # --- observation helpers
 
@@ -450,6 +473,41 @@ class _Planner:
             return "QEMU is not running (nobody answers on its QMP socket)"
         which = "the recorded" if self.same_qemu else "a new"
         return f"{which} QEMU (pid {self.qemu.pid}) runs, {self.qemu.runstate}"
+
+    def paused_by_us(self) -> bool:
+        """The guest is held, and by forgeqmp: the record said so before it paused the guest
+        (``paused_by_forgeqmp``, or a ``pivoting`` step of a record written before that field)."""
+        qemu = self.qemu
+        if qemu is None or not self.same_qemu or qemu.runstate not in _HELD:
+            return False
+        return self.record.paused_by_forgeqmp or self.record.step.startswith("pivoting")
+
+    def resume_ours(self) -> None:
+        """Resume the guest if forgeqmp paused it; say why not if it is paused otherwise."""
+        qemu = self.qemu
+        if qemu is None or qemu.runstate == "running":
+            return
+        if self.paused_by_us():
+            self.findings.append(f"the guest is {qemu.runstate}: forgeqmp paused it")
+            self.add(ResumeGuest())
+            return
+        if qemu.runstate in _NOT_STARTED or (
+            _phase(self.record) is State.DISCARDING and not self.same_qemu
+        ):
+            return  # a QEMU that has not run the guest yet (a discard's): the state's rules decide
+        text = self.pause_warning()
+        self.findings.append(text)
+        self.warnings.append(text)
+
+    def pause_warning(self) -> str:
+        """What status says of a guest that recover leaves paused, and why it is so."""
+        assert self.qemu is not None
+        qemu = self.qemu
+        why = _PAUSED_BY.get(qemu.runstate, "forgeqmp did not pause it")
+        return (
+            f"when recover ran, the guest was {qemu.runstate!r} (QEMU pid {qemu.pid}): {why}; "
+            "recover left it so"
+        )
 
     # --- action helpers
 
@@ -511,7 +569,26 @@ class _Planner:
         )
 
     def updated(self, **changes: Any) -> SessionRecord:
+        """The record as recover leaves it: it resumed any guest forgeqmp paused (or none is
+        left: another QEMU, or none), so ``paused_by_forgeqmp`` is cleared."""
         record = self.record
+        changes.setdefault("paused_by_forgeqmp", False)
+        adopted = (
+            self.qemu is not None
+            and not self.same_qemu
+            and changes.get("state") in (State.ACTIVE, State.COMMITTING)
+        )
+        if (
+            adopted
+            and self.qemu is not None
+            and self.qemu.runstate not in ("running", *_NOT_STARTED)
+        ):
+            # The session goes on in another QEMU that is paused (not by forgeqmp): say so now,
+            # as a later recover would.
+            self.warnings.append(self.pause_warning())
+        if self.warnings:
+            warnings = changes.get("warnings", record.warnings)
+            changes["warnings"] = tuple(dict.fromkeys([*warnings, *self.warnings]))
         if (
             self.qemu is not None
             and not self.same_qemu
@@ -573,12 +650,22 @@ def reconcile(record: SessionRecord, observation: Observation) -> RecoveryPlan:
     event is always a legal move of the transition table from the record's state.
     """
     p = _Planner(record, observation)
-    if record.state in (State.COMMITTED, State.DISCARDED):
-        p.findings.append(f"the session is {record.state.value}: nothing to recover")
+    finished = record.state in (State.COMMITTED, State.DISCARDED) or (
+        record.state is State.FAILED and record.rolled_back
+    )
+    if finished:
+        p.findings.append(
+            f"the session is {record.state.value}: nothing to recover"
+            if record.state is not State.FAILED
+            else "the failed session was rolled back: nothing to recover"
+        )
+        if p.paused_by_us():  # killed between its last resume and the record saying so
+            p.resume_ours()
+        if record.paused_by_forgeqmp:
+            record = record.evolve(paused_by_forgeqmp=False)
         return p.plan(None, record, record.next_step or "nothing to do", p.running())
-    if record.state is State.FAILED and record.rolled_back:
-        p.findings.append("the failed session was rolled back: nothing to recover")
-        return p.plan(None, record, record.next_step or "nothing to do", p.running())
+    # Wherever the operation was killed, a guest it paused runs again once recover is done.
+    p.resume_ours()
     phase = _phase(record)
     if phase is State.CREATING:
         return _creating(p)
@@ -621,8 +708,6 @@ def _finish_enable(p: _Planner) -> RecoveryPlan:
     record = p.record
     assert record.memory is not None
     p.findings.append("the disks are on their overlays and the memory state was saved completely")
-    if p.qemu is not None and p.qemu.runstate in _HELD:
-        p.add(ResumeGuest())
     p.release_migration_setup()
     p.drop_nodes(keep=_overlay_nodes(record.disks))
     p.add(HashMemory(record.memory.path))
@@ -676,8 +761,8 @@ def _roll_back_enable(p: _Planner) -> RecoveryPlan:
                 top = str(qemu.devices[disk.qdev].node)
                 job_id = f"{p.tag}-{index}-create-undo"
                 p.add(CommitBack(disk.name, top, disk.device_node, job_id))
-        if qemu.runstate in _HELD or qemu.migration in MIGRATION_RUNNING:
-            p.add(ResumeGuest())
+        if qemu.migration in MIGRATION_RUNNING:
+            p.add(ResumeGuest())  # our save, paused at its switchover or pausing: let go
         p.drop_nodes()
         p.release_migration_setup()
         for disk in record.disks:
@@ -876,8 +961,6 @@ def _committing(p: _Planner) -> RecoveryPlan:
             odd.append(f"the overlay {disk.overlay_file} of disk {disk.name} is missing")
         disks.append(disk)
         pending.append(disk.name)
-    if record.step.startswith("pivoting") and qemu is not None and qemu.runstate in _HELD:
-        p.add(ResumeGuest())
     merged_any = any(d.merged for d in disks)
     keep = _overlay_nodes([d for d in disks if d.name in pending])
     if odd:
@@ -980,7 +1063,7 @@ def _discarding(p: _Planner) -> RecoveryPlan:
         for disk in record.disks:
             p.delete(disk.overlay_file, f"the overlay of disk {disk.name}, discarded")
         p.delete(p.memory_path, "the memory state of a discarded session")
-        new = record.evolve(
+        new = p.updated(
             state=State.DISCARDED,
             step="discarded",
             memory_restored=restored,
@@ -995,7 +1078,7 @@ def _discarding(p: _Planner) -> RecoveryPlan:
         # The old QEMU is gone (or was never stopped on the overlays): its running state is lost
         # either way, so finish what discard was asked to do.
         p.add(FinishDiscard())
-        new = record.evolve(state=State.DISCARDED, step="discarded", error=None, next_step=None)
+        new = p.updated(state=State.DISCARDED, step="discarded", error=None, next_step=None)
         return p.plan(Event.RECOVERED_DISCARDED, new, "nothing to do", True)
     # A discard that failed and is still failed: nothing changed since; say it again.
     step = record.next_step or "run 'forgeqmp discard' again"

@@ -362,6 +362,7 @@ async def run_recover(
         record = instance.store.load()
         if record is None:
             return None
+        instance.store.remove_temp_files()  # a killed operation's: never a file of another
         with anyio.fail_after(timeout):
             for _round in range(_MAX_ROUNDS):
                 plan = reconcile(record, await observe(instance, record))

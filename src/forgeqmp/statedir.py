@@ -63,6 +63,19 @@ _LABEL_MAX = 48
 _HASH_CHARS = 16
 _DEFAULT_READ_LIMIT = 16 * 1024 * 1024
 _HOLDER_MAX = 512
+#: Random bytes in the name of an atomic write's temporary file (hex: twice as many characters).
+_TEMP_TOKEN_BYTES = 6
+
+
+def _temp_name(entry: str) -> str:
+    """The name :meth:`StateDir.atomic_write` gives its temporary file for ``entry``."""
+    return f".{entry[:200]}.{secrets.token_hex(_TEMP_TOKEN_BYTES)}.tmp"
+
+
+def _is_temp_of(name: str, entry: str) -> bool:
+    """``name`` is exactly what :func:`_temp_name` makes for ``entry`` (and nothing else)."""
+    pattern = re.escape(f".{entry[:200]}.") + f"[0-9a-f]{{{2 * _TEMP_TOKEN_BYTES}}}" + r"\.tmp"
+    return re.fullmatch(pattern, name) is not None
 
 
 def default_state_dir(qmp_socket: str | os.PathLike[str]) -> Path:
@@ -441,7 +454,7 @@ class StateDir:
         """
         entry = self._entry(name)
         with self._dir_fd() as dfd:
-            tmp = f".{entry[:200]}.{secrets.token_hex(6)}.tmp"
+            tmp = _temp_name(entry)
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             try:
                 fd = os.open(tmp, flags, _FILE_MODE, dir_fd=dfd)
@@ -477,6 +490,44 @@ class StateDir:
                     f"wrote {self._path / entry} but could not flush the state dir "
                     f"({exc.strerror}); check the file system"
                 ) from exc
+
+    def remove_temp_files(self, name: str | os.PathLike[str]) -> list[str]:
+        """Remove the temporary files :meth:`atomic_write` left for ``name`` when its process
+        was killed between creating and renaming one; returns the names removed.
+
+        Only regular files owned by this user whose name is exactly the writer's pattern
+        (``.<name>.<12 hex digits>.tmp``) are removed, never anything else. Call it only while
+        holding the instance's lock: every writer holds it, so such a file is a dead writer's.
+        """
+        entry = self._entry(name)
+        try:
+            dfd = self._open_dir()
+        except FileNotFoundError:
+            return []
+        removed: list[str] = []
+        try:
+            for candidate in os.listdir(dfd):
+                if not _is_temp_of(candidate, entry):
+                    continue
+                try:
+                    st = os.lstat(candidate, dir_fd=dfd)
+                    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                        continue
+                    os.unlink(candidate, dir_fd=dfd)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    raise RecordError(
+                        f"cannot remove the leftover temporary file {self._path / candidate}: "
+                        f"{exc.strerror}; remove it by hand"
+                    ) from exc
+                removed.append(candidate)
+            if removed:
+                with contextlib.suppress(OSError):
+                    os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        return removed
 
     def move(self, name: str | os.PathLike[str], new_name: str | os.PathLike[str]) -> None:
         """Rename ``name`` to ``new_name`` without ever replacing an existing ``new_name``.

@@ -548,6 +548,8 @@ def test_every_truncation_is_refused() -> None:
 
 def test_missing_fields_are_named() -> None:
     for field in ["format", *(f.name for f in attrs.fields(SessionRecord))]:
+        if field in ADDED_FIELDS["SessionRecord"]:
+            continue  # may be absent (an older record): see the test below
         obj = as_obj(make_record())
         del obj[field]
         error = assert_record_error(json.dumps(obj).encode())

@@ -21,6 +21,7 @@ from forgeqmp.power import active_argv, start_argv
 from forgeqmp.record import DiskRecord, MemoryRecord, QemuRecord, SessionRecord
 from forgeqmp.recover import (
     ENABLE_STEPS_AFTER_SNAPSHOT,
+    MIGRATION_RUNNING,
     Action,
     CancelMigration,
     CommitBack,
@@ -235,13 +236,24 @@ def test_enable_interrupted_at_the_pause_cancels_moves_back_and_resumes() -> Non
 
 
 def test_enable_interrupted_after_the_save_completes_the_forge_live() -> None:
-    rec = record(State.CREATING, step="migration-started")
+    rec = record(State.CREATING, step="migration-started", paused_by_forgeqmp=True)
     qemu = qemu_on(rec, Where.OVERLAY, runstate="postmigrate", migration="completed")
     plan = reconcile(rec, Observation(qemu, files_of(rec)))
     assert plan.event is Event.RECOVERED_ACTIVE
     assert kinds(plan)[0] is ResumeGuest
     assert HashMemory in kinds(plan)
     assert not deleted(plan)
+    assert not plan.record.paused_by_forgeqmp
+
+
+def test_enable_interrupted_before_its_pause_leaves_a_guest_paused_by_someone_else() -> None:
+    rec = record(State.CREATING, step="overlays-created")
+    qemu = qemu_on(rec, Where.BASE, runstate="paused")
+    plan = reconcile(rec, Observation(qemu, files_of(rec, memory=False)))
+    assert plan.event is Event.RECOVERED_FAILED
+    assert plan.record.rolled_back
+    assert ResumeGuest not in kinds(plan)
+    assert any("not by forgeqmp" in w for w in plan.record.warnings), plan.record.warnings
 
 
 def test_enable_on_a_restarted_qemu_keeps_an_overlay_that_may_hold_writes() -> None:
@@ -361,6 +373,62 @@ def test_commit_paused_for_the_pivot_resumes_the_guest() -> None:
     plan = reconcile(rec, Observation(qemu, files_of(rec)))
     assert plan.event is Event.RECOVERED_COMMITTED
     assert ResumeGuest in kinds(plan)
+
+
+def test_commit_killed_after_recording_the_pivot_resumes_the_guest() -> None:
+    """Issue 12 item 3: killed after a disk's pivot recorded ``committing`` and before ``cont``;
+    the step names no pause, but the record said beforehand that forgeqmp was pausing."""
+    rec = record(
+        State.COMMITTING,
+        step="committing",
+        paused_by_forgeqmp=True,
+        disks=(
+            disk(0, merged=True, overlay_node=None, overlay_file_node=None),
+            disk(1, merged=True, overlay_node=None, overlay_file_node=None),
+        ),
+    )
+    qemu = qemu_on(rec, Where.BASE, runstate="paused")
+    plan = reconcile(rec, Observation(qemu, files_of(rec)))
+    assert plan.event is Event.RECOVERED_COMMITTED
+    assert ResumeGuest in kinds(plan)
+    assert plan.vm_running
+    assert not plan.record.paused_by_forgeqmp
+    assert not plan.record.warnings
+
+
+@pytest.mark.parametrize(
+    ("runstate", "words"),
+    [("paused", "not by forgeqmp"), ("io-error", "free space"), ("guest-panicked", "panicked")],
+)
+def test_commit_killed_before_pausing_leaves_a_guest_stopped_by_another_cause(
+    runstate: str, words: str
+) -> None:
+    rec = committing()
+    qemu = qemu_on(rec, Where.OVERLAY, runstate=runstate)
+    plan = reconcile(rec, Observation(qemu, files_of(rec)))
+    assert plan.event is Event.RECOVERED_ACTIVE
+    assert ResumeGuest not in kinds(plan)
+    assert not plan.vm_running
+    assert any(words in w and runstate in w for w in plan.record.warnings), plan.record.warnings
+    # and status shows it
+    assert any(words in w for w in plan.record.status_dict()["warnings"])
+
+
+def test_a_finished_session_resumes_a_guest_it_left_paused() -> None:
+    rec = record(
+        State.COMMITTED,
+        step="committed",
+        paused_by_forgeqmp=True,
+        disks=(disk(0, merged=True, overlay_node=None, overlay_file_node=None),),
+        n=1,
+    )
+    qemu = qemu_on(rec, Where.BASE, runstate="paused")
+    plan = reconcile(rec, Observation(qemu, {}))
+    assert plan.event is None
+    assert plan.actions == (ResumeGuest(),)
+    assert not plan.record.paused_by_forgeqmp
+    elsewhere = reconcile(rec, Observation(attrs.evolve(qemu, pid=PID + 1), {}))
+    assert elsewhere.actions == ()  # another QEMU's pause is not ours
 
 
 def test_commit_with_qemu_dead_leaves_pending_disks_for_an_offline_commit() -> None:
@@ -505,7 +573,15 @@ def test_start_argv_follows_the_session() -> None:
 # --- properties ----------------------------------------------------------------------------------
 
 ENABLE_STEPS = ("planned", "overlays-created", "migration-started", "snapshot-done")
-RUNSTATES = ("running", "paused", "postmigrate", "finish-migrate", "inmigrate", "prelaunch")
+RUNSTATES = (
+    "running",
+    "paused",
+    "postmigrate",
+    "finish-migrate",
+    "inmigrate",
+    "prelaunch",
+    "io-error",
+)
 JOB_STATES = ("running", "ready", "concluded", "paused", "pending", "aborting")
 #: Every migration status of QEMU's schema (every recorded build), not a hand-picked few.
 MIGRATIONS = migration_statuses()
@@ -562,6 +638,7 @@ def records(draw: st.DrawFn) -> SessionRecord:
         memory_restored=draw(st.sampled_from([None, True, False]))
         if effective is State.DISCARDING
         else None,
+        paused_by_forgeqmp=draw(st.booleans()),
     )
 
 
@@ -631,6 +708,8 @@ def merged_before(plan: RecoveryPlan, disk_name: str, index: int) -> bool:
     return any(isinstance(a, MERGES) and a.disk == disk_name for a in plan.actions[:index])
 
 
+HELD = ("paused", "postmigrate", "finish-migrate")
+
 SETTINGS = settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -642,9 +721,10 @@ def test_every_plan_is_a_legal_move_to_a_valid_record(
     rec, obs = case
     plan = reconcile(rec, obs)
     after = status_of(plan.record)  # the record is valid and describes a status
+    assert not plan.record.paused_by_forgeqmp  # recover resumes what forgeqmp paused
     if plan.event is None:
         assert rec.state in TERMINAL or rec.rolled_back
-        assert plan.actions == ()
+        assert plan.actions in ((), (ResumeGuest(),))
         return
     assert next_state(rec.state, plan.event) is plan.record.state
     status_of(rec).apply(plan.event, after.failure)  # the full guard, with merged disks
@@ -772,8 +852,18 @@ def test_resume_and_finish_discard_only_for_our_own_operations(
     if FinishDiscard() in plan.actions:
         assert rec.state is State.DISCARDING
         assert plan.actions[-1] == FinishDiscard()
+    qemu = obs.qemu
+    held = qemu is not None and qemu.pid == rec.qemu.pid and qemu.runstate in HELD
+    ours = held and (rec.paused_by_forgeqmp or rec.step.startswith("pivoting"))
+    if ours:  # a guest forgeqmp paused runs again, whatever the state and step
+        assert ResumeGuest() in plan.actions or FinishDiscard() in plan.actions
     if ResumeGuest() in plan.actions:
-        assert phase in (State.CREATING, State.COMMITTING)
+        assert qemu is not None
+        assert qemu.pid == rec.qemu.pid
+        # a guest paused by someone else is left so (a save of ours still running: let go)
+        assert ours or (
+            phase is State.CREATING and qemu.migration in MIGRATION_RUNNING and not rec.rolled_back
+        ), (plan.describe(), qemu.runstate)
 
 
 def test_every_action_says_what_it_does() -> None:

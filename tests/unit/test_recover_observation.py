@@ -144,13 +144,23 @@ def test_observe_keeps_only_what_belongs_to_the_session() -> None:
 
 @pytest.mark.parametrize("status", STATUSES)
 def test_an_interrupted_enable_cancels_a_running_migration_and_only_that(status: str) -> None:
-    rec = record(State.CREATING, step="migration-started")
+    # Enable records that it may pause the guest (paused_by_forgeqmp) with migration-started.
+    rec = record(State.CREATING, step="migration-started", paused_by_forgeqmp=True)
     qemu = qemu_on(rec, {d.name: _base() for d in rec.disks}, migration=status, runstate="paused")
     plan = reconcile(rec, Observation(qemu, files_of(rec)))
     assert plan.event is Event.RECOVERED_FAILED
     assert plan.record.rolled_back
     assert (CancelMigration() in plan.actions) is (status in MIGRATION_RUNNING), plan.actions
-    assert ResumeGuest() in plan.actions  # the guest never stays paused
+    assert ResumeGuest() in plan.actions  # a guest forgeqmp paused never stays paused
+    # Paused without forgeqmp saying it would pause it, and no save of ours running (that one
+    # recover cancels, and lets the guest go): someone else paused it; left so, and said.
+    rec = record(State.CREATING, step="migration-started", paused_by_forgeqmp=False)
+    plan = reconcile(rec, Observation(qemu, files_of(rec)))
+    if status not in MIGRATION_RUNNING:
+        assert ResumeGuest() not in plan.actions
+        assert any("paused by someone else" in w for w in plan.record.warnings), plan.record
+    else:
+        assert ResumeGuest() in plan.actions
 
 
 def _base() -> Any:

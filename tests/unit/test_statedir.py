@@ -741,3 +741,48 @@ def test_lock_is_not_inherited_by_programs_started_while_held(tmp_path: Path) ->
     finally:
         sleeper.kill()
         sleeper.wait(timeout=30)
+
+
+#: A writer SIGKILLed between creating its temporary file and renaming it (issue 12 item 4).
+_KILLED_WRITER = """
+import os, signal, sys
+from forgeqmp.statedir import StateDir
+os.replace = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+StateDir(sys.argv[1]).atomic_write("session.json", b"new")
+"""
+
+
+def test_remove_temp_files_removes_a_killed_writers_temp_file_and_nothing_else(
+    sd: StateDir,
+) -> None:
+    sd.atomic_write("session.json", b"old")
+    done = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(sd.path)], check=False)
+    assert done.returncode == -signal.SIGKILL
+    left = sorted(n for n in entries(sd.path) if n.endswith(".tmp"))
+    assert len(left) == 1, left
+    assert left[0].startswith(".session.json."), left
+    foreign = [
+        ".session.json.0123456789ab.tmp.bak",
+        ".session.json.0123456789AB.tmp",
+        ".session.json.0123456789a.tmp",
+        ".session.json.0123456789abc.tmp",
+        ".other.json.0123456789ab.tmp",
+        "session.json.0123456789ab.tmp",
+        ".session.json.tmp",
+    ]
+    for name in foreign:
+        (sd.path / name).write_bytes(b"not forgeqmp's")
+    os.symlink("/etc/passwd", sd.path / ".session.json.aaaaaaaaaaaa.tmp")
+    os.mkdir(sd.path / ".session.json.bbbbbbbbbbbb.tmp")
+    before = entries(sd.path)
+
+    assert sd.remove_temp_files("session.json") == left
+    assert entries(sd.path) == before - set(left)
+    assert (sd.path / "session.json").read_bytes() == b"old"
+    assert sd.remove_temp_files("session.json") == []  # nothing left to do
+
+
+def test_remove_temp_files_without_a_state_dir_creates_nothing(tmp_path: Path) -> None:
+    missing = StateDir(tmp_path / "missing")
+    assert missing.remove_temp_files("session.json") == []
+    assert not (tmp_path / "missing").exists()
