@@ -133,8 +133,14 @@ async def wait_for_qmp(
     )
 
 
-def _spawn(spec: LaunchSpec) -> subprocess.Popen[bytes]:
-    if os.path.exists(spec.qmp_socket):
+def _spawn_logged(
+    argv: Sequence[str], spec: LaunchSpec, env: Mapping[str, str], what: str
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start ``argv`` detached (its own session: what it starts outlives us, and a signal to our
+    process group, ^C, does not reach the VM), stdio to the spec's log; returns the process and
+    the log's size before it ran. The stale QMP socket of the previous QEMU is removed first, so
+    only the new QEMU can answer."""
+    if os.path.lexists(spec.qmp_socket):
         os.unlink(spec.qmp_socket)
     target = spec.log_file or os.devnull
     # Private (0600) whatever the umask, and never through a planted symlink: QEMU's messages
@@ -143,13 +149,14 @@ def _spawn(spec: LaunchSpec) -> subprocess.Popen[bytes]:
     try:
         log_fd = os.open(target, flags, 0o600)
     except OSError as exc:
-        raise ForgeFailed(f"cannot open QEMU's log {target}: {exc.strerror}") from exc
+        raise ForgeFailed(f"cannot open {what}'s log {target}: {exc.strerror}") from exc
+    start = os.fstat(log_fd).st_size
     with open(log_fd, "ab") as log:
         try:
-            return subprocess.Popen(
-                list(spec.argv),
+            process = subprocess.Popen(
+                list(argv),
                 cwd=spec.cwd,
-                env=dict(spec.env),
+                env=dict(env),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -157,7 +164,12 @@ def _spawn(spec: LaunchSpec) -> subprocess.Popen[bytes]:
                 close_fds=True,
             )
         except OSError as exc:
-            raise ForgeFailed(f"cannot start {spec.argv[0]}: {exc}") from exc
+            raise ForgeFailed(f"cannot start {what} {argv[0]}: {exc}") from exc
+    return process, start
+
+
+def _spawn(spec: LaunchSpec) -> subprocess.Popen[bytes]:
+    return _spawn_logged(spec.argv, spec, spec.env, "QEMU")[0]
 
 
 def _log_tail(path: str | None, size: int = 2000) -> str:
@@ -211,8 +223,6 @@ def executable_launcher(path: str | os.PathLike[str], *, timeout: float = 120.0)
 
 def _spawn_executable(program: str, spec: LaunchSpec) -> tuple[subprocess.Popen[bytes], int]:
     """Start the launcher program; returns it and the size of the log before it ran."""
-    if os.path.lexists(spec.qmp_socket):
-        os.unlink(spec.qmp_socket)  # the previous QEMU's: only the new one may answer
     env = dict(spec.env)
     env.setdefault("PATH", os.defpath)
     env.update(
@@ -221,30 +231,7 @@ def _spawn_executable(program: str, spec: LaunchSpec) -> tuple[subprocess.Popen[
         FORGEQMP_CWD=spec.cwd,
         FORGEQMP_LOG_FILE=spec.log_file or os.devnull,
     )
-    target = spec.log_file or os.devnull
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        log_fd = os.open(target, flags, 0o600)
-    except OSError as exc:
-        raise ForgeFailed(f"cannot open the launcher's log {target}: {exc.strerror}") from exc
-    start = os.fstat(log_fd).st_size
-    with open(log_fd, "ab") as log:
-        try:
-            # Its own session: the QEMU it starts outlives us, and a signal to our process
-            # group (^C) does not reach the VM.
-            process = subprocess.Popen(
-                [program, *spec.argv],
-                cwd=spec.cwd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-                close_fds=True,
-            )
-        except OSError as exc:
-            raise ForgeFailed(f"cannot run the launcher {program}: {exc}") from exc
-    return process, start
+    return _spawn_logged([program, *spec.argv], spec, env, "the launcher")
 
 
 async def _run_executable(program: str, spec: LaunchSpec, timeout: float) -> None:
