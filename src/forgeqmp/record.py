@@ -38,6 +38,7 @@ __all__ = [
     "ADDED_FIELDS",
     "BASE_FORMATS",
     "FORMAT_VERSION",
+    "KEEP_ARCHIVES",
     "RECORD_FILE",
     "DiskRecord",
     "MemoryRecord",
@@ -727,6 +728,13 @@ def _decode_qemu(value: object, where: str) -> object:
     )
 
 
+#: How many archived records (finished sessions) a state dir keeps; older ones are removed when
+#: a session is archived (see :meth:`RecordStore.prune_archives`).
+KEEP_ARCHIVES: Final = 20
+_ARCHIVE_RE: Final = re.compile(
+    r"session-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\.json"
+)
+
 #: Fields added to record format 1 after records of it were first written, per class: a record
 #: without one (written by an older forgeqmp, e.g. during a session that spans an upgrade) still
 #: loads, with the field's default. Every other field is required; an unknown one is refused.
@@ -850,4 +858,32 @@ class RecordStore:
             )
         name = self.archive_name(record.session_id)
         self._dir.move(RECORD_FILE, name)
+        self.prune_archives()
         return self._dir.path_of(name)
+
+    def archives(self) -> list[Path]:
+        """The archived records of this state dir (``session-<uuid>.json``), oldest first (by
+        when each was last written: its session's end)."""
+        try:
+            entries = list(os.scandir(self._dir.path))
+        except FileNotFoundError:
+            return []
+        found = [
+            e for e in entries if _ARCHIVE_RE.fullmatch(e.name) and e.is_file(follow_symlinks=False)
+        ]
+        found.sort(key=lambda e: (e.stat(follow_symlinks=False).st_mtime_ns, e.name))
+        return [Path(e.path) for e in found]
+
+    def prune_archives(self, keep: int | None = None) -> list[str]:
+        """The retention rule: keep the :data:`KEEP_ARCHIVES` most recently archived records
+        (``keep`` to choose), remove older ones; returns the names removed. Called after every
+        archive, so a state dir never holds more; the current record, the memory file and any
+        file forgeqmp did not name are never touched."""
+        limit = KEEP_ARCHIVES if keep is None else keep
+        if limit < 0:
+            raise ValueError("keep must be 0 or more")
+        old = self.archives()
+        old = old[: max(0, len(old) - limit)]
+        for path in old:
+            self._dir.remove(path.name)
+        return [p.name for p in old]

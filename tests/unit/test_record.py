@@ -18,6 +18,7 @@ from forgeqmp.errors import InvalidArgument, RecordError, SessionActive
 from forgeqmp.record import (
     ADDED_FIELDS,
     FORMAT_VERSION,
+    KEEP_ARCHIVES,
     RECORD_FILE,
     DiskRecord,
     MemoryRecord,
@@ -784,3 +785,28 @@ def test_store_archive_never_overwrites_history(store: RecordStore) -> None:
         store.archive()
     assert archived.read_bytes() == b"older history"
     assert store.load() == record
+
+
+def test_archived_records_are_kept_up_to_the_retention_limit(store: RecordStore) -> None:
+    """Old session records do not pile up: after each archive only the KEEP_ARCHIVES newest
+    stay; files forgeqmp did not name, and the current record, are never touched."""
+    directory = store.state_dir.path
+    store.state_dir.ensure()
+    foreign = directory / "session-notes.json"
+    foreign.write_text("mine")
+    ids = [new_session_id() for _ in range(KEEP_ARCHIVES + 5)]
+    for i, sid in enumerate(ids):
+        store.save(make_record(session_id=sid, state=State.COMMITTED), force=True)
+        os.utime(store.path, ns=(10**18 + i, 10**18 + i))  # archived in this order
+        store.archive()
+    kept = [p.name for p in store.archives()]
+    assert kept == [f"session-{sid}.json" for sid in ids[-KEEP_ARCHIVES:]]
+    assert foreign.read_text() == "mine"
+    # The current record is not an archive; keep=0 removes every archive, nothing else.
+    store.save(make_record(state=State.ACTIVE), force=True)
+    assert len(store.prune_archives(keep=0)) == KEEP_ARCHIVES
+    assert store.archives() == []
+    assert store.load() is not None
+    assert foreign.exists()
+    with pytest.raises(ValueError, match="keep"):
+        store.prune_archives(keep=-1)
