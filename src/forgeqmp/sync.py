@@ -47,8 +47,9 @@ def _blocking(
     def call(self: SyncInstance, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         return self.portal.call(functools.partial(method, self.instance, *args, **kwargs))
 
-    call.__name__ = method.__name__
-    call.__doc__ = method.__doc__
+    # The real signature (inspect and the docs follow __wrapped__), under this class's name.
+    functools.update_wrapper(call, method)
+    call.__qualname__ = f"SyncInstance.{method.__name__}"
     return call
 
 

@@ -24,14 +24,13 @@ build the setup installs that is missing or does not start and why
 Settings, each as a command-line option, an ini key and an environment variable (the option wins,
 then the variable, then the ini key):
 
-=================================  ======================  ==========================================
-option                             ini key                 variable and meaning
-=================================  ======================  ==========================================
-``--forgeqmp-require-qemu``        ``forgeqmp_require_qemu``  ``FORGEQMP_REQUIRE_QEMU=1``: fail, never skip
-``--forgeqmp-qemu=10.0,7.2``       ``forgeqmp_qemu``          ``FORGEQMP_QEMU``: only these builds
-``--forgeqmp-accel=kvm``           ``forgeqmp_accel``         ``FORGEQMP_ACCEL``: ``tcg`` (default) or ``kvm``
-``--forgeqmp-prefix=DIR``          ``forgeqmp_prefix``        ``FORGEQMP_PREFIX``: where the set-up put 7.2 and the guest
-=================================  ======================  ==========================================
+- ``--forgeqmp-require-qemu``, ini ``forgeqmp_require_qemu``, ``FORGEQMP_REQUIRE_QEMU=1``: fail,
+  never skip;
+- ``--forgeqmp-qemu=10.0,7.2``, ini ``forgeqmp_qemu``, ``FORGEQMP_QEMU``: only these builds;
+- ``--forgeqmp-accel=kvm``, ini ``forgeqmp_accel``, ``FORGEQMP_ACCEL``: ``tcg`` (default) or
+  ``kvm``;
+- ``--forgeqmp-prefix=DIR``, ini ``forgeqmp_prefix``, ``FORGEQMP_PREFIX``: where the set-up put
+  QEMU 7.2 and the guest.
 """
 
 from __future__ import annotations
