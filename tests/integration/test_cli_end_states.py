@@ -41,7 +41,7 @@ MIB = 1 << 20
 STATUS_KEYS = {"state", "activated_at", "disks", "memory_file", "memory_restored", "error"}
 ERROR_KEYS = {"error_kind", "exit_code", "next_step"}
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+needs_root = pytest.mark.usefixtures("root")  # tests/integration/conftest.py
 
 
 @attrs.frozen

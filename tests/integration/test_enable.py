@@ -34,7 +34,7 @@ from forgeqmp.statedir import InstanceLock, StateDir
 from forgeqmp.states import State
 from forgeqmp.testing import DiskSpec
 
-from .helpers import block_graph, discard, enable, files_under, qmp, run, skip_or_fail
+from .helpers import block_graph, discard, enable, files_under, qmp, run
 
 pytestmark = pytest.mark.qemu
 
@@ -223,14 +223,8 @@ def tmpfs(path: Path, options: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(path)], check=True)
 
 
-@pytest.fixture
-def root() -> None:
-    """These are the only real-QEMU tests of enable's undo after an I/O failure: without root (to
-    mount a small tmpfs) they skip, and fail under FORGEQMP_REQUIRE_QEMU (CI runs as root)."""
-    if os.geteuid() != 0:
-        skip_or_fail("mounting a tmpfs needs root")
-
-
+#: The root fixture (tests/integration/conftest.py): skip without root, fail under
+#: FORGEQMP_REQUIRE_QEMU.
 needs_root = pytest.mark.usefixtures("root")
 
 
