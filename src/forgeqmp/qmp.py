@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import attrs
 
 # qemu.qmp's public API only (its package exports); its submodules are internals that change.
@@ -333,6 +334,10 @@ class QMPConnection:
         :raises QMPDisconnected: the connection is down or dropped before the reply.
         :raises QMPTimeout: no reply within ``timeout`` (default: ``command_timeout``).
         """
+        # A cancelled caller must not send: a command queued now would still reach QEMU (a
+        # cancelled enable would send migrate-continue and let the save finish under its undo).
+        # Free when not cancelled, unlike a full checkpoint.
+        await anyio.lowlevel.checkpoint_if_cancelled()
         while self._fd_pass is not None:  # bounded by the fd pass's own deadline
             await self._fd_pass.wait()
         self._in_flight += 1
@@ -346,6 +351,7 @@ class QMPConnection:
     @contextlib.asynccontextmanager
     async def _alone(self) -> AsyncIterator[None]:
         """Hold the connection for an fd pass: no other command on the wire meanwhile."""
+        await anyio.lowlevel.checkpoint_if_cancelled()
         async with self._fd_lock:
             self._fd_pass = gate = anyio.Event()
             try:
