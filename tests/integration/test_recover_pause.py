@@ -67,8 +67,9 @@ def test_commit_killed_between_its_pivot_record_and_the_resume_resumes_the_guest
     run(enable, vm.qmp_socket, state, all_disks=True)
     written = {d: write(vm, d, f"pivot-{d}", 0) for d in ("d0", "d1")}
 
-    code = controller(qemu_build, "commit", vm, state, "commit:disk-recorded")
-    assert code == -signal.SIGKILL, "the controller was not killed at commit:disk-recorded"
+    code, err = controller(qemu_build, "commit", vm, state, "commit:disk-recorded")
+    assert code == -signal.SIGKILL, f"the controller was not killed at commit:disk-recorded: {err}"
+    assert "crash point commit:disk-recorded:self: SIGKILL" in err
     record = load(state)
     # The moment of the issue: the record names no pause step, the guest is paused by us.
     assert record.state is State.COMMITTING
@@ -107,7 +108,7 @@ def test_a_guest_paused_by_someone_else_stays_paused_and_status_says_so(
         (state / name).write_bytes(b"not forgeqmp's")
     run(qmp, vm.qmp_socket, "stop")  # the user's pause, not forgeqmp's
 
-    code = controller(qemu_build, "commit", vm, state, "commit:committing")
+    code, _err = controller(qemu_build, "commit", vm, state, "commit:committing")
     assert code == -signal.SIGKILL
     assert not load(state).paused_by_forgeqmp
     temp = plant_temp_file(state)
