@@ -34,6 +34,8 @@ from forgeqmp.statedir import StateDir
 from forgeqmp.testing import DiskSpec, QemuBuild, QemuInstance
 
 from .helpers import qmp, run
+from .test_enable import tmpfs
+from .test_recover import host_md5
 
 pytestmark = pytest.mark.qemu
 
@@ -155,16 +157,6 @@ def not_qmp_peer(path: str) -> Iterator[None]:
         server.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, options: str) -> Iterator[Path]:
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 @contextlib.contextmanager
@@ -358,22 +350,7 @@ def test_qemu_killed_during_commit_is_exit_4_and_recoverable(
         done = assert_ok(cli(qemu_build, vm.qmp_socket, state, "commit"), "committed")
         assert all(d["merged"] for d in done["disks"]), done
         for image in vm.disks:
-            assert host_md5(vm, image.name, 8, tmp_path) == expected[image.name], image.name
-
-
-def host_md5(vm: QemuInstance, name: str, mib: int, scratch: Path) -> str:
-    """md5 of the first ``mib`` MiB of a disk image as the guest sees it (QEMU stopped)."""
-    image = next(d for d in vm.disks if d.name == name)
-    path = image.path
-    if image.format == "qcow2":
-        path = str(scratch / f"{name}.raw")
-        subprocess.run(
-            [str(vm.build.img), "convert", "-U", "-f", "qcow2", "-O", "raw", image.path, path],
-            check=True,
-            env=vm.build.environ(),
-        )
-    with open(path, "rb") as f:
-        return hashlib.md5(f.read(mib * MIB), usedforsecurity=False).hexdigest()
+            assert host_md5(vm, image.name, 0, 8, tmp_path) == expected[image.name], image.name
 
 
 # --- a commit that stops: the record says exactly what was merged -------------------------------

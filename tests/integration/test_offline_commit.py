@@ -21,7 +21,6 @@ uses the ``qemu-img`` next to it: a script running the build's real qemu-img, ex
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -43,6 +42,7 @@ from forgeqmp.states import State
 from forgeqmp.testing import DiskSpec, QemuBuild, QemuInstance
 
 from .helpers import enable, files_under, qmp, run, sha256_of
+from .test_recover import host_md5
 
 pytestmark = pytest.mark.qemu
 
@@ -101,21 +101,6 @@ def load(state: Path) -> forgeqmp.SessionRecord:
     return record
 
 
-def host_md5(vm: QemuInstance, name: str, scratch: Path) -> str:
-    """md5 of the first 2 MiB of a disk as the guest sees it, read from the images on the host."""
-    image = next(d for d in vm.disks if d.name == name)
-    path = image.path
-    if image.format == "qcow2":
-        path = str(scratch / f"{name}.raw")
-        subprocess.run(
-            [str(vm.build.img), "convert", "-U", "-f", "qcow2", "-O", "raw", image.path, path],
-            check=True,
-            env=vm.build.environ(),
-        )
-    with open(path, "rb") as f:
-        return hashlib.md5(f.read(2 * MIB), usedforsecurity=False).hexdigest()
-
-
 def everything(state: Path, record: forgeqmp.SessionRecord) -> dict[str, str]:
     paths = files_under(state) | {d.base_file for d in record.disks}
     paths |= {d.overlay_file for d in record.disks if d.overlay_file}
@@ -144,7 +129,7 @@ def finish_and_check(vm: QemuInstance, state: Path, data: dict[str, str], scratc
     for disk in done_record.disks:
         assert disk.overlay_file is not None
         assert not Path(disk.overlay_file).exists()
-    assert {d: host_md5(vm, d, scratch) for d in data} == data
+    assert {d: host_md5(vm, d, 0, 2, scratch) for d in data} == data
 
 
 def test_the_offline_commit_refuses_a_missing_overlay_and_finishes_after_each_crash(  # type: ignore[no-untyped-def]
