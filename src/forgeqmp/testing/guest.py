@@ -37,7 +37,7 @@ from pathlib import Path
 import attrs
 
 from forgeqmp.testing.builds import forgeqmp_prefix
-from forgeqmp.testing.setup import setup_command
+from forgeqmp.testing.setup import guest_missing, setup_command
 
 __all__ = [
     "COUNTER_RE",
@@ -328,15 +328,15 @@ def _guest_image(
 ) -> GuestImage:
     """:func:`guest_image`, built once per process and arguments (a test session boots many
     guests from one image; the files themselves are cached on disk too)."""
+    missing = guest_missing(prefix)  # the set-up's own list of the ingredients
+    if missing:
+        raise FileNotFoundError(
+            f"test guest ingredient {missing[0]} is missing; run {setup_command()}"
+        )
     guest = prefix / "guest"
     kernel = guest / "vmlinuz"
     busybox = guest / "busybox"
     modules_dir = guest / "modules"
-    for needed in (kernel, busybox, modules_dir):
-        if not needed.exists():
-            raise FileNotFoundError(
-                f"test guest ingredient {needed} is missing; run {setup_command()}"
-            )
     version_file = guest / "kernel-version"
     version = version_file.read_text().strip() if version_file.exists() else "unknown"
     bootable = (pvh_kernel(kernel, cache=cache) if pvh else None) or kernel
