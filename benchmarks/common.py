@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import anyio
 
-from forgeqmp.process import is_alive, wait_gone
+from forgeqmp.adapters.process import is_alive, wait_gone
 from forgeqmp.testing import DiskSpec, QemuBuild, QemuInstance
 
 T = TypeVar("T")

@@ -26,8 +26,8 @@ from benchmarks.common import (
     run_async,
     say,
 )
-from forgeqmp import memhash
-from forgeqmp.plans.enable import Strategy, choose_strategy
+from forgeqmp.adapters import memhash
+from forgeqmp.core.plans.enable import Strategy, choose_strategy
 from forgeqmp.testing import QemuInstance
 
 #: Capabilities a load of a save with this strategy needs on the destination.

@@ -37,7 +37,7 @@ from benchmarks.common import (
     say,
     unlink_all,
 )
-from forgeqmp.plans.enable import Strategy, choose_strategy
+from forgeqmp.core.plans.enable import Strategy, choose_strategy
 from forgeqmp.testing import QemuInstance
 
 

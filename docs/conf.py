@@ -36,7 +36,7 @@ autodoc_typehints = "signature"
 autodoc_default_options = {"show-inheritance": True}
 autoclass_content = "class"
 
-# The state diagram is Graphviz text generated from forgeqmp.states.TRANSITIONS and drawn into SVG
+# The state diagram is Graphviz text generated from forgeqmp.core.states.TRANSITIONS and drawn into SVG
 # at build time (Debian's graphviz): no script, no network. The same table is also a plain table.
 graphviz_output_format = "svg"
 

@@ -29,8 +29,8 @@ import anyio
 import anyio.to_thread
 
 import forgeqmp
-from forgeqmp.launcher import wait_for_qmp
-from forgeqmp.qmp import QMPConnection
+from forgeqmp.adapters.launcher import wait_for_qmp
+from forgeqmp.adapters.qmp import QMPConnection
 
 
 class Platform:

@@ -3,8 +3,8 @@ tolerates pages not written yet.
 
 Directives (usable from MyST Markdown pages as ```` ```{name} ```` fences):
 
-- ``forgeqmp-state-diagram``: the state diagram of :data:`forgeqmp.states.TRANSITIONS`, written
-  by :func:`forgeqmp.states.render_dot` and drawn into SVG by Graphviz at build time (never drawn
+- ``forgeqmp-state-diagram``: the state diagram of :data:`forgeqmp.core.states.TRANSITIONS`, written
+  by :func:`forgeqmp.core.states.render_dot` and drawn into SVG by Graphviz at build time (never drawn
   by hand; the page needs no script and no network). The flag ``:operations:`` leaves out the
   ``recovered_*`` events of ``recover``.
 - ``forgeqmp-transition-table``: the same table as a plain table (readable without JavaScript).
@@ -43,12 +43,12 @@ from sphinx.util.docutils import SphinxDirective
 from sphinx.util.matching import Matcher
 from sphinx.util.nodes import split_explicit_title
 
-from forgeqmp import features, states
+from forgeqmp.core import features, states
+from forgeqmp.core.features import Features, features_from_introspection
+from forgeqmp.core.plans import enable as plans_enable
+from forgeqmp.core.plans.enable import Strategy, choose_strategy
+from forgeqmp.core.states import RECOVER_EVENTS, TRANSITIONS, render_dot
 from forgeqmp.errors import FeatureMissing
-from forgeqmp.features import Features, features_from_introspection
-from forgeqmp.plans import enable as plans_enable
-from forgeqmp.plans.enable import Strategy, choose_strategy
-from forgeqmp.states import RECOVER_EVENTS, TRANSITIONS, render_dot
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class StateDiagram(SphinxDirective):
 
 
 class TransitionTable(SphinxDirective):
-    """Every entry of :data:`forgeqmp.states.TRANSITIONS`, in table order."""
+    """Every entry of :data:`forgeqmp.core.states.TRANSITIONS`, in table order."""
 
     def run(self) -> list[nodes.Node]:
         self.env.note_dependency(states.__file__)

@@ -12,7 +12,31 @@ Everything is a coroutine for anyio's asyncio backend (qemu.qmp is asyncio-based
 """
 
 from forgeqmp._version import __version__
-from forgeqmp.disks import Disk, Selection, select_disks
+from forgeqmp.adapters.launcher import (
+    Launcher,
+    LaunchSpec,
+    cold_argv,
+    detached_launcher,
+    executable_launcher,
+    incoming_argv,
+)
+from forgeqmp.adapters.qmp import QMPConnection
+from forgeqmp.adapters.statedir import InstanceLock, StateDir, default_state_dir
+from forgeqmp.core.disks import Disk, Selection, select_disks
+from forgeqmp.core.features import Features, probe
+from forgeqmp.core.guard import (
+    QMP_RULES,
+    Operation,
+    QMPRule,
+    check_operation,
+    check_qmp_command,
+    parse_operation,
+)
+from forgeqmp.core.plans.enable import Strategy, Transport
+from forgeqmp.core.reconcile import Observation, RecoveryPlan, reconcile
+from forgeqmp.core.record import DiskRecord, MemoryRecord, QemuRecord, RecordStore, SessionRecord
+from forgeqmp.core.relaunch import Finding, relaunch_findings
+from forgeqmp.core.states import Event, Failure, SessionStatus, State
 from forgeqmp.errors import (
     DiskNotForgeable,
     FeatureMissing,
@@ -40,7 +64,6 @@ from forgeqmp.errors import (
     UnknownDisk,
     VMNotRunning,
 )
-from forgeqmp.features import Features, probe
 from forgeqmp.forge import (
     DEFAULT_COMMIT_TIMEOUT,
     DEFAULT_DISCARD_TIMEOUT,
@@ -51,30 +74,7 @@ from forgeqmp.forge import (
     connect,
     status_of,
 )
-from forgeqmp.guard import (
-    QMP_RULES,
-    Operation,
-    QMPRule,
-    check_operation,
-    check_qmp_command,
-    parse_operation,
-)
-from forgeqmp.launcher import (
-    Launcher,
-    LaunchSpec,
-    cold_argv,
-    detached_launcher,
-    executable_launcher,
-    incoming_argv,
-)
-from forgeqmp.plans.enable import Strategy, Transport
-from forgeqmp.power import active_argv, start_argv
-from forgeqmp.qmp import QMPConnection
-from forgeqmp.record import DiskRecord, MemoryRecord, QemuRecord, RecordStore, SessionRecord
-from forgeqmp.recover import Observation, RecoveryPlan, reconcile
-from forgeqmp.relaunch import Finding, relaunch_findings
-from forgeqmp.statedir import InstanceLock, StateDir, default_state_dir
-from forgeqmp.states import Event, Failure, SessionStatus, State
+from forgeqmp.ops.power import active_argv, start_argv
 
 __all__ = [
     "DEFAULT_COMMIT_TIMEOUT",

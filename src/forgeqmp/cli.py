@@ -29,6 +29,23 @@ from typing import Any, NoReturn, TextIO
 import anyio
 
 from forgeqmp._version import __version__
+from forgeqmp.adapters.launcher import executable_launcher
+from forgeqmp.adapters.livestatus import observe
+from forgeqmp.adapters.statedir import InstanceLock, StateDir, default_state_dir
+from forgeqmp.core.graphsession import GraphSession
+from forgeqmp.core.guard import (
+    ALWAYS_ALLOWED,
+    BLOCKED_OPERATIONS,
+    Operation,
+    check_graph_sessions,
+    check_recorded,
+    missing_overlays,
+    overlays_missing_hint,
+    parse_operation,
+)
+from forgeqmp.core.plans.enable import Strategy
+from forgeqmp.core.record import RecordStore, SessionRecord, no_session_status
+from forgeqmp.core.states import State
 from forgeqmp.errors import (
     ForgeError,
     ForgeFailed,
@@ -49,25 +66,8 @@ from forgeqmp.forge import (
     connect,
     status_of,
 )
-from forgeqmp.graphsession import GraphSession
-from forgeqmp.guard import (
-    ALWAYS_ALLOWED,
-    BLOCKED_OPERATIONS,
-    Operation,
-    check_graph_sessions,
-    check_recorded,
-    missing_overlays,
-    overlays_missing_hint,
-    parse_operation,
-)
-from forgeqmp.launcher import executable_launcher
-from forgeqmp.livestatus import observe
-from forgeqmp.plans.enable import Strategy
-from forgeqmp.power import start_argv
-from forgeqmp.record import RecordStore, SessionRecord, no_session_status
-from forgeqmp.recover_driver import DEFAULT_RECOVER_TIMEOUT, lock_held, stale
-from forgeqmp.statedir import InstanceLock, StateDir, default_state_dir
-from forgeqmp.states import State
+from forgeqmp.ops.power import start_argv
+from forgeqmp.ops.recover import DEFAULT_RECOVER_TIMEOUT, lock_held, stale
 from forgeqmp.terminal import PlainProgress, ProgressView, print_report, state_label
 
 __all__ = ["build_parser", "main"]
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbosity.add_argument(
         "--debug",
         action="store_true",
-        help="log everything, QMP traffic included ('forgeqmp.qmp' and qemu.qmp's 'qemu.qmp', "
+        help="log everything, QMP traffic included ('forgeqmp.adapters.qmp' and qemu.qmp's 'qemu.qmp', "
         "DEBUG) on stderr",
     )
     verbosity.add_argument(

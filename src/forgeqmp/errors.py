@@ -186,8 +186,8 @@ class MigrationBlocked(PrerequisiteError):
 
 class NotRelaunchable(PrerequisiteError):
     """QEMU's command line cannot be started again by forgeqmp (inherited fds, fd sets, stdio:
-    :mod:`forgeqmp.relaunch`) and no launcher is configured, so a discard could not bring the VM
-    back. ``findings`` holds the :class:`forgeqmp.relaunch.Finding` of each argument."""
+    :mod:`forgeqmp.core.relaunch`) and no launcher is configured, so a discard could not bring the VM
+    back. ``findings`` holds the :class:`forgeqmp.core.relaunch.Finding` of each argument."""
 
     def __init__(self, message: str, findings: tuple[object, ...] = ()) -> None:
         super().__init__(message)

@@ -1,9 +1,9 @@
 """Sessions: :func:`connect` opens an :class:`Instance`, one QEMU (one QMP socket) with its
 private state directory and its lock.
 
-Its operations (:mod:`~forgeqmp.enable_driver`, :mod:`~forgeqmp.commit_driver`,
-:mod:`~forgeqmp.discard_driver`, recover in :mod:`~forgeqmp.recover_driver`) execute the plans of
-:mod:`forgeqmp.plans` over QMP: they check prerequisites (typed errors, nothing changed), write the
+Its operations (:mod:`~forgeqmp.ops.enable`, :mod:`~forgeqmp.ops.commit`,
+:mod:`~forgeqmp.ops.discard`, recover in :mod:`~forgeqmp.ops.recover`) execute the plans of
+:mod:`forgeqmp.core.plans` over QMP: they check prerequisites (typed errors, nothing changed), write the
 session record before every irreversible step, run the plan with a deadline on every wait, and on
 any failure or cancellation undo what they did, shielded from the cancellation, so the VM keeps
 running as before.
@@ -19,17 +19,15 @@ from typing import Any
 
 import attrs
 
-from forgeqmp import guard
-from forgeqmp.commit_driver import CommitDriver
-from forgeqmp.discard_driver import DiscardDriver
-from forgeqmp.driver_base import (
-    DEFAULT_COMMIT_TIMEOUT,
-    DEFAULT_DISCARD_TIMEOUT,
-    DEFAULT_ENABLE_TIMEOUT,
-    _check_timeout,
-    status_of,
+from forgeqmp.adapters.launcher import Launcher, LaunchSpec
+from forgeqmp.adapters.qmp import DEFAULT_CONNECT_TIMEOUT, QMPConnection
+from forgeqmp.adapters.statedir import InstanceLock, StateDir, default_state_dir
+from forgeqmp.core import guard
+from forgeqmp.core.progress import ProgressCallback, ProgressEvent, StateListener
+from forgeqmp.core.record import (
+    RecordStore,
+    SessionRecord,
 )
-from forgeqmp.enable_driver import EnableDriver
 from forgeqmp.errors import (
     InstanceLocked,
     NoSession,
@@ -38,18 +36,20 @@ from forgeqmp.errors import (
     QEMUUnreachable,
     RecordError,
 )
-from forgeqmp.launcher import Launcher, LaunchSpec
-from forgeqmp.power import (
+from forgeqmp.ops.commit import CommitDriver
+from forgeqmp.ops.context import (
+    DEFAULT_COMMIT_TIMEOUT,
+    DEFAULT_DISCARD_TIMEOUT,
+    DEFAULT_ENABLE_TIMEOUT,
+    _check_timeout,
+    status_of,
+)
+from forgeqmp.ops.discard import DiscardDriver
+from forgeqmp.ops.enable import EnableDriver
+from forgeqmp.ops.power import (
     qemu_down,
     start_argv,
 )
-from forgeqmp.progress import ProgressCallback, ProgressEvent, StateListener
-from forgeqmp.qmp import DEFAULT_CONNECT_TIMEOUT, QMPConnection
-from forgeqmp.record import (
-    RecordStore,
-    SessionRecord,
-)
-from forgeqmp.statedir import InstanceLock, StateDir, default_state_dir
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,8 @@ class Instance(EnableDriver, CommitDriver, DiscardDriver):
     """One QEMU instance: its QMP connection, its state directory and its session.
 
     Create it with :func:`connect`. All methods are coroutines to run under anyio's asyncio backend.
-    Its operations are in :mod:`forgeqmp.enable_driver`, :mod:`forgeqmp.commit_driver` and
-    :mod:`forgeqmp.discard_driver` (their shared plumbing in :mod:`forgeqmp.driver_base`); this
+    Its operations are in :mod:`forgeqmp.ops.enable`, :mod:`forgeqmp.ops.commit` and
+    :mod:`forgeqmp.ops.discard` (their shared plumbing in :mod:`forgeqmp.ops.context`); this
     class adds the guard, recovery and how to start the VM during a session.
     """
 
@@ -79,7 +79,7 @@ class Instance(EnableDriver, CommitDriver, DiscardDriver):
         """Why the session record cannot be trusted as it reads, or None: it shows an operation
         (creating, committing, discarding) that no process is running any more (nobody holds the
         instance's lock), so it was interrupted. Run :meth:`recover` then."""
-        from forgeqmp.recover_driver import stale
+        from forgeqmp.ops.recover import stale
 
         record = self.store.load()
         return None if record is None else stale(self.state_dir, record)
@@ -95,8 +95,8 @@ class Instance(EnableDriver, CommitDriver, DiscardDriver):
 
         While a session is Active (or a commit is unfinished) the argv puts each forged disk on
         its overlay, backed by its original, under the recorded node names
-        (:func:`forgeqmp.power.active_argv`); otherwise it is the recorded command line. Pass it
-        to your launcher (or :func:`forgeqmp.launcher.detached_launcher`), then run ``status``.
+        (:func:`forgeqmp.ops.power.active_argv`); otherwise it is the recorded command line. Pass it
+        to your launcher (or :func:`forgeqmp.adapters.launcher.detached_launcher`), then run ``status``.
 
         :raises NoSession: there is no session record (start the VM as you always do).
         :raises SessionActive: an operation is under way or was interrupted: recover first.
@@ -123,12 +123,12 @@ class Instance(EnableDriver, CommitDriver, DiscardDriver):
         is gone, starting QEMU with ``launcher``) and undoes what was not (an interrupted
         enable). It is idempotent, works while QEMU is not running (open the instance with
         ``allow_offline=True``), and never deletes a file the session did not create.
-        Returns None when there is no session. See :mod:`forgeqmp.recover` for the rules.
+        Returns None when there is no session. See :mod:`forgeqmp.core.reconcile` for the rules.
 
         :raises QEMUUnreachable: QEMU runs but does not answer: nothing was changed.
         :raises ForgeFailed: recover could not finish; the record says why and what to do.
         """
-        from forgeqmp.recover_driver import DEFAULT_RECOVER_TIMEOUT, run_recover
+        from forgeqmp.ops.recover import DEFAULT_RECOVER_TIMEOUT, run_recover
 
         return await run_recover(
             self,
@@ -153,7 +153,7 @@ class Instance(EnableDriver, CommitDriver, DiscardDriver):
     async def check_with_qemu(self, operation: guard.Operation | str) -> SessionRecord | None:
         """:meth:`check`, and when the record shows no unfinished session, QEMU's block graph
         too (connected instances only): a session enabled through another state dir, or whose
-        record was deleted, blocks the operation as well (see :mod:`forgeqmp.graphsession`).
+        record was deleted, blocks the operation as well (see :mod:`forgeqmp.core.graphsession`).
 
         :raises InvalidArgument: no such operation.
         :raises OperationBlocked: the operation must wait; the error says on which session and
@@ -175,7 +175,7 @@ class Instance(EnableDriver, CommitDriver, DiscardDriver):
     ) -> Any:
         """Send a QMP command, unless it would break this instance's unfinished forge session
         (resizing or removing a forged disk, a backup of it, a medium change, a migration, a
-        link toggle, quit while forgeqmp works...: :data:`forgeqmp.guard.QMP_RULES`), and return
+        link toggle, quit while forgeqmp works...: :data:`forgeqmp.core.guard.QMP_RULES`), and return
         QEMU's reply.
 
         A command the guard lists is checked and sent while this instance's lock is held, so no
@@ -234,19 +234,19 @@ async def connect(
     """Connect to a QEMU's QMP socket and open its Forge instance.
 
     ``state_dir`` holds the session record, the memory file and the lock; by default it is derived
-    from the socket path (:func:`forgeqmp.statedir.default_state_dir`), so two instances never share
+    from the socket path (:func:`forgeqmp.adapters.statedir.default_state_dir`), so two instances never share
     one.
 
     ``allow_offline``: when QEMU is provably not running (nobody listens on the socket and the
-    recorded QEMU process is gone, see :func:`forgeqmp.power.qemu_down`), open the instance
+    recorded QEMU process is gone, see :func:`forgeqmp.ops.power.qemu_down`), open the instance
     anyway, without a connection (``instance.online`` is False): ``status``, ``recover``,
     ``commit`` (merges with qemu-img) and ``discard`` (starts the VM) work on a stopped VM.
 
-    ``launcher``: how the platform starts this QEMU (:data:`forgeqmp.launcher.Launcher`, e.g.
-    :func:`forgeqmp.launcher.executable_launcher`), used by ``discard`` and ``recover`` when they
+    ``launcher``: how the platform starts this QEMU (:data:`forgeqmp.adapters.launcher.Launcher`, e.g.
+    :func:`forgeqmp.adapters.launcher.executable_launcher`), used by ``discard`` and ``recover`` when they
     are not given one. Without it, ``enable`` refuses a VM whose command line a plain re-exec
-    cannot reproduce (inherited fds, fd sets: :mod:`forgeqmp.relaunch`), and discard re-runs the
-    recorded argv (:func:`forgeqmp.launcher.detached_launcher`).
+    cannot reproduce (inherited fds, fd sets: :mod:`forgeqmp.core.relaunch`), and discard re-runs the
+    recorded argv (:func:`forgeqmp.adapters.launcher.detached_launcher`).
 
     :raises QEMUUnreachable: nothing answers QMP on the socket (and, with ``allow_offline``,
         QEMU may still be running: it is never treated as stopped then).

@@ -25,13 +25,13 @@ from typing import Concatenate, ParamSpec, TypeVar
 
 import anyio.from_thread
 
-from forgeqmp.disks import Disk
-from forgeqmp.features import Features
+from forgeqmp.adapters.launcher import Launcher
+from forgeqmp.adapters.qmp import DEFAULT_CONNECT_TIMEOUT
+from forgeqmp.core.disks import Disk
+from forgeqmp.core.features import Features
+from forgeqmp.core.record import SessionRecord
 from forgeqmp.forge import Instance, StateListener
 from forgeqmp.forge import connect as _connect
-from forgeqmp.launcher import Launcher
-from forgeqmp.qmp import DEFAULT_CONNECT_TIMEOUT
-from forgeqmp.record import SessionRecord
 
 __all__ = ["SyncInstance", "connect"]
 

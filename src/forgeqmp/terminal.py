@@ -54,7 +54,7 @@ STATE_STYLES: Mapping[str, str] = types.MappingProxyType(
     }
 )
 
-#: How steps of :class:`~forgeqmp.progress.ProgressEvent` read on a terminal.
+#: How steps of :class:`~forgeqmp.core.progress.ProgressEvent` read on a terminal.
 STEP_LABELS: Mapping[tuple[str, str], str] = types.MappingProxyType(
     {
         ("enable", "planned"): "planned",
@@ -232,7 +232,7 @@ class ProgressView:
     a spinner on the step under way, and a bar with bytes and rate for the memory save (enable)
     and for each disk (commit).
 
-    Feed it the command's :class:`~forgeqmp.progress.ProgressEvent` with :meth:`update`, and call
+    Feed it the command's :class:`~forgeqmp.core.progress.ProgressEvent` with :meth:`update`, and call
     :meth:`close` once the command ended (successfully or not).
     """
 

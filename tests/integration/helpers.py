@@ -14,7 +14,7 @@ import anyio
 import pytest
 
 import forgeqmp
-from forgeqmp.qmp import connect as qmp_connect
+from forgeqmp.adapters.qmp import connect as qmp_connect
 from forgeqmp.testing.builds import require_qemu
 
 T = TypeVar("T")

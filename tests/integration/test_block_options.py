@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from forgeqmp import memhash
+from forgeqmp.adapters import memhash
+from forgeqmp.adapters.qmp import connect as qmp_connect
+from forgeqmp.adapters.statedir import StateDir
+from forgeqmp.core.record import RecordStore
 from forgeqmp.errors import ForgeFailed
-from forgeqmp.qmp import connect as qmp_connect
-from forgeqmp.record import RecordStore
-from forgeqmp.statedir import StateDir
 from forgeqmp.testing import DiskSpec
 
 from .helpers import commit, discard, enable, run

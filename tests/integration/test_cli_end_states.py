@@ -28,9 +28,9 @@ import attrs
 import pytest
 
 import forgeqmp
-from forgeqmp.crashpoints import ENABLE_ENV as CRASH_ENABLE
-from forgeqmp.crashpoints import ENV as CRASH_ENV
-from forgeqmp.statedir import StateDir
+from forgeqmp.adapters.crashpoints import ENABLE_ENV as CRASH_ENABLE
+from forgeqmp.adapters.crashpoints import ENV as CRASH_ENV
+from forgeqmp.adapters.statedir import StateDir
 from forgeqmp.testing import DiskSpec, QemuBuild, QemuInstance
 
 from .helpers import qmp, run

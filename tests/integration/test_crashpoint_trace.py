@@ -1,4 +1,4 @@
-"""Every crash point is really reached, on real QEMU, in the order :data:`forgeqmp.crashpoints.STEPS`
+"""Every crash point is really reached, on real QEMU, in the order :data:`forgeqmp.adapters.crashpoints.STEPS`
 lists it, with the pid of the QEMU running at that moment (what a ``:qemu`` cell kills).
 
 The fault matrix (test_recover.py) crashes at each point; this test proves the points it names are
@@ -6,7 +6,7 @@ the ones the drivers pass through (a crash point removed from a driver, renamed 
 order fails here), by recording them instead of crashing: an enable and a commit, then an enable
 and a discard of one 1-disk guest.
 
-The same trace shows the host flush at work (:mod:`forgeqmp.hostflush`): the image files are
+The same trace shows the host flush at work (:mod:`forgeqmp.adapters.hostflush`): the image files are
 really fsynced by this process while the guest still runs, before each pause (enable: between
 ``migration-started`` and the ``pre-switchover`` pause; commit: between ``job-ready`` and the
 ``pivoting`` pause). A flush that does nothing fails here."""
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 import forgeqmp
-from forgeqmp import crashpoints, hostflush
-from forgeqmp.states import State
+from forgeqmp.adapters import crashpoints, hostflush
+from forgeqmp.core.states import State
 from forgeqmp.testing import DiskSpec, QemuInstance
 
 from .helpers import commit, discard, enable, run

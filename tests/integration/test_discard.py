@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 import forgeqmp
-from forgeqmp.launcher import LaunchSpec, detached_launcher
-from forgeqmp.states import State
+from forgeqmp.adapters.launcher import LaunchSpec, detached_launcher
+from forgeqmp.core.states import State
 from forgeqmp.testing import DiskSpec
 
 from .helpers import discard, enable, run, sha256_of

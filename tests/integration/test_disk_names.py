@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from forgeqmp.adapters.statedir import StateDir
+from forgeqmp.core.record import RecordStore
 from forgeqmp.errors import UnknownDisk
-from forgeqmp.record import RecordStore
-from forgeqmp.statedir import StateDir
 from forgeqmp.testing import DiskSpec
 
 from .helpers import commit, discard, enable, qmp, run, sha256_of

@@ -16,7 +16,13 @@ import anyio
 import pytest
 
 import forgeqmp
-from forgeqmp import memhash, preflight
+from forgeqmp.adapters import memhash
+from forgeqmp.adapters.statedir import InstanceLock, StateDir
+from forgeqmp.core import preflight
+from forgeqmp.core.plans import enable as enable_plan
+from forgeqmp.core.plans.command import Command
+from forgeqmp.core.plans.enable import ConvergenceStep, EnablePlan
+from forgeqmp.core.states import State
 from forgeqmp.errors import (
     ForgeFailed,
     InstanceLocked,
@@ -27,11 +33,6 @@ from forgeqmp.errors import (
     UnknownDisk,
     VMNotRunning,
 )
-from forgeqmp.plans import enable as enable_plan
-from forgeqmp.plans.command import Command
-from forgeqmp.plans.enable import ConvergenceStep, EnablePlan
-from forgeqmp.statedir import InstanceLock, StateDir
-from forgeqmp.states import State
 from forgeqmp.testing import DiskSpec
 
 from .helpers import block_graph, discard, enable, files_under, qmp, run

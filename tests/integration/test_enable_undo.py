@@ -4,7 +4,7 @@ cancelled, or when the next step failed because another QMP client cancelled the
 times the disks go back onto their originals, every node, job, fdset and file of the attempt is
 removed, the guest runs again with its data, and a new enable succeeds.
 
-The moment is exact: :func:`forgeqmp.crashpoints.reached` is replaced in this process by a hook
+The moment is exact: :func:`forgeqmp.adapters.crashpoints.reached` is replaced in this process by a hook
 that acts at ``enable:snapshot-transaction-done`` (and checks the disks are on the overlays then).
 """
 
@@ -18,10 +18,10 @@ import anyio
 import pytest
 
 import forgeqmp
-from forgeqmp import crashpoints
-from forgeqmp.qmp import connect as qmp_connect
-from forgeqmp.statedir import InstanceLock, StateDir
-from forgeqmp.states import State
+from forgeqmp.adapters import crashpoints
+from forgeqmp.adapters.qmp import connect as qmp_connect
+from forgeqmp.adapters.statedir import InstanceLock, StateDir
+from forgeqmp.core.states import State
 from forgeqmp.testing import DiskSpec
 
 from .helpers import block_graph, enable, run

@@ -13,7 +13,7 @@
   committed.
 
 The second QMP client talks to a second QMP monitor of the guest (QEMU serves one client per
-monitor). It acts exactly when the driver reaches a crash point: :func:`forgeqmp.crashpoints.reached`
+monitor). It acts exactly when the driver reaches a crash point: :func:`forgeqmp.adapters.crashpoints.reached`
 is replaced, in this process, by a hook that runs the client and returns (no crash).
 """
 
@@ -33,11 +33,11 @@ import anyio
 import pytest
 
 import forgeqmp
-from forgeqmp import crashpoints
-from forgeqmp.launcher import LaunchSpec, detached_launcher
-from forgeqmp.process import wait_gone
-from forgeqmp.qmp import connect as qmp_connect
-from forgeqmp.states import State
+from forgeqmp.adapters import crashpoints
+from forgeqmp.adapters.launcher import LaunchSpec, detached_launcher
+from forgeqmp.adapters.process import wait_gone
+from forgeqmp.adapters.qmp import connect as qmp_connect
+from forgeqmp.core.states import State
 from forgeqmp.testing import DiskSpec, QemuInstance
 
 from .helpers import block_graph, commit, discard, enable, files_under, qmp, run, sha256_of

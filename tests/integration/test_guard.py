@@ -12,9 +12,9 @@ import pytest
 
 import forgeqmp
 from forgeqmp.cli import main
+from forgeqmp.core.guard import check_qmp_command
+from forgeqmp.core.states import State
 from forgeqmp.errors import OperationBlocked, QMPCommandError
-from forgeqmp.guard import check_qmp_command
-from forgeqmp.states import State
 
 from .helpers import run
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from forgeqmp.process import is_alive
+from forgeqmp.adapters.process import is_alive
 from forgeqmp.testing import DiskSpec, QemuInstance, pattern_md5
 
 pytestmark = pytest.mark.qemu

@@ -27,9 +27,9 @@ from typing import Any
 import pytest
 
 import forgeqmp
-from forgeqmp.crashpoints import ENABLE_ENV as CRASH_ENABLE
-from forgeqmp.crashpoints import ENV as CRASH_ENV
-from forgeqmp.states import State
+from forgeqmp.adapters.crashpoints import ENABLE_ENV as CRASH_ENABLE
+from forgeqmp.adapters.crashpoints import ENV as CRASH_ENV
+from forgeqmp.core.states import State
 
 from .helpers import qmp, run
 

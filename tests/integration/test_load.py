@@ -28,7 +28,7 @@ import attrs
 import pytest
 
 import forgeqmp
-from forgeqmp.states import State
+from forgeqmp.core.states import State
 from forgeqmp.testing import DiskSpec, QemuBuild, QemuInstance, installed_builds
 
 from .helpers import files_under, run

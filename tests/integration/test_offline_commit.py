@@ -36,9 +36,9 @@ import attrs
 import pytest
 
 import forgeqmp
-from forgeqmp import crashpoints
-from forgeqmp.process import wait_gone
-from forgeqmp.states import State
+from forgeqmp.adapters import crashpoints
+from forgeqmp.adapters.process import wait_gone
+from forgeqmp.core.states import State
 from forgeqmp.testing import DiskSpec, QemuBuild, QemuInstance
 
 from .helpers import enable, files_under, qmp, run, sha256_of

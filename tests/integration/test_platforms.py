@@ -21,13 +21,13 @@ from typing import Any
 import pytest
 
 import forgeqmp
-from forgeqmp.disks import Disk, select_disks
+from forgeqmp.adapters.launcher import LaunchSpec
+from forgeqmp.adapters.process import is_alive
+from forgeqmp.adapters.qmp import connect as qmp_connect
+from forgeqmp.adapters.statedir import InstanceLock, StateDir
+from forgeqmp.core.disks import Disk, select_disks
+from forgeqmp.core.states import State
 from forgeqmp.errors import PrerequisiteError
-from forgeqmp.launcher import LaunchSpec
-from forgeqmp.process import is_alive
-from forgeqmp.qmp import connect as qmp_connect
-from forgeqmp.statedir import InstanceLock, StateDir
-from forgeqmp.states import State
 from forgeqmp.testing import DiskSpec, QemuInstance
 from forgeqmp.testing.platforms import libvirt_launcher, libvirt_style, proxmox_style
 

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 import forgeqmp
-from forgeqmp.launcher import LaunchSpec, detached_launcher
-from forgeqmp.process import wait_gone
-from forgeqmp.states import State
+from forgeqmp.adapters.launcher import LaunchSpec, detached_launcher
+from forgeqmp.adapters.process import wait_gone
+from forgeqmp.core.states import State
 from forgeqmp.testing import DiskSpec, QemuInstance
 
 from .helpers import block_graph, files_under, qmp, run, sha256_of

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 
 from forgeqmp import connect
+from forgeqmp.adapters.statedir import InstanceLock, StateDir
+from forgeqmp.core.preflight import MEMORY_MARGIN, OVERLAY_MINIMUM
+from forgeqmp.core.states import State
 from forgeqmp.errors import MigrationBlocked
-from forgeqmp.preflight import MEMORY_MARGIN, OVERLAY_MINIMUM
-from forgeqmp.statedir import InstanceLock, StateDir
-from forgeqmp.states import State
 from forgeqmp.testing import DiskSpec
 
 from .helpers import block_graph, commit, discard, enable, files_under, qmp, run

@@ -8,10 +8,10 @@ import os
 import anyio
 import pytest
 
+from forgeqmp.adapters.process import describe_process
+from forgeqmp.adapters.qmp import connect
+from forgeqmp.core.features import probe
 from forgeqmp.errors import QMPCommandError, QMPDisconnected, QMPTimeout
-from forgeqmp.features import probe
-from forgeqmp.process import describe_process
-from forgeqmp.qmp import connect
 
 from .helpers import run
 

@@ -39,7 +39,7 @@ import attrs
 import pytest
 
 import forgeqmp
-from forgeqmp.states import State
+from forgeqmp.core.states import State
 from forgeqmp.testing import QemuBuild, QemuInstance, installed_builds
 
 from .helpers import block_graph, run, sha256_of

@@ -1,5 +1,5 @@
 """The fault matrix, on real QEMU: the controlling process is SIGKILLed at every step boundary of
-enable, commit and discard (deterministic crash points, :mod:`forgeqmp.crashpoints`), and so is
+enable, commit and discard (deterministic crash points, :mod:`forgeqmp.adapters.crashpoints`), and so is
 QEMU; then ``forgeqmp recover`` runs (the CLI, as an operator would). Every cell asserts:
 
 - no unfinished state is left (and ``status`` called the interrupted one stale first);
@@ -36,10 +36,10 @@ import attrs
 import pytest
 
 import forgeqmp
-from forgeqmp.crashpoints import ENABLE_ENV, ENV, NOT_DONE_EXIT, STEPS
-from forgeqmp.launcher import LaunchSpec, detached_launcher
-from forgeqmp.process import is_alive, wait_gone
-from forgeqmp.states import State
+from forgeqmp.adapters.crashpoints import ENABLE_ENV, ENV, NOT_DONE_EXIT, STEPS
+from forgeqmp.adapters.launcher import LaunchSpec, detached_launcher
+from forgeqmp.adapters.process import is_alive, wait_gone
+from forgeqmp.core.states import State
 from forgeqmp.testing import DiskSpec, QemuBuild, QemuInstance, installed_builds
 
 from .helpers import block_graph, run, sha256_of, skip_or_fail

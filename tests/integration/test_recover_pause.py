@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from forgeqmp.states import State
+from forgeqmp.core.states import State
 from forgeqmp.testing import DiskSpec, QemuBuild, QemuInstance
 
 from .helpers import block_graph, commit, enable, qmp, run
@@ -36,7 +36,7 @@ DISKS = (DiskSpec("d0", "qcow2", 32), DiskSpec("d1", "raw", 32))
 #: A record writer SIGKILLed between creating its temporary file and renaming it over the record.
 KILLED_WRITER = """
 import os, signal, sys
-from forgeqmp.statedir import StateDir
+from forgeqmp.adapters.statedir import StateDir
 os.replace = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
 StateDir(sys.argv[1]).atomic_write("session.json", b"{}")
 """

@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 
 import forgeqmp
-import forgeqmp.enable_driver
+import forgeqmp.ops.enable
+from forgeqmp.adapters.statedir import InstanceLock, StateDir
 from forgeqmp.cli import main
+from forgeqmp.core.states import State
 from forgeqmp.errors import ForgeFailed, RecordError
-from forgeqmp.statedir import InstanceLock, StateDir
-from forgeqmp.states import State
 from forgeqmp.testing import DiskSpec
 
 from .helpers import block_graph, commit, discard, enable, files_under, run
@@ -135,7 +135,7 @@ def test_symlinks_in_state_paths_are_refused_and_never_followed(
 
     # Where the memory file and an overlay will go (the session id is made predictable here;
     # it is random, so an attacker would have to guess it): refused, the enable undone.
-    monkeypatch.setattr(forgeqmp.enable_driver, "new_session_id", lambda: SESSION_ID)
+    monkeypatch.setattr(forgeqmp.ops.enable, "new_session_id", lambda: SESSION_ID)
     memory = state / f"memory-{SESSION_ID}.bin"
     memory.symlink_to(victim)
     with pytest.raises(ForgeFailed, match="already exists"):

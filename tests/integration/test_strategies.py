@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import forgeqmp
-from forgeqmp.plans.enable import Strategy, choose_strategy
+from forgeqmp.core.plans.enable import Strategy, choose_strategy
 
 from .helpers import block_graph, discard, enable, files_under, qmp, run
 

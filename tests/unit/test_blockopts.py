@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from forgeqmp.blockopts import (
+from forgeqmp.core.blockopts import (
     BlockOptions,
     argv_block_options,
     options_of,

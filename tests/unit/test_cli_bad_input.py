@@ -26,12 +26,12 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from forgeqmp.adapters.qmp import DEFAULT_CONNECT_TIMEOUT
+from forgeqmp.adapters.statedir import InstanceLock, StateDir
 from forgeqmp.cli import main
-from forgeqmp.errors import RecordError
-from forgeqmp.guard import ALWAYS_ALLOWED, BLOCKED_OPERATIONS
-from forgeqmp.plans.enable import Strategy
-from forgeqmp.qmp import DEFAULT_CONNECT_TIMEOUT
-from forgeqmp.record import (
+from forgeqmp.core.guard import ALWAYS_ALLOWED, BLOCKED_OPERATIONS
+from forgeqmp.core.plans.enable import Strategy
+from forgeqmp.core.record import (
     RECORD_FILE,
     DiskRecord,
     MemoryRecord,
@@ -39,8 +39,8 @@ from forgeqmp.record import (
     RecordStore,
     SessionRecord,
 )
-from forgeqmp.statedir import InstanceLock, StateDir
-from forgeqmp.states import State
+from forgeqmp.core.states import State
+from forgeqmp.errors import RecordError
 
 CONTRACT_CODES = {0, 2, 3, 4, 5}
 #: Exit codes after which the contract says nothing changed.

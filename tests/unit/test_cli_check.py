@@ -14,11 +14,11 @@ from typing import Any
 import attrs
 import pytest
 
+from forgeqmp.adapters.statedir import StateDir, default_state_dir
 from forgeqmp.cli import main
-from forgeqmp.guard import missing_overlays
-from forgeqmp.record import DiskRecord, MemoryRecord, QemuRecord, RecordStore, SessionRecord
-from forgeqmp.statedir import StateDir, default_state_dir
-from forgeqmp.states import State
+from forgeqmp.core.guard import missing_overlays
+from forgeqmp.core.record import DiskRecord, MemoryRecord, QemuRecord, RecordStore, SessionRecord
+from forgeqmp.core.states import State
 
 SID = "5b1d0c2e-8f3a-4c6d-9e7b-1a2b3c4d5e6f"
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -319,7 +319,7 @@ def test_error_messages_say_what_to_do_next(
 def test_check_start_during_a_session_prints_the_command_line_that_keeps_the_forge(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from forgeqmp.power import start_argv
+    from forgeqmp.ops.power import start_argv
 
     record = make_record(
         State.ACTIVE,

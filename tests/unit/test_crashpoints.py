@@ -1,4 +1,4 @@
-"""The crash points (:mod:`forgeqmp.crashpoints`), each case in a child process: a crash point that
+"""The crash points (:mod:`forgeqmp.adapters.crashpoints`), each case in a child process: a crash point that
 fires when it should not kills that child, never the test runner.
 
 That every crash point is really reached by the drivers, in the order of ``STEPS``, is checked on
@@ -14,13 +14,13 @@ from collections.abc import Iterator, Mapping
 
 import pytest
 
-from forgeqmp import crashpoints
+from forgeqmp.adapters import crashpoints
 
 #: A child process: crash point (operation, step) reached with QEMU pid argv[3] ("" for none).
 CHILD = textwrap.dedent(
     """
     import sys
-    from forgeqmp import crashpoints
+    from forgeqmp.adapters import crashpoints
     pid = int(sys.argv[3]) if sys.argv[3] else None
     crashpoints.reached(sys.argv[1], sys.argv[2], pid)
     print("alive", flush=True)

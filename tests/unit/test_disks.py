@@ -11,7 +11,7 @@ from typing import Any
 import attrs
 import pytest
 
-from forgeqmp.disks import Disk, disks_from_query, qom_path_of, select_disks
+from forgeqmp.core.disks import Disk, disks_from_query, qom_path_of, select_disks
 from forgeqmp.errors import DiskNotForgeable, NoDiskSelected, UnknownDisk
 
 DATA = Path(__file__).parent.parent / "data"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from forgeqmp.states import State
+from forgeqmp.core.states import State
 
 _SPEC = importlib.util.spec_from_file_location(
     "check_offline", Path(__file__).resolve().parents[2] / "docs" / "_ext" / "check_offline.py"

@@ -15,7 +15,9 @@ from test_cli_check import make_record  # tests/unit is on sys.path (no package)
 
 import forgeqmp.errors as errors
 from forgeqmp import cli
-from forgeqmp.commit_driver import _job_never_created, _JobsSent
+from forgeqmp.adapters.statedir import StateDir
+from forgeqmp.core.record import RecordStore
+from forgeqmp.core.states import State
 from forgeqmp.errors import (
     INTERNAL_ERROR_KIND,
     ForgeError,
@@ -25,9 +27,7 @@ from forgeqmp.errors import (
     error_kind,
     leaf_errors,
 )
-from forgeqmp.record import RecordStore
-from forgeqmp.statedir import StateDir
-from forgeqmp.states import State
+from forgeqmp.ops.commit import _job_never_created, _JobsSent
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "troubleshooting.md"
 

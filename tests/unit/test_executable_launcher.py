@@ -13,9 +13,9 @@ from pathlib import Path
 import anyio
 import pytest
 
+from forgeqmp.adapters.launcher import LaunchSpec, executable_launcher
 from forgeqmp.cli import main
 from forgeqmp.errors import ForgeFailed, InvalidArgument
-from forgeqmp.launcher import LaunchSpec, executable_launcher
 
 
 def script(tmp_path: Path, body: str) -> Path:

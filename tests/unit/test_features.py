@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from forgeqmp.features import Schema, features_from_introspection
+from forgeqmp.core.features import Schema, features_from_introspection
 
 DATA = Path(__file__).parent.parent / "data"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from forgeqmp.graphsession import find_records, sessions_in_graph
+from forgeqmp.core.graphsession import find_records, sessions_in_graph
 
 
 def test_sessions_are_found_by_node_names_and_overlay_files() -> None:
@@ -27,7 +27,7 @@ def test_sessions_are_found_by_node_names_and_overlay_files() -> None:
 def test_records_are_searched_in_the_state_dir_and_under_the_default_base(
     tmp_path: Path,
 ) -> None:
-    from forgeqmp.record import RECORD_FILE
+    from forgeqmp.core.record import RECORD_FILE
 
     base = tmp_path / "base"
     (base / "vm-a").mkdir(parents=True)

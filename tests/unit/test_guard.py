@@ -14,10 +14,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from forgeqmp import guard
-from forgeqmp.errors import InstanceLocked, InvalidArgument, OperationBlocked, RecordError
-from forgeqmp.forge import Instance
-from forgeqmp.guard import (
+from forgeqmp.adapters.statedir import InstanceLock, StateDir
+from forgeqmp.core import guard
+from forgeqmp.core.guard import (
     Operation,
     check_operation,
     check_qmp_command,
@@ -26,9 +25,10 @@ from forgeqmp.guard import (
     parse_operation,
     render_markdown,
 )
-from forgeqmp.record import DiskRecord, MemoryRecord, QemuRecord, RecordStore, SessionRecord
-from forgeqmp.statedir import InstanceLock, StateDir
-from forgeqmp.states import Failure, SessionStatus, State
+from forgeqmp.core.record import DiskRecord, MemoryRecord, QemuRecord, RecordStore, SessionRecord
+from forgeqmp.core.states import Failure, SessionStatus, State
+from forgeqmp.errors import InstanceLocked, InvalidArgument, OperationBlocked, RecordError
+from forgeqmp.forge import Instance
 
 ROOT = Path(__file__).resolve().parents[2]
 SID = "3f2a9c1e-4b7d-4e8a-9c3b-2d1e0f9a8b7c"
@@ -741,7 +741,7 @@ def test_execute_guarded_with_an_unreadable_record(tmp_path: Path) -> None:
 def test_docs_guard_page_holds_the_generated_tables() -> None:
     page = (ROOT / "docs" / "guard.md").read_text()
     assert render_markdown() in page, (
-        "docs/guard.md is out of date: paste the output of forgeqmp.guard.render_markdown() "
+        "docs/guard.md is out of date: paste the output of forgeqmp.core.guard.render_markdown() "
         "between its 'generated' markers"
     )
 

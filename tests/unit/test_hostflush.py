@@ -9,7 +9,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from forgeqmp import hostflush
+from forgeqmp.adapters import hostflush
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The memory digest (:mod:`forgeqmp.memhash`) against an independent implementation of its
+"""The memory digest (:mod:`forgeqmp.adapters.memhash`) against an independent implementation of its
 definition: SHA-256 over the SHA-256 digests of consecutive CHUNK_SIZE-byte chunks. Chunks and
 reads are made small here so that every boundary case is a few KiB."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from forgeqmp import memhash
+from forgeqmp.adapters import memhash
 
 CHUNK = 4096
 READ = 1000  # not a divisor of CHUNK: reads end inside chunks

@@ -10,12 +10,11 @@ from typing import Any
 
 import pytest
 
-from forgeqmp.disks import disks_from_query, select_disks
-from forgeqmp.errors import FeatureMissing
-from forgeqmp.features import Features, features_from_introspection
-from forgeqmp.launcher import cold_argv, incoming_argv
-from forgeqmp.plans.command import Command
-from forgeqmp.plans.enable import (
+from forgeqmp.adapters.launcher import cold_argv, incoming_argv
+from forgeqmp.core.disks import disks_from_query, select_disks
+from forgeqmp.core.features import Features, features_from_introspection
+from forgeqmp.core.plans.command import Command
+from forgeqmp.core.plans.enable import (
     CONVERGENCE_STEPS,
     DOWNTIME_LIMIT_MS,
     ConvergenceStep,
@@ -26,6 +25,7 @@ from forgeqmp.plans.enable import (
     plan_enable,
     save_capabilities,
 )
+from forgeqmp.errors import FeatureMissing
 
 DATA = Path(__file__).parent.parent / "data"
 SID = "0123abcd-0000-4000-8000-000000000000"

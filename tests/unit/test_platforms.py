@@ -12,7 +12,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from forgeqmp.launcher import LaunchSpec
+from forgeqmp.adapters.launcher import LaunchSpec
 from forgeqmp.testing import DiskSpec, QemuBuild, QemuInstance
 from forgeqmp.testing.platforms import (
     libvirt_launcher,

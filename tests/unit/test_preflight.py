@@ -14,12 +14,11 @@ from typing import Any
 import attrs
 import pytest
 
-from forgeqmp.disks import Selection, disks_from_query, select_disks
-from forgeqmp.errors import InsufficientSpace, MigrationBlocked, PrerequisiteError
-from forgeqmp.features import Features, features_from_introspection
-from forgeqmp.livestatus import LiveStatus, OverlayUsage, advice, observe
-from forgeqmp.plans.enable import plan_enable
-from forgeqmp.preflight import (
+from forgeqmp.adapters.livestatus import LiveStatus, OverlayUsage, advice, observe
+from forgeqmp.core.disks import Selection, disks_from_query, select_disks
+from forgeqmp.core.features import Features, features_from_introspection
+from forgeqmp.core.plans.enable import plan_enable
+from forgeqmp.core.preflight import (
     MEMORY_MARGIN,
     OVERLAY_MINIMUM,
     FreeSpace,
@@ -30,8 +29,9 @@ from forgeqmp.preflight import (
     migration_blockers,
     space_needs,
 )
-from forgeqmp.record import DiskRecord, MemoryRecord, QemuRecord, SessionRecord
-from forgeqmp.states import State
+from forgeqmp.core.record import DiskRecord, MemoryRecord, QemuRecord, SessionRecord
+from forgeqmp.core.states import State
+from forgeqmp.errors import InsufficientSpace, MigrationBlocked, PrerequisiteError
 
 MiB = 1 << 20
 DATA = Path(__file__).parent.parent / "data"

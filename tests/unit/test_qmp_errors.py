@@ -14,8 +14,8 @@ from pathlib import Path
 import anyio
 import pytest
 
+from forgeqmp.adapters.qmp import QMPConnection
 from forgeqmp.errors import NotQMP, QEMUUnreachable
-from forgeqmp.qmp import QMPConnection
 
 
 @contextlib.contextmanager

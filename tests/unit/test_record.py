@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from forgeqmp.errors import InvalidArgument, RecordError, SessionActive
-from forgeqmp.record import (
+from forgeqmp.adapters.statedir import StateDir
+from forgeqmp.core.record import (
     ADDED_FIELDS,
     FORMAT_VERSION,
     KEEP_ARCHIVES,
@@ -28,8 +28,8 @@ from forgeqmp.record import (
     new_session_id,
     no_session_status,
 )
-from forgeqmp.statedir import StateDir
-from forgeqmp.states import State
+from forgeqmp.core.states import State
+from forgeqmp.errors import InvalidArgument, RecordError, SessionActive
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
 SHA = "ab" * 32

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from forgeqmp import cli
-from forgeqmp.record import DiskRecord, MemoryRecord, QemuRecord, RecordStore, SessionRecord
-from forgeqmp.recover_driver import lock_held
-from forgeqmp.statedir import InstanceLock, StateDir
-from forgeqmp.states import State
+from forgeqmp.adapters.statedir import InstanceLock, StateDir
+from forgeqmp.core.record import DiskRecord, MemoryRecord, QemuRecord, RecordStore, SessionRecord
+from forgeqmp.core.states import State
+from forgeqmp.ops.recover import lock_held
 
 SID = "3f2a9c1e-4b7d-4e8a-9c3b-2d1e0f9a8b7c"
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)

@@ -1,5 +1,5 @@
-"""What recovery sees: :func:`forgeqmp.recover_driver.observe` turns QEMU's QMP answers into an
-:class:`~forgeqmp.recover.Observation`, and :func:`~forgeqmp.recover.reconcile` acts on it. Every
+"""What recovery sees: :func:`forgeqmp.ops.recover.observe` turns QEMU's QMP answers into an
+:class:`~forgeqmp.core.reconcile.Observation`, and :func:`~forgeqmp.core.reconcile.reconcile` acts on it. Every
 migration status QEMU's schema defines (read from the recorded schemas of every supported build,
 not written down here) must be observed as it is and classified: still running (recover cancels
 it) or ended."""
@@ -15,7 +15,7 @@ import pytest
 from qemu_schema import migration_statuses  # tests/unit is on sys.path (rootdir-relative)
 from test_recover import PID, SID, files_of, qemu_on, record
 
-from forgeqmp.recover import (
+from forgeqmp.core.reconcile import (
     MIGRATION_RUNNING,
     CancelMigration,
     DeviceView,
@@ -25,8 +25,8 @@ from forgeqmp.recover import (
     fdset_opaque,
     reconcile,
 )
-from forgeqmp.recover_driver import observe
-from forgeqmp.states import Event, State
+from forgeqmp.core.states import Event, State
+from forgeqmp.ops.recover import observe
 
 STATUSES = migration_statuses()
 #: The statuses of a migration that is over (or never was).
@@ -164,6 +164,6 @@ def test_an_interrupted_enable_cancels_a_running_migration_and_only_that(status:
 
 
 def _base() -> Any:
-    from forgeqmp.recover import Where
+    from forgeqmp.core.reconcile import Where
 
     return Where.BASE

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from forgeqmp.relaunch import describe_findings, relaunch_findings
+from forgeqmp.core.relaunch import describe_findings, relaunch_findings
 
 QEMU = "/usr/bin/qemu-system-x86_64"
 

@@ -15,9 +15,9 @@ import anyio
 import pytest
 
 import forgeqmp
+from forgeqmp.adapters.launcher import LaunchSpec, detached_launcher
+from forgeqmp.adapters.qmp import QMPConnection
 from forgeqmp.errors import ForgeFailed, InvalidArgument
-from forgeqmp.launcher import LaunchSpec, detached_launcher
-from forgeqmp.qmp import QMPConnection
 
 SRC = Path(forgeqmp.__file__).parent
 

@@ -15,8 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from forgeqmp.adapters.statedir import (
+    LOCK_FILE,
+    STATE_HOME_ENV,
+    InstanceLock,
+    StateDir,
+    default_state_dir,
+)
 from forgeqmp.errors import InstanceLocked, InvalidArgument, RecordError
-from forgeqmp.statedir import LOCK_FILE, STATE_HOME_ENV, InstanceLock, StateDir, default_state_dir
 
 
 def mode_of(path: Path) -> int:
@@ -673,7 +679,7 @@ def test_lock_holder_text_is_sanitized(tmp_path: Path) -> None:
 
 CHILD = """
 import sys
-from forgeqmp.statedir import InstanceLock
+from forgeqmp.adapters.statedir import InstanceLock
 lock = InstanceLock(sys.argv[1], "child holder")
 lock.acquire()
 print("locked", flush=True)
@@ -746,7 +752,7 @@ def test_lock_is_not_inherited_by_programs_started_while_held(tmp_path: Path) ->
 #: A writer SIGKILLed between creating its temporary file and renaming it (issue 12 item 4).
 _KILLED_WRITER = """
 import os, signal, sys
-from forgeqmp.statedir import StateDir
+from forgeqmp.adapters.statedir import StateDir
 os.replace = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
 StateDir(sys.argv[1]).atomic_write("session.json", b"new")
 """

@@ -12,14 +12,7 @@ import re
 import attrs
 import pytest
 
-from forgeqmp.errors import (
-    ForgeError,
-    IllegalTransition,
-    InvalidArgument,
-    PrerequisiteError,
-    SessionActive,
-)
-from forgeqmp.states import (
+from forgeqmp.core.states import (
     RECOVER_EVENTS,
     TERMINAL,
     TRANSITIONS,
@@ -34,6 +27,13 @@ from forgeqmp.states import (
     render_dot,
     render_mermaid,
     start_session,
+)
+from forgeqmp.errors import (
+    ForgeError,
+    IllegalTransition,
+    InvalidArgument,
+    PrerequisiteError,
+    SessionActive,
 )
 
 S = State

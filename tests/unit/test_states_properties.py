@@ -19,8 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from forgeqmp.errors import IllegalTransition, InvalidArgument, PrerequisiteError, SessionActive
-from forgeqmp.states import (
+from forgeqmp.core.states import (
     RECOVER_EVENTS,
     TERMINAL,
     TRANSITIONS,
@@ -33,6 +32,7 @@ from forgeqmp.states import (
     next_state,
     start_session,
 )
+from forgeqmp.errors import IllegalTransition, InvalidArgument, PrerequisiteError, SessionActive
 
 S = State
 E = Event
@@ -48,7 +48,7 @@ RECOVERED = {
     E.RECOVERED_FAILED: S.FAILED,
 }
 
-#: The events each state accepts, from the product rules (independent of forgeqmp.states).
+#: The events each state accepts, from the product rules (independent of forgeqmp.core.states).
 MODEL_MOVES: dict[State | None, set[Event]] = {
     None: {E.ENABLE},
     S.CREATING: {E.ENABLED, E.ENABLE_FAILED, *RECOVERED},

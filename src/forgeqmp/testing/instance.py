@@ -29,7 +29,7 @@ from types import TracebackType
 
 import attrs
 
-from forgeqmp.process import is_alive, wait_gone
+from forgeqmp.adapters.process import is_alive, wait_gone
 from forgeqmp.testing.builds import QemuBuild
 from forgeqmp.testing.guest import (
     COUNTER_RE,

@@ -19,7 +19,7 @@ pidfile, the QMP socket at ``instance.qmp_socket``):
   wait=off``): the harness creates the listening socket at ``instance.qmp_socket`` and passes it.
 
 A relaunch of an inherited-fd command line needs the fd again: :func:`libvirt_launcher` is a
-forgeqmp launcher (see :mod:`forgeqmp.launcher`) that recreates the listening socket at the QMP
+forgeqmp launcher (see :mod:`forgeqmp.adapters.launcher`) that recreates the listening socket at the QMP
 path and starts the argv with it, the way libvirt would.
 """
 
@@ -44,7 +44,7 @@ from forgeqmp.testing.guest import GUEST_MODULES
 from forgeqmp.testing.setup import setup_command
 
 if TYPE_CHECKING:
-    from forgeqmp.launcher import LaunchSpec
+    from forgeqmp.adapters.launcher import LaunchSpec
     from forgeqmp.testing.instance import QemuInstance
 
 __all__ = [
@@ -387,7 +387,7 @@ async def libvirt_launcher(spec: LaunchSpec, *, timeout: float = 60.0) -> None:
     path, writes its fd number into ``-chardev socket,id=charmonitor,fd=N``, starts QEMU with that
     fd inherited (stdio to ``spec.log_file``) and returns once QMP answers there.
     """
-    from forgeqmp.launcher import wait_for_qmp
+    from forgeqmp.adapters.launcher import wait_for_qmp
 
     process = _spawn_with_monitor(spec)
     try:

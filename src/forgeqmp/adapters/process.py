@@ -2,7 +2,7 @@
 
 Discard restarts QEMU with the configuration it runs now, so forgeqmp records the process's argv,
 working directory and environment (from ``/proc``) at enable. The pid comes from the socket itself
-(SO_PEERCRED, see :mod:`forgeqmp.qmp`), not from a pidfile that may be stale.
+(SO_PEERCRED, see :mod:`forgeqmp.adapters.qmp`), not from a pidfile that may be stale.
 
 Waiting for a process to be gone uses a pidfd: it works for processes that are not our children and
 does not depend on how fast PID 1 reaps zombies (slow on these machines, see the QEMU recipe).

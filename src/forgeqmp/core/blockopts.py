@@ -30,7 +30,7 @@ from typing import Any
 
 import attrs
 
-from forgeqmp.plans.command import Command
+from forgeqmp.core.plans.command import Command
 
 __all__ = [
     "BlockOptions",

@@ -18,7 +18,7 @@ from typing import Any
 
 import attrs
 
-from forgeqmp.blockopts import BlockOptions, options_of
+from forgeqmp.core.blockopts import BlockOptions, options_of
 from forgeqmp.errors import DiskNotForgeable, NoDiskSelected, UnknownDisk
 
 __all__ = [
@@ -81,7 +81,7 @@ class Disk:
     #: The BlockBackend name (``query-block`` ``device``): the drive id of a legacy ``-drive``,
     #: None for ``-blockdev`` (QEMU reports "").
     backend: str | None = None
-    #: The attached node's options as QEMU shows them (see :mod:`forgeqmp.blockopts`).
+    #: The attached node's options as QEMU shows them (see :mod:`forgeqmp.core.blockopts`).
     options: BlockOptions | None = None
 
     @property

@@ -6,7 +6,7 @@ second enable stack its overlays on the first session's and a discard give the g
 before session 1 with memory from after it. So enable, the guard and ``status`` also look at the
 block graph: forgeqmp names its overlay nodes ``fq<8 hex>-<n>-fmt``/``-file`` and its overlay
 files ``<base>.forge-<8 hex>.qcow2``, the 8 hex digits being the start of the session id
-(:func:`forgeqmp.plans.enable.plan_enable`). Any such node is an unfinished session.
+(:func:`forgeqmp.core.plans.enable.plan_enable`). Any such node is an unfinished session.
 
 Where its record is: QEMU keeps nothing forgeqmp could write a path into without changing the
 VM, so forgeqmp searches the places it knows: the state dir in use and every state dir under the
@@ -77,7 +77,7 @@ def sessions_in_graph(nodes: Iterable[Mapping[str, Any]]) -> tuple[GraphSession,
 def find_records(tag: str, state_dirs: Sequence[Path], base: Path | None) -> tuple[str, ...]:
     """The ``session.json`` files of session ``tag`` in ``state_dirs`` and in every directory
     directly under ``base`` (the default state-dir base). Unreadable ones are skipped."""
-    from forgeqmp.record import RECORD_FILE, SessionRecord
+    from forgeqmp.core.record import RECORD_FILE, SessionRecord
 
     candidates = list(state_dirs)
     if base is not None:

@@ -5,6 +5,6 @@ waits for; the driver (:mod:`forgeqmp.forge`) only executes it. Plans are comput
 from frozen inputs, so the whole enable/commit/discard logic is unit-testable without QEMU.
 """
 
-from forgeqmp.plans.command import Command
+from forgeqmp.core.plans.command import Command
 
 __all__ = ["Command"]

@@ -2,8 +2,8 @@
 state directory, the session record's writes (each one before an irreversible step), the crash
 points, the prerequisite checks, and the QMP steps more than one operation takes (waiting for a
 migration, pausing and resuming the guest, switching a disk from its overlay back to its
-original). The operations themselves are in :mod:`forgeqmp.enable_driver`,
-:mod:`forgeqmp.commit_driver` and :mod:`forgeqmp.discard_driver`.
+original). The operations themselves are in :mod:`forgeqmp.ops.enable`,
+:mod:`forgeqmp.ops.commit` and :mod:`forgeqmp.ops.discard`.
 """
 
 from __future__ import annotations
@@ -22,9 +22,25 @@ import anyio
 import anyio.to_thread
 import attrs
 
-from forgeqmp import crashpoints
-from forgeqmp.blockopts import BlockOptions, options_restored, reopen_command
-from forgeqmp.disks import Disk, disks_from_query, qom_path_of
+from forgeqmp.adapters import crashpoints
+from forgeqmp.adapters.hostflush import flush_host_images, image_files
+from forgeqmp.adapters.launcher import Launcher, LaunchSpec, cold_argv, incoming_argv
+from forgeqmp.adapters.process import is_alive
+from forgeqmp.adapters.qmp import QMPConnection
+from forgeqmp.adapters.statedir import StateDir, default_state_dir
+from forgeqmp.core.blockopts import BlockOptions, options_restored, reopen_command
+from forgeqmp.core.disks import Disk, disks_from_query, qom_path_of
+from forgeqmp.core.features import Features, probe
+from forgeqmp.core.graphsession import GraphSession, find_records, sessions_in_graph
+from forgeqmp.core.plans.command import Command
+from forgeqmp.core.progress import StateListener
+from forgeqmp.core.reconcile import MIGRATION_RUNNING
+from forgeqmp.core.record import (
+    DiskRecord,
+    RecordStore,
+    SessionRecord,
+)
+from forgeqmp.core.states import FORGE_BYPASSED, Failure, SessionStatus, State
 from forgeqmp.errors import (
     ForgeError,
     ForgeFailed,
@@ -37,24 +53,10 @@ from forgeqmp.errors import (
     VMNotRunning,
     describe_cause,
 )
-from forgeqmp.features import Features, probe
-from forgeqmp.graphsession import GraphSession, find_records, sessions_in_graph
-from forgeqmp.hostflush import flush_host_images, image_files
-from forgeqmp.launcher import Launcher, LaunchSpec, cold_argv, incoming_argv
-from forgeqmp.plans.command import Command
-from forgeqmp.process import is_alive
-from forgeqmp.progress import StateListener
-from forgeqmp.qmp import QMPConnection
-from forgeqmp.record import (
-    DiskRecord,
-    RecordStore,
-    SessionRecord,
-)
-from forgeqmp.recover import MIGRATION_RUNNING
-from forgeqmp.statedir import StateDir, default_state_dir
-from forgeqmp.states import FORGE_BYPASSED, Failure, SessionStatus, State
 
-log = logging.getLogger(__name__)
+# The logger names are part of the documented interface (docs/embedding.md, "Logs"): they
+# stay what they were before the modules moved.
+log = logging.getLogger("forgeqmp.driver_base")
 
 __all__ = [
     "DEFAULT_COMMIT_TIMEOUT",
@@ -78,7 +80,9 @@ _UNDO_TIMEOUT = 60.0
 _MIGRATION_ENDED = frozenset({"completed", "failed", "cancelled"})
 
 
-log = logging.getLogger(__name__)
+# The logger names are part of the documented interface (docs/embedding.md, "Logs"): they
+# stay what they were before the modules moved.
+log = logging.getLogger("forgeqmp.driver_base")
 
 
 def _now() -> datetime:
@@ -153,7 +157,7 @@ class DriverBase:
 
     #: The platform's launcher, set by :func:`forgeqmp.connect` (``launcher=``): used by discard
     #: and recover when no launcher is passed per call, and it lets enable accept a command line
-    #: that a plain re-exec cannot reproduce (see :mod:`forgeqmp.relaunch`).
+    #: that a plain re-exec cannot reproduce (see :mod:`forgeqmp.core.relaunch`).
     launcher: Launcher | None = None
 
     def __init__(self, conn: QMPConnection, state_dir: StateDir) -> None:
@@ -241,7 +245,7 @@ class DriverBase:
 
     async def sessions_in_graph(self) -> tuple[GraphSession, ...]:
         """Forge sessions QEMU's block graph shows (whatever state dir enabled them), with the
-        records of them found on this host (see :mod:`forgeqmp.graphsession`)."""
+        records of them found on this host (see :mod:`forgeqmp.core.graphsession`)."""
         nodes = await self.conn.execute("query-named-block-nodes")
         try:
             base: Path | None = default_state_dir(self.conn.socket_path).parent
@@ -331,7 +335,7 @@ class DriverBase:
         return time.time()
 
     def _crash_point(self, operation: str, step: str) -> None:
-        """A step boundary: the fault-matrix tests crash here (see :mod:`forgeqmp.crashpoints`)."""
+        """A step boundary: the fault-matrix tests crash here (see :mod:`forgeqmp.adapters.crashpoints`)."""
         peer = self.conn._peer  # the QEMU talked to now, if any
         crashpoints.reached(operation, step, peer.pid if peer is not None else None)
 
@@ -614,7 +618,7 @@ class DriverBase:
 
     async def _restore_options(self, disk: DiskRecord) -> str | None:
         """Put back the original node's block options that QEMU reset when it was snapshotted
-        and pivoted back (``detect-zeroes`` of a legacy ``-drive``; see :mod:`forgeqmp.blockopts`).
+        and pivoted back (``detect-zeroes`` of a legacy ``-drive``; see :mod:`forgeqmp.core.blockopts`).
         Returns a warning when they could not be restored (the data is merged either way)."""
         wanted = BlockOptions.from_json(disk.options)
         if wanted is None:

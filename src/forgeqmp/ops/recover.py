@@ -1,7 +1,7 @@
-"""The recover driver: observe QEMU and the files, run the plan :func:`forgeqmp.recover.reconcile`
+"""The recover driver: observe QEMU and the files, run the plan :func:`forgeqmp.core.reconcile.reconcile`
 made, save the record it says is true, and observe again until there is nothing left to do.
 
-Every decision is in :mod:`forgeqmp.recover`; this module only does the I/O. An action that fails
+Every decision is in :mod:`forgeqmp.core.reconcile`; this module only does the I/O. An action that fails
 is not retried blindly: the driver observes again and lets ``reconcile`` decide from what is now
 true (part of the plan may have happened). After a few rounds without reaching a fixed point it
 records the session FAILED with what went wrong, which is still a true state.
@@ -25,21 +25,11 @@ import anyio
 import anyio.to_thread
 import attrs
 
-from forgeqmp import memhash
-from forgeqmp.driver_base import _check_timeout
-from forgeqmp.errors import (
-    ForgeError,
-    ForgeFailed,
-    IllegalTransition,
-    QEMUUnreachable,
-    QMPDisconnected,
-)
-from forgeqmp.forge import Instance
-from forgeqmp.launcher import Launcher, detached_launcher
-from forgeqmp.power import commit_overlay, find_qemu_img, qemu_down
-from forgeqmp.progress import ProgressCallback, ProgressEvent
-from forgeqmp.record import SessionRecord
-from forgeqmp.recover import (
+from forgeqmp.adapters import memhash
+from forgeqmp.adapters.launcher import Launcher, detached_launcher
+from forgeqmp.adapters.statedir import LOCK_FILE, InstanceLock, StateDir
+from forgeqmp.core.progress import ProgressCallback, ProgressEvent
+from forgeqmp.core.reconcile import (
     Action,
     CancelMigration,
     CloseFd,
@@ -63,8 +53,18 @@ from forgeqmp.recover import (
     reconcile,
     stale_reason,
 )
-from forgeqmp.statedir import LOCK_FILE, InstanceLock, StateDir
-from forgeqmp.states import TERMINAL, State, next_state
+from forgeqmp.core.record import SessionRecord
+from forgeqmp.core.states import TERMINAL, State, next_state
+from forgeqmp.errors import (
+    ForgeError,
+    ForgeFailed,
+    IllegalTransition,
+    QEMUUnreachable,
+    QMPDisconnected,
+)
+from forgeqmp.forge import Instance
+from forgeqmp.ops.context import _check_timeout
+from forgeqmp.ops.power import commit_overlay, find_qemu_img, qemu_down
 
 __all__ = [
     "DEFAULT_RECOVER_TIMEOUT",
@@ -75,7 +75,7 @@ __all__ = [
     "stale",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("forgeqmp.recover_driver")
 
 #: Seconds recover may take in all (finishing a commit job or a discard dominates).
 DEFAULT_RECOVER_TIMEOUT = 600.0

@@ -30,9 +30,9 @@ from typing import Any, Final, NoReturn, TypeVar, cast
 
 import attrs
 
+from forgeqmp.adapters.statedir import StateDir
+from forgeqmp.core.states import TERMINAL, State
 from forgeqmp.errors import InvalidArgument, RecordError, RecordUnreadable, SessionActive
-from forgeqmp.statedir import StateDir
-from forgeqmp.states import TERMINAL, State
 
 __all__ = [
     "ADDED_FIELDS",
@@ -218,7 +218,7 @@ def _opt_duration(_: object, attribute: attrs.Attribute[Any], value: object) -> 
 
 def _state(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if not isinstance(value, State):
-        _invalid(attribute, "a forgeqmp.states.State", value)
+        _invalid(attribute, "a forgeqmp.core.states.State", value)
 
 
 def _opt_state(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -297,7 +297,7 @@ class DiskRecord:
     overlay_node: str | None = attrs.field(default=None, validator=_opt_name)
     overlay_file_node: str | None = attrs.field(default=None, validator=_opt_name)
     merged: bool = attrs.field(default=False, validator=_flag)
-    #: The original node's block options at enable (:class:`forgeqmp.blockopts.BlockOptions`
+    #: The original node's block options at enable (:class:`forgeqmp.core.blockopts.BlockOptions`
     #: as JSON), put back after commit when QEMU changed them; None: not recorded.
     options: Mapping[str, Any] | None = attrs.field(default=None, validator=_opt_options)
 
@@ -390,7 +390,7 @@ class SessionRecord:
     they keep the writes made after enable even when the memory is discarded.
 
     Only the shape of each field is validated here; which states, steps and timestamps may go
-    together is the business of :mod:`forgeqmp.states`.
+    together is the business of :mod:`forgeqmp.core.states`.
     """
 
     session_id: str = attrs.field(validator=_session_id)
@@ -784,7 +784,7 @@ def _decode_session(raw: object) -> SessionRecord:
 class RecordStore:
     """The session record of one state dir: ``session.json``, plus archived ``session-<id>.json``.
 
-    Callers hold the instance's :class:`~forgeqmp.statedir.InstanceLock` while they save or
+    Callers hold the instance's :class:`~forgeqmp.adapters.statedir.InstanceLock` while they save or
     archive; loading is safe without it (writes are atomic renames).
     """
 
@@ -843,9 +843,9 @@ class RecordStore:
         """Move the current record aside as ``session-<id>.json`` so a new session can start.
 
         Returns the archive's path, or None if there was no current record. Only a terminal
-        (committed or discarded, :data:`forgeqmp.states.TERMINAL`) session is archived, else
+        (committed or discarded, :data:`forgeqmp.core.states.TERMINAL`) session is archived, else
         SessionActive; ``force=True`` archives any readable record (for a FAILED session whose
-        failure was rolled back, which the caller knows from :mod:`forgeqmp.states`). An existing
+        failure was rolled back, which the caller knows from :mod:`forgeqmp.core.states`). An existing
         archive of the same session is never overwritten.
         """
         record = self.load()

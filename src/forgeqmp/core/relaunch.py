@@ -17,8 +17,8 @@ Reproducible, so not findings: ``-daemonize`` and ``-pidfile`` (the default laun
 QEMU that daemonizes), ``-S`` and ``-incoming``/``-loadvm`` (replaced for the relaunch), sockets,
 files and devices given by path.
 
-No I/O: the argv in, frozen findings out. :func:`forgeqmp.enable_driver` refuses a session with
-findings unless a launcher (:mod:`forgeqmp.launcher`) is configured, which starts QEMU the
+No I/O: the argv in, frozen findings out. :func:`forgeqmp.ops.enable` refuses a session with
+findings unless a launcher (:mod:`forgeqmp.adapters.launcher`) is configured, which starts QEMU the
 platform's way.
 """
 
@@ -72,7 +72,7 @@ _FLAGS: Final = frozenset(
         "-enable-sync-profile", "-perfmap", "-jitdump", "-version", "-help", "-h",
     }
 )  # fmt: skip
-#: Options whose value forgeqmp replaces on a relaunch (see :mod:`forgeqmp.launcher`).
+#: Options whose value forgeqmp replaces on a relaunch (see :mod:`forgeqmp.adapters.launcher`).
 _REPLACED: Final = frozenset({"-incoming", "-loadvm"})
 #: Options whose value is free text, never an option list or a path QEMU opens.
 _FREE_TEXT: Final = frozenset({"-append", "-name", "-uuid", "-smbios", "-fw_cfg", "-k"})

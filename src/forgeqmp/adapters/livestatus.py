@@ -22,11 +22,11 @@ from typing import Any
 import anyio
 import attrs
 
+from forgeqmp.adapters.qmp import connect as qmp_connect
+from forgeqmp.core.preflight import OVERLAY_MINIMUM, free_space
+from forgeqmp.core.record import SessionRecord
+from forgeqmp.core.states import State
 from forgeqmp.errors import QMPError
-from forgeqmp.preflight import OVERLAY_MINIMUM, free_space
-from forgeqmp.qmp import connect as qmp_connect
-from forgeqmp.record import SessionRecord
-from forgeqmp.states import State
 
 log = logging.getLogger(__name__)
 

@@ -38,8 +38,8 @@ import anyio
 import anyio.to_thread
 import attrs
 
+from forgeqmp.adapters.qmp import QMPConnection
 from forgeqmp.errors import ForgeFailed, InvalidArgument, QEMUUnreachable
-from forgeqmp.qmp import QMPConnection
 
 __all__ = [
     "LaunchSpec",

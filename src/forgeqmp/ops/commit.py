@@ -14,7 +14,19 @@ import anyio
 import anyio.to_thread
 import attrs
 
-from forgeqmp.driver_base import (
+from forgeqmp.adapters.statedir import InstanceLock
+from forgeqmp.core.progress import ProgressCallback, ProgressEvent
+from forgeqmp.core.record import (
+    DiskRecord,
+    SessionRecord,
+)
+from forgeqmp.core.states import Event, State
+from forgeqmp.errors import (
+    ForgeFailed,
+    PrerequisiteError,
+    QMPCommandError,
+)
+from forgeqmp.ops.context import (
     _UNDO_TIMEOUT,
     DEFAULT_COMMIT_TIMEOUT,
     PROGRESS_INTERVAL,
@@ -25,24 +37,14 @@ from forgeqmp.driver_base import (
     _overlay_gone,
     status_of,
 )
-from forgeqmp.errors import (
-    ForgeFailed,
-    PrerequisiteError,
-    QMPCommandError,
-)
-from forgeqmp.power import (
+from forgeqmp.ops.power import (
     commit_overlay,
     find_qemu_img,
 )
-from forgeqmp.progress import ProgressCallback, ProgressEvent
-from forgeqmp.record import (
-    DiskRecord,
-    SessionRecord,
-)
-from forgeqmp.statedir import InstanceLock
-from forgeqmp.states import Event, State
 
-log = logging.getLogger(__name__)
+# The logger names are part of the documented interface (docs/embedding.md, "Logs"): they
+# stay what they were before the modules moved.
+log = logging.getLogger("forgeqmp.commit_driver")
 
 __all__ = ["CommitDriver"]
 

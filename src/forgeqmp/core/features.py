@@ -16,7 +16,7 @@ from typing import Any
 
 import attrs
 
-from forgeqmp.qmp import QMPConnection
+from forgeqmp.adapters.qmp import QMPConnection
 
 __all__ = ["Features", "QemuVersion", "Schema", "features_from_introspection", "probe"]
 

@@ -36,9 +36,9 @@ from typing import Any
 
 import attrs
 
+from forgeqmp.adapters.qmp import QMPConnection
+from forgeqmp.core.plans.enable import EnablePlan
 from forgeqmp.errors import InsufficientSpace, MigrationBlocked
-from forgeqmp.plans.enable import EnablePlan
-from forgeqmp.qmp import QMPConnection
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import attrs
 
-from forgeqmp.record import SessionRecord
+from forgeqmp.core.record import SessionRecord
 
 __all__ = ["ProgressCallback", "ProgressEvent", "StateListener"]
 

@@ -1,7 +1,7 @@
 """Enable: snapshot the selected disks (external qcow2 overlays, one ``transaction``) and save the
 memory state from the same instant, while the guest runs; any failure undoes what was done.
 
-The QMP sequence is planned by :mod:`forgeqmp.plans.enable` (sans-IO); this module executes it.
+The QMP sequence is planned by :mod:`forgeqmp.core.plans.enable` (sans-IO); this module executes it.
 """
 
 from __future__ import annotations
@@ -18,17 +18,31 @@ import anyio
 import anyio.to_thread
 import attrs
 
-from forgeqmp import memhash, preflight
-from forgeqmp.blockopts import argv_block_options
-from forgeqmp.disks import Disk, select_disks
-from forgeqmp.driver_base import (
-    _UNDO_TIMEOUT,
-    DEFAULT_ENABLE_TIMEOUT,
-    PROGRESS_INTERVAL,
-    DriverBase,
-    _check_timeout,
-    _now,
+from forgeqmp.adapters import memhash
+from forgeqmp.adapters.process import describe_process
+from forgeqmp.adapters.statedir import InstanceLock
+from forgeqmp.core import preflight
+from forgeqmp.core.blockopts import argv_block_options
+from forgeqmp.core.disks import Disk, select_disks
+from forgeqmp.core.features import Features
+from forgeqmp.core.plans.enable import (
+    ConvergenceStep,
+    EnablePlan,
+    OverlayPlan,
+    Strategy,
+    Transport,
+    plan_enable,
 )
+from forgeqmp.core.progress import ProgressCallback, ProgressEvent
+from forgeqmp.core.record import (
+    DiskRecord,
+    MemoryRecord,
+    QemuRecord,
+    SessionRecord,
+    new_session_id,
+)
+from forgeqmp.core.relaunch import describe_findings, relaunch_findings
+from forgeqmp.core.states import State
 from forgeqmp.errors import (
     ForgeError,
     ForgeFailed,
@@ -38,29 +52,18 @@ from forgeqmp.errors import (
     QMPError,
     describe_cause,
 )
-from forgeqmp.features import Features
-from forgeqmp.plans.enable import (
-    ConvergenceStep,
-    EnablePlan,
-    OverlayPlan,
-    Strategy,
-    Transport,
-    plan_enable,
+from forgeqmp.ops.context import (
+    _UNDO_TIMEOUT,
+    DEFAULT_ENABLE_TIMEOUT,
+    PROGRESS_INTERVAL,
+    DriverBase,
+    _check_timeout,
+    _now,
 )
-from forgeqmp.process import describe_process
-from forgeqmp.progress import ProgressCallback, ProgressEvent
-from forgeqmp.record import (
-    DiskRecord,
-    MemoryRecord,
-    QemuRecord,
-    SessionRecord,
-    new_session_id,
-)
-from forgeqmp.relaunch import describe_findings, relaunch_findings
-from forgeqmp.statedir import InstanceLock
-from forgeqmp.states import State
 
-log = logging.getLogger(__name__)
+# The logger names are part of the documented interface (docs/embedding.md, "Logs"): they
+# stay what they were before the modules moved.
+log = logging.getLogger("forgeqmp.enable_driver")
 
 __all__ = ["EnableDriver"]
 

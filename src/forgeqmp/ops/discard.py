@@ -20,15 +20,18 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from forgeqmp import memhash
-from forgeqmp.driver_base import (
-    _MIGRATION_ENDED,
-    DEFAULT_DISCARD_TIMEOUT,
-    DriverBase,
-    _check_timeout,
-    _now,
-    status_of,
+from forgeqmp.adapters import memhash
+from forgeqmp.adapters.launcher import Launcher, detached_launcher
+from forgeqmp.adapters.process import describe_process, wait_gone
+from forgeqmp.adapters.statedir import InstanceLock
+from forgeqmp.core.plans.enable import Transport
+from forgeqmp.core.progress import ProgressCallback, ProgressEvent
+from forgeqmp.core.record import (
+    MemoryRecord,
+    SessionRecord,
 )
+from forgeqmp.core.relaunch import describe_findings, relaunch_findings
+from forgeqmp.core.states import Event, State
 from forgeqmp.errors import (
     ForgeFailed,
     NoSession,
@@ -37,23 +40,22 @@ from forgeqmp.errors import (
     QMPCommandError,
     QMPError,
 )
-from forgeqmp.launcher import Launcher, detached_launcher
-from forgeqmp.plans.enable import Transport
-from forgeqmp.power import (
+from forgeqmp.ops.context import (
+    _MIGRATION_ENDED,
+    DEFAULT_DISCARD_TIMEOUT,
+    DriverBase,
+    _check_timeout,
+    _now,
+    status_of,
+)
+from forgeqmp.ops.power import (
     active_argv,
     recorded_qemu_alive,
 )
-from forgeqmp.process import describe_process, wait_gone
-from forgeqmp.progress import ProgressCallback, ProgressEvent
-from forgeqmp.record import (
-    MemoryRecord,
-    SessionRecord,
-)
-from forgeqmp.relaunch import describe_findings, relaunch_findings
-from forgeqmp.statedir import InstanceLock
-from forgeqmp.states import Event, State
 
-log = logging.getLogger(__name__)
+# The logger names are part of the documented interface (docs/embedding.md, "Logs"): they
+# stay what they were before the modules moved.
+log = logging.getLogger("forgeqmp.discard_driver")
 
 __all__ = ["DiscardDriver"]
 
@@ -85,7 +87,7 @@ class DiscardDriver(DriverBase):
         resumed when it matched. If the memory cannot be restored (file missing, digest mismatch,
         incoming migration failed), the VM is started cold on the reverted disks and the record
         says so (``memory_restored`` false, ``error`` the reason). ``launcher`` starts QEMU (see
-        :mod:`forgeqmp.launcher`); the default re-runs the recorded argv detached. ``cold``
+        :mod:`forgeqmp.adapters.launcher`); the default re-runs the recorded argv detached. ``cold``
         starts the VM cold on the reverted disks without restoring the memory state.
 
         It also works while QEMU is not running (the instance was opened with

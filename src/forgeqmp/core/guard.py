@@ -6,7 +6,7 @@ Two lists, both data, both read by pure functions that raise
 
 - :class:`Operation`: the platform operations of a control panel. :data:`BLOCKED_OPERATIONS` are
   refused while a session is unfinished (creating, active, committing, discarding, or failed and
-  not rolled back: :attr:`~forgeqmp.states.SessionStatus.finished` is the rule);
+  not rolled back: :attr:`~forgeqmp.core.states.SessionStatus.finished` is the rule);
   :data:`ALWAYS_ALLOWED` never are. :func:`check_operation` is the check.
 - :data:`QMP_RULES`: the QMP commands that would break an unfinished session (resizing or removing
   a forged disk, backups and mirrors of it, medium changes, migration, link toggles, quit while
@@ -29,10 +29,10 @@ from typing import Any
 
 import attrs
 
+from forgeqmp.core.graphsession import GraphSession
+from forgeqmp.core.record import DiskRecord, SessionRecord
+from forgeqmp.core.states import TERMINAL, SessionStatus, State
 from forgeqmp.errors import InvalidArgument, OperationBlocked, RecordError
-from forgeqmp.graphsession import GraphSession
-from forgeqmp.record import DiskRecord, SessionRecord
-from forgeqmp.states import TERMINAL, SessionStatus, State
 
 __all__ = [
     "ALL_ARGUMENTS",

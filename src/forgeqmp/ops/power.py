@@ -31,11 +31,11 @@ from collections.abc import Mapping, Sequence
 
 import anyio
 
+from forgeqmp.adapters.launcher import cold_argv, incoming_argv
+from forgeqmp.adapters.process import describe_process, is_alive
+from forgeqmp.core.record import DiskRecord, SessionRecord
+from forgeqmp.core.states import State
 from forgeqmp.errors import FeatureMissing, ForgeFailed, PrerequisiteError, SessionActive
-from forgeqmp.launcher import cold_argv, incoming_argv
-from forgeqmp.process import describe_process, is_alive
-from forgeqmp.record import DiskRecord, SessionRecord
-from forgeqmp.states import State
 
 __all__ = [
     "active_argv",

@@ -10,7 +10,7 @@ looks at what is really there and makes the record say it:
   exist, with their sizes.
 - :func:`reconcile`: a pure function of the record and an observation returning a
   :class:`RecoveryPlan`: the true state to reach (one of the ``RECOVERED_*`` events of
-  :mod:`forgeqmp.states`), the record as it must read once the plan's actions are done, the actions
+  :mod:`forgeqmp.core.states`), the record as it must read once the plan's actions are done, the actions
   themselves, what was found, and the safe next step.
 
 The rules, in one sentence each:
@@ -28,7 +28,7 @@ The rules, in one sentence each:
   in the record's warnings who paused the guest and what to do;
 - applied to its own result it plans nothing: recover is idempotent.
 
-The driver (:mod:`forgeqmp.recover_driver`) observes, runs the actions, saves the record and
+The driver (:mod:`forgeqmp.ops.recover`) observes, runs the actions, saves the record and
 observes again until the plan is empty.
 """
 
@@ -41,10 +41,10 @@ from typing import Any, Final
 
 import attrs
 
-from forgeqmp.launcher import cold_argv
-from forgeqmp.plans.enable import DOWNTIME_LIMIT_MS, MAX_BANDWIDTH
-from forgeqmp.record import DiskRecord, SessionRecord
-from forgeqmp.states import FORGE_BYPASSED, Event, State
+from forgeqmp.adapters.launcher import cold_argv
+from forgeqmp.core.plans.enable import DOWNTIME_LIMIT_MS, MAX_BANDWIDTH
+from forgeqmp.core.record import DiskRecord, SessionRecord
+from forgeqmp.core.states import FORGE_BYPASSED, Event, State
 
 __all__ = [
     "ENABLE_STEPS_AFTER_SNAPSHOT",

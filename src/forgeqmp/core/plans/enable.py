@@ -32,11 +32,11 @@ from typing import Any
 
 import attrs
 
-from forgeqmp.blockopts import BlockOptions
-from forgeqmp.disks import Disk, Selection
+from forgeqmp.core.blockopts import BlockOptions
+from forgeqmp.core.disks import Disk, Selection
+from forgeqmp.core.features import Features
+from forgeqmp.core.plans.command import Command
 from forgeqmp.errors import FeatureMissing
-from forgeqmp.features import Features
-from forgeqmp.plans.command import Command
 
 __all__ = [
     "CONVERGENCE_STEPS",
@@ -176,7 +176,7 @@ class OverlayPlan:
     format_node: str
     create_job: str
     #: The original's options, given to the overlay so that the guest's writes during the
-    #: session behave as before enable (see :mod:`forgeqmp.blockopts`); None: QEMU's defaults.
+    #: session behave as before enable (see :mod:`forgeqmp.core.blockopts`); None: QEMU's defaults.
     options: BlockOptions | None = None
 
     def add_file_node(self) -> Command:
@@ -340,7 +340,7 @@ def plan_enable(
     """Compute the enable plan. Node names are short (QEMU allows 31 characters) and unique per
     session: ``fq<8 hex>-<n>-fmt`` / ``-file``; overlay files sit next to their base image (or in
     ``overlay_dir``) as ``<base name>.forge-<8 hex>.qcow2``. ``options`` maps a disk's qdev to
-    the block options its overlay gets (see :mod:`forgeqmp.blockopts`).
+    the block options its overlay gets (see :mod:`forgeqmp.core.blockopts`).
 
     :raises FeatureMissing: see :func:`choose_strategy`.
     """

@@ -27,7 +27,7 @@ import sys
 from collections.abc import Mapping
 from typing import Final, NoReturn
 
-from forgeqmp.process import wait_gone
+from forgeqmp.adapters.process import wait_gone
 
 __all__ = ["ENABLE_ENV", "ENV", "NOT_DONE_EXIT", "STEPS", "enabled", "reached"]
 

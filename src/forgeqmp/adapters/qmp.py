@@ -68,7 +68,9 @@ __all__ = [
     "connect",
 ]
 
-log = logging.getLogger(__name__)
+# The logger names are part of the documented interface (docs/embedding.md, "Logs"): they
+# stay what they were before the modules moved.
+log = logging.getLogger("forgeqmp.qmp")
 
 #: Seconds to wait for the socket to accept and QEMU to greet and negotiate.
 DEFAULT_CONNECT_TIMEOUT = 5.0
