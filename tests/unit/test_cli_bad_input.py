@@ -45,10 +45,10 @@ REFUSALS = {2, 3, 5}
 STATUS_KEYS = {"state", "activated_at", "disks", "memory_file", "memory_restored", "error"}
 COMMANDS = ("enable", "status", "commit", "discard", "recover", "check")
 OPERATIONS = tuple(op.value for op in (*BLOCKED_OPERATIONS, *ALWAYS_ALLOWED))
-#: A pid no process can have (above the kernel's largest pid_max), so "QEMU" is never alive.
-DEAD_PID = 2**22 + 1
 #: hypothesis and pytest's function-scoped fixtures: the tree is meant to survive every example.
 SHARED_TREE = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+
+
 @attrs.frozen
 class Tree:
     root: Path
