@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cli_check import make_record  # tests/unit is on sys.path (no package)
+from records import make_record  # tests/unit is on sys.path (no package)
 
 import forgeqmp.errors as errors
 from forgeqmp import cli
