@@ -14,16 +14,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from forgeqmp.adapters.recordstore import KEEP_ARCHIVES, RECORD_FILE, RecordStore
 from forgeqmp.adapters.statedir import StateDir
 from forgeqmp.core.record import (
     ADDED_FIELDS,
     FORMAT_VERSION,
-    KEEP_ARCHIVES,
-    RECORD_FILE,
     DiskRecord,
     MemoryRecord,
     QemuRecord,
-    RecordStore,
     SessionRecord,
     new_session_id,
     no_session_status,

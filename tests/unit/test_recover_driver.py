@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from forgeqmp import cli
+from forgeqmp.adapters.recordstore import RecordStore
 from forgeqmp.adapters.statedir import InstanceLock, StateDir
-from forgeqmp.core.record import DiskRecord, MemoryRecord, QemuRecord, RecordStore, SessionRecord
+from forgeqmp.core.record import DiskRecord, MemoryRecord, QemuRecord, SessionRecord
 from forgeqmp.core.states import State
 from forgeqmp.ops.recover import lock_held
 
