@@ -18,8 +18,8 @@ import anyio
 
 from benchmarks import raw as rawqmp
 from benchmarks.common import Lab, Rows, Settings, fill, ratio, rotated, run_async, say
+from forgeqmp.adapters.featureprobe import probe
 from forgeqmp.adapters.qmp import QMPConnection
-from forgeqmp.core.features import probe
 from forgeqmp.testing import QemuInstance
 
 ROOT = Path(__file__).resolve().parent.parent

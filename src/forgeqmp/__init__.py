@@ -12,18 +12,19 @@ Everything is a coroutine for anyio's asyncio backend (qemu.qmp is asyncio-based
 """
 
 from forgeqmp._version import __version__
+from forgeqmp.adapters.featureprobe import probe
 from forgeqmp.adapters.launcher import (
     Launcher,
     LaunchSpec,
-    cold_argv,
     detached_launcher,
     executable_launcher,
-    incoming_argv,
 )
 from forgeqmp.adapters.qmp import QMPConnection
+from forgeqmp.adapters.recordstore import RecordStore
 from forgeqmp.adapters.statedir import InstanceLock, StateDir, default_state_dir
+from forgeqmp.core.argv import active_argv, cold_argv, incoming_argv, start_argv
 from forgeqmp.core.disks import Disk, Selection, select_disks
-from forgeqmp.core.features import Features, probe
+from forgeqmp.core.features import Features
 from forgeqmp.core.guard import (
     QMP_RULES,
     Operation,
@@ -34,7 +35,7 @@ from forgeqmp.core.guard import (
 )
 from forgeqmp.core.plans.enable import Strategy, Transport
 from forgeqmp.core.reconcile import Observation, RecoveryPlan, reconcile
-from forgeqmp.core.record import DiskRecord, MemoryRecord, QemuRecord, RecordStore, SessionRecord
+from forgeqmp.core.record import DiskRecord, MemoryRecord, QemuRecord, SessionRecord
 from forgeqmp.core.relaunch import Finding, relaunch_findings
 from forgeqmp.core.states import Event, Failure, SessionStatus, State
 from forgeqmp.errors import (
@@ -74,7 +75,6 @@ from forgeqmp.forge import (
     connect,
     status_of,
 )
-from forgeqmp.ops.power import active_argv, start_argv
 
 __all__ = [
     "DEFAULT_COMMIT_TIMEOUT",

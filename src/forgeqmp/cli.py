@@ -31,7 +31,9 @@ import anyio
 from forgeqmp._version import __version__
 from forgeqmp.adapters.launcher import executable_launcher
 from forgeqmp.adapters.livestatus import observe
+from forgeqmp.adapters.recordstore import RecordStore
 from forgeqmp.adapters.statedir import InstanceLock, StateDir, default_state_dir
+from forgeqmp.core.argv import start_argv
 from forgeqmp.core.graphsession import GraphSession
 from forgeqmp.core.guard import (
     ALWAYS_ALLOWED,
@@ -44,7 +46,7 @@ from forgeqmp.core.guard import (
     parse_operation,
 )
 from forgeqmp.core.plans.enable import Strategy
-from forgeqmp.core.record import RecordStore, SessionRecord, no_session_status
+from forgeqmp.core.record import SessionRecord, no_session_status
 from forgeqmp.core.states import State
 from forgeqmp.errors import (
     ForgeError,
@@ -66,7 +68,6 @@ from forgeqmp.forge import (
     connect,
     status_of,
 )
-from forgeqmp.ops.power import start_argv
 from forgeqmp.ops.recover import DEFAULT_RECOVER_TIMEOUT, lock_held, stale
 from forgeqmp.terminal import PlainProgress, ProgressView, print_report, state_label
 
@@ -467,7 +468,7 @@ def _missing_overlays(
 ) -> tuple[list[str], str]:
     """A deleted overlay of an unfinished session, seen now (not only once recover runs): the
     status's ``error`` and ``next_step`` say so."""
-    gone = missing_overlays(record) if record is not None else ()
+    gone = missing_overlays(record, os.path.exists) if record is not None else ()
     if record is None or not gone:
         return [], text
     hint = overlays_missing_hint(record, gone)
@@ -484,7 +485,7 @@ def _check(args: argparse.Namespace, out: _Output) -> int:
     operation = parse_operation(args.operation)  # unknown: InvalidArgument, exit 2
     state_dir = _state_dir(args)
     try:
-        record = check_recorded(RecordStore(state_dir).load, operation)
+        record = check_recorded(RecordStore(state_dir).load, operation, exists=os.path.exists)
         _check_graph(args, record, operation)
     except OperationBlocked as exc:
         print(f"forgeqmp: {exc}", file=sys.stderr)

@@ -20,13 +20,16 @@ from typing import Any
 import attrs
 
 from forgeqmp.adapters.launcher import Launcher, LaunchSpec
+from forgeqmp.adapters.qemuproc import qemu_down
 from forgeqmp.adapters.qmp import DEFAULT_CONNECT_TIMEOUT, QMPConnection
+from forgeqmp.adapters.recordstore import RecordStore
 from forgeqmp.adapters.statedir import InstanceLock, StateDir, default_state_dir
 from forgeqmp.core import guard
+from forgeqmp.core.argv import start_argv
 from forgeqmp.core.progress import ProgressCallback, ProgressEvent, StateListener
 from forgeqmp.core.record import (
-    RecordStore,
     SessionRecord,
+    status_of,
 )
 from forgeqmp.errors import (
     InstanceLocked,
@@ -42,14 +45,9 @@ from forgeqmp.ops.context import (
     DEFAULT_DISCARD_TIMEOUT,
     DEFAULT_ENABLE_TIMEOUT,
     _check_timeout,
-    status_of,
 )
 from forgeqmp.ops.discard import DiscardDriver
 from forgeqmp.ops.enable import EnableDriver
-from forgeqmp.ops.power import (
-    qemu_down,
-    start_argv,
-)
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +93,7 @@ class Instance(EnableDriver, CommitDriver, DiscardDriver):
 
         While a session is Active (or a commit is unfinished) the argv puts each forged disk on
         its overlay, backed by its original, under the recorded node names
-        (:func:`forgeqmp.ops.power.active_argv`); otherwise it is the recorded command line. Pass it
+        (:func:`forgeqmp.core.argv.active_argv`); otherwise it is the recorded command line. Pass it
         to your launcher (or :func:`forgeqmp.adapters.launcher.detached_launcher`), then run ``status``.
 
         :raises NoSession: there is no session record (start the VM as you always do).
@@ -148,7 +146,7 @@ class Instance(EnableDriver, CommitDriver, DiscardDriver):
         :raises OperationBlocked: the operation must wait; the error names the session, its
             state and how to finish it.
         """
-        return guard.check_recorded(self.store.load, operation)
+        return guard.check_recorded(self.store.load, operation, exists=os.path.exists)
 
     async def check_with_qemu(self, operation: guard.Operation | str) -> SessionRecord | None:
         """:meth:`check`, and when the record shows no unfinished session, QEMU's block graph
@@ -238,7 +236,7 @@ async def connect(
     one.
 
     ``allow_offline``: when QEMU is provably not running (nobody listens on the socket and the
-    recorded QEMU process is gone, see :func:`forgeqmp.ops.power.qemu_down`), open the instance
+    recorded QEMU process is gone, see :func:`forgeqmp.adapters.qemuproc.qemu_down`), open the instance
     anyway, without a connection (``instance.online`` is False): ``status``, ``recover``,
     ``commit`` (merges with qemu-img) and ``discard`` (starts the VM) work on a stopped VM.
 

@@ -22,10 +22,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import forgeqmp
+from forgeqmp.adapters.recordstore import RECORD_FILE
 from forgeqmp.adapters.statedir import InstanceLock, StateDir
 from forgeqmp.cli import main
 from forgeqmp.core.plans.enable import Strategy
-from forgeqmp.core.record import RECORD_FILE
 from forgeqmp.core.states import State
 from forgeqmp.errors import ForgeError, RecordUnreadable
 from forgeqmp.testing import DiskSpec

@@ -18,8 +18,8 @@ import pytest
 
 from forgeqmp.adapters import memhash
 from forgeqmp.adapters.qmp import connect as qmp_connect
+from forgeqmp.adapters.recordstore import RecordStore
 from forgeqmp.adapters.statedir import StateDir
-from forgeqmp.core.record import RecordStore
 from forgeqmp.errors import ForgeFailed
 from forgeqmp.testing import DiskSpec
 

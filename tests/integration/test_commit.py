@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 import forgeqmp
+from forgeqmp.core.record import status_of
 from forgeqmp.core.states import State
 from forgeqmp.errors import ForgeFailed, NoSession
-from forgeqmp.ops.context import status_of
 from forgeqmp.testing import DiskSpec
 from forgeqmp.testing.guest import pattern_md5
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from forgeqmp.adapters.recordstore import RecordStore
 from forgeqmp.adapters.statedir import StateDir
-from forgeqmp.core.record import RecordStore
 from forgeqmp.errors import UnknownDisk
 from forgeqmp.testing import DiskSpec
 

@@ -16,9 +16,8 @@ import anyio
 import pytest
 
 import forgeqmp
-from forgeqmp.adapters import memhash
+from forgeqmp.adapters import memhash, preflight
 from forgeqmp.adapters.statedir import InstanceLock, StateDir
-from forgeqmp.core import preflight
 from forgeqmp.core.plans import enable as enable_plan
 from forgeqmp.core.plans.command import Command
 from forgeqmp.core.plans.enable import ConvergenceStep, EnablePlan

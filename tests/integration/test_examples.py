@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 import forgeqmp
+from forgeqmp.adapters.recordstore import RecordStore
 from forgeqmp.adapters.statedir import StateDir
-from forgeqmp.core.record import RecordStore
 from forgeqmp.testing import QemuBuild, QemuInstance, installed_builds
 
 pytestmark = pytest.mark.qemu

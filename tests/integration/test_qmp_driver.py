@@ -8,9 +8,9 @@ import os
 import anyio
 import pytest
 
+from forgeqmp.adapters.featureprobe import probe
 from forgeqmp.adapters.process import describe_process
 from forgeqmp.adapters.qmp import connect
-from forgeqmp.core.features import probe
 from forgeqmp.errors import QMPCommandError, QMPDisconnected, QMPTimeout
 
 from .helpers import run

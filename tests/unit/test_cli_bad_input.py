@@ -27,13 +27,12 @@ from hypothesis import strategies as st
 from records import make_disk, make_record  # tests/unit is on sys.path
 
 from forgeqmp.adapters.qmp import DEFAULT_CONNECT_TIMEOUT
+from forgeqmp.adapters.recordstore import RECORD_FILE, RecordStore
 from forgeqmp.adapters.statedir import InstanceLock, StateDir
 from forgeqmp.cli import main
 from forgeqmp.core.guard import ALWAYS_ALLOWED, BLOCKED_OPERATIONS
 from forgeqmp.core.plans.enable import Strategy
 from forgeqmp.core.record import (
-    RECORD_FILE,
-    RecordStore,
     SessionRecord,
 )
 from forgeqmp.core.states import State

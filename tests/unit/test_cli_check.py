@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 from pathlib import Path
 
@@ -13,10 +14,11 @@ import attrs
 import pytest
 from records import SID, make_record  # tests/unit is on sys.path
 
+from forgeqmp.adapters.recordstore import RecordStore
 from forgeqmp.adapters.statedir import StateDir, default_state_dir
 from forgeqmp.cli import main
 from forgeqmp.core.guard import missing_overlays
-from forgeqmp.core.record import RecordStore, SessionRecord
+from forgeqmp.core.record import SessionRecord
 from forgeqmp.core.states import State
 
 BLOCKED = [
@@ -103,7 +105,11 @@ def test_exit_codes_for_every_operation_in_every_state(
             assert out == ""
             assert err.startswith(f"forgeqmp: {operation} is blocked: forge session {SID} is ")
             assert ("recover" in err) or ("'forgeqmp commit'" in err)
-        elif operation in STOPS_QEMU and record is not None and missing_overlays(record):
+        elif (
+            operation in STOPS_QEMU
+            and record is not None
+            and missing_overlays(record, os.path.exists)
+        ):
             # The records' overlay files do not exist: QEMU's open file would be the only copy.
             assert code == 3, (operation, out, err)
             assert err.startswith(f"forgeqmp: {operation} is blocked: the overlay file of ")
@@ -279,7 +285,7 @@ def test_error_messages_say_what_to_do_next(
 def test_check_start_during_a_session_prints_the_command_line_that_keeps_the_forge(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from forgeqmp.ops.power import start_argv
+    from forgeqmp.core.argv import start_argv
 
     record = make_record(
         State.ACTIVE,

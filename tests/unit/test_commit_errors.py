@@ -16,8 +16,9 @@ import pytest
 from fakeqmp import Fail, FakeQMP, Reply, job_event  # tests/unit is on sys.path
 from records import DEAD_PID, make_record
 
+from forgeqmp.adapters.recordstore import RecordStore
 from forgeqmp.adapters.statedir import StateDir
-from forgeqmp.core.record import RecordStore, SessionRecord
+from forgeqmp.core.record import SessionRecord
 from forgeqmp.core.states import State
 from forgeqmp.errors import ForgeFailed, TaskRunning
 from forgeqmp.forge import Instance

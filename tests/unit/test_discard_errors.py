@@ -20,8 +20,9 @@ from records import DEAD_PID, SID, make_memory, make_record
 
 from forgeqmp.adapters import memhash
 from forgeqmp.adapters.launcher import LaunchSpec
+from forgeqmp.adapters.recordstore import RecordStore
 from forgeqmp.adapters.statedir import StateDir
-from forgeqmp.core.record import RecordStore, SessionRecord
+from forgeqmp.core.record import SessionRecord
 from forgeqmp.core.states import State
 from forgeqmp.errors import ForgeFailed, QEMUUnreachable
 from forgeqmp.forge import Instance

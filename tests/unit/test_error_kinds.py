@@ -15,8 +15,8 @@ from records import make_record  # tests/unit is on sys.path (no package)
 
 import forgeqmp.errors as errors
 from forgeqmp import cli
+from forgeqmp.adapters.recordstore import RecordStore
 from forgeqmp.adapters.statedir import StateDir
-from forgeqmp.core.record import RecordStore
 from forgeqmp.core.states import State
 from forgeqmp.errors import (
     INTERNAL_ERROR_KIND,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from forgeqmp.core.graphsession import find_records, sessions_in_graph
+from forgeqmp.adapters.recordstore import RECORD_FILE, find_records
+from forgeqmp.core.graphsession import sessions_in_graph
 
 
 def test_sessions_are_found_by_node_names_and_overlay_files() -> None:
@@ -27,8 +28,6 @@ def test_sessions_are_found_by_node_names_and_overlay_files() -> None:
 def test_records_are_searched_in_the_state_dir_and_under_the_default_base(
     tmp_path: Path,
 ) -> None:
-    from forgeqmp.core.record import RECORD_FILE
-
     base = tmp_path / "base"
     (base / "vm-a").mkdir(parents=True)
     (base / "vm-b").mkdir()

@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from records import SID, make_record  # tests/unit is on sys.path
 
+from forgeqmp.adapters.recordstore import RecordStore
 from forgeqmp.adapters.statedir import InstanceLock, StateDir
 from forgeqmp.core import guard
 from forgeqmp.core.guard import (
@@ -25,7 +26,7 @@ from forgeqmp.core.guard import (
     parse_operation,
     render_markdown,
 )
-from forgeqmp.core.record import RecordStore, SessionRecord
+from forgeqmp.core.record import SessionRecord
 from forgeqmp.core.states import Failure, SessionStatus, State
 from forgeqmp.errors import InstanceLocked, InvalidArgument, OperationBlocked, RecordError
 from forgeqmp.forge import Instance
@@ -104,7 +105,7 @@ def test_every_operation_in_every_state(subject: str, operation: str) -> None:
             check_operation(record, given_as)
     # The status alone gives the same answer as the record.
     if record is not None:
-        from forgeqmp.forge import status_of
+        from forgeqmp.core.record import status_of
 
         if expect_blocked:
             with pytest.raises(OperationBlocked):
@@ -201,12 +202,32 @@ def test_blocked_exactly_when_unfinished_and_blockable(
             check_operation(status, op)
 
 
+def _there(_path: str) -> bool:
+    return True
+
+
 def test_check_recorded_reads_through_the_loader() -> None:
     record, _ = SUBJECTS["active"]
-    assert check_recorded(lambda: None, "destroy") is None
-    assert check_recorded(lambda: record, "console") is record
+    assert check_recorded(lambda: None, "destroy", exists=_there) is None
+    assert check_recorded(lambda: record, "console", exists=_there) is record
     with pytest.raises(OperationBlocked):
-        check_recorded(lambda: record, "destroy")
+        check_recorded(lambda: record, "destroy", exists=_there)
+
+
+def test_check_recorded_asks_the_caller_whether_the_overlays_are_there() -> None:
+    """The guard does no I/O: stopping QEMU is blocked when the caller's ``exists`` says an
+    overlay of the session is gone (QEMU's open file is then the only copy of the writes)."""
+    record, _ = SUBJECTS["active"]
+    asked: list[str] = []
+
+    def gone(path: str) -> bool:
+        asked.append(path)
+        return False
+
+    assert check_recorded(lambda: record, "stop", exists=_there) is record
+    with pytest.raises(OperationBlocked, match="overlay"):
+        check_recorded(lambda: record, "stop", exists=gone)
+    assert asked == [d.overlay_file for d in record.disks if d.overlay_node is not None]
 
 
 def test_an_unreadable_record_blocks_what_a_session_could_block() -> None:
@@ -214,14 +235,14 @@ def test_an_unreadable_record_blocks_what_a_session_could_block() -> None:
         raise RecordError("session.json: invalid session record: field x is missing; fix it")
 
     for name in CONTRACT_ALLOWED:
-        assert check_recorded(broken, name) is None
+        assert check_recorded(broken, name, exists=_there) is None
     for name in CONTRACT_BLOCKED:
         with pytest.raises(OperationBlocked, match="cannot be read") as info:
-            check_recorded(broken, name)
+            check_recorded(broken, name, exists=_there)
         assert "field x is missing" in str(info.value)
         assert info.value.state is None
     with pytest.raises(InvalidArgument):  # a bad name is still a usage error
-        check_recorded(broken, "nope")
+        check_recorded(broken, "nope", exists=_there)
 
 
 # --- QMP commands --------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from forgeqmp.adapters.launcher import cold_argv, incoming_argv
+from forgeqmp.core.argv import cold_argv, incoming_argv
 from forgeqmp.core.disks import disks_from_query, select_disks
 from forgeqmp.core.features import Features, features_from_introspection
 from forgeqmp.core.plans.command import Command

@@ -19,16 +19,14 @@ from records import make_memory as shared_memory
 from records import make_qemu as shared_qemu
 from records import make_record as shared_record
 
+from forgeqmp.adapters.recordstore import KEEP_ARCHIVES, RECORD_FILE, RecordStore
 from forgeqmp.adapters.statedir import StateDir
 from forgeqmp.core.record import (
     ADDED_FIELDS,
     FORMAT_VERSION,
-    KEEP_ARCHIVES,
-    RECORD_FILE,
     DiskRecord,
     MemoryRecord,
     QemuRecord,
-    RecordStore,
     SessionRecord,
     new_session_id,
     no_session_status,

@@ -20,7 +20,7 @@ from records import (  # tests/unit is on sys.path (rootdir-relative)
     make_record,
 )
 
-from forgeqmp.adapters.launcher import cold_argv
+from forgeqmp.core.argv import active_argv, cold_argv, start_argv
 from forgeqmp.core.reconcile import (
     ENABLE_STEPS_AFTER_SNAPSHOT,
     MIGRATION_RUNNING,
@@ -48,11 +48,9 @@ from forgeqmp.core.reconcile import (
     stale_reason,
     where_is,
 )
-from forgeqmp.core.record import DiskRecord, SessionRecord
+from forgeqmp.core.record import DiskRecord, SessionRecord, status_of
 from forgeqmp.core.states import FORGE_BYPASSED, TERMINAL, Event, State, next_state
 from forgeqmp.errors import PrerequisiteError
-from forgeqmp.forge import status_of
-from forgeqmp.ops.power import active_argv, start_argv
 
 SID = "3f2a9c1e-4b7d-4e8a-9c3b-2d1e0f9a8b7c"
 TAG = session_tag(SID)

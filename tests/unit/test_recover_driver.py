@@ -13,8 +13,9 @@ from typing import Any
 from records import make_disk, make_memory, make_qemu, make_record  # tests/unit is on sys.path
 
 from forgeqmp import cli
+from forgeqmp.adapters.recordstore import RecordStore
 from forgeqmp.adapters.statedir import InstanceLock, StateDir
-from forgeqmp.core.record import DiskRecord, RecordStore, SessionRecord
+from forgeqmp.core.record import DiskRecord, SessionRecord
 from forgeqmp.core.states import State
 from forgeqmp.ops.recover import lock_held
 

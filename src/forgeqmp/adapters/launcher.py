@@ -44,17 +44,10 @@ from forgeqmp.errors import ForgeFailed, InvalidArgument, QEMUUnreachable
 __all__ = [
     "LaunchSpec",
     "Launcher",
-    "cold_argv",
     "detached_launcher",
     "executable_launcher",
-    "incoming_argv",
     "wait_for_qmp",
 ]
-
-#: Options that take a value and make QEMU wait for or load a state; removed before relaunching.
-_STATE_OPTIONS = frozenset({"-incoming", "-loadvm"})
-#: Options without a value that keep the guest from running; removed for a cold start.
-_PAUSE_OPTIONS = frozenset({"-S"})
 
 
 @attrs.frozen
@@ -74,36 +67,6 @@ class LaunchSpec:
 
 #: A launcher starts QEMU as described and returns once its QMP socket exists.
 Launcher = Callable[[LaunchSpec], Awaitable[None]]
-
-
-def _strip(argv: Sequence[str], with_value: frozenset[str], flags: frozenset[str]) -> list[str]:
-    result: list[str] = []
-    skip = False
-    for arg in argv[1:]:
-        if skip:
-            skip = False
-            continue
-        name = arg.split("=", 1)[0]
-        dashed = "-" + name.lstrip("-") if name.startswith("-") else name
-        if dashed in with_value:
-            skip = "=" not in arg
-            continue
-        if dashed in flags:
-            continue
-        result.append(arg)
-    return [argv[0], *result]
-
-
-def incoming_argv(argv: Sequence[str]) -> tuple[str, ...]:
-    """The recorded argv, ready to receive the memory state: earlier ``-incoming``/``-loadvm``
-    removed, ``-incoming defer -S`` added (the guest stays paused until forgeqmp's ``cont``)."""
-    base = _strip(argv, _STATE_OPTIONS, _PAUSE_OPTIONS)
-    return (*base, "-incoming", "defer", "-S")
-
-
-def cold_argv(argv: Sequence[str]) -> tuple[str, ...]:
-    """The recorded argv for a cold boot: no state to load, no pause at start."""
-    return tuple(_strip(argv, _STATE_OPTIONS, _PAUSE_OPTIONS))
 
 
 async def wait_for_qmp(

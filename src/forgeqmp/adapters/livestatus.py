@@ -22,8 +22,9 @@ from typing import Any
 import anyio
 import attrs
 
+from forgeqmp.adapters.preflight import free_space
 from forgeqmp.adapters.qmp import connect as qmp_connect
-from forgeqmp.core.preflight import OVERLAY_MINIMUM, free_space
+from forgeqmp.core.preflight import OVERLAY_MINIMUM
 from forgeqmp.core.record import SessionRecord
 from forgeqmp.core.states import State
 from forgeqmp.errors import QMPError

@@ -18,7 +18,7 @@ influence and because a record that lies is worse than no record:
 - the lock is an ``flock`` on ``<dir>/lock``: the kernel drops it when the holder dies, however it
   dies, so a crashed forgeqmp never leaves a stale lock behind.
 
-Nothing here knows what a session is; :mod:`forgeqmp.core.record` builds on it.
+Nothing here knows what a session is; :mod:`forgeqmp.adapters.recordstore` builds on it.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ can QEMU migrate to a passed fd? to ``file:``? with mapped-ram? pause before swi
 The version is kept only to report it.
 
 :func:`features_from_introspection` is pure (unit-tested on recorded schemas of QEMU 7.2 and 10.0);
-:func:`probe` gathers its inputs over QMP.
+:func:`forgeqmp.adapters.featureprobe.probe` gathers its inputs over QMP.
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ from typing import Any
 
 import attrs
 
-from forgeqmp.adapters.qmp import QMPConnection
-
-__all__ = ["Features", "QemuVersion", "Schema", "features_from_introspection", "probe"]
+__all__ = ["Features", "QemuVersion", "Schema", "features_from_introspection"]
 
 
 @attrs.frozen
@@ -219,11 +217,3 @@ def features_from_introspection(
         migration_statuses=statuses,
         transaction_actions=actions,
     )
-
-
-async def probe(conn: QMPConnection) -> Features:
-    """Ask QEMU what it supports (three QMP queries, a few ms)."""
-    version = await conn.execute("query-version")
-    schema = await conn.execute("query-qmp-schema")
-    capabilities = await conn.execute("query-migrate-capabilities")
-    return features_from_introspection(version, schema, capabilities)

@@ -11,22 +11,19 @@ files ``<base>.forge-<8 hex>.qcow2``, the 8 hex digits being the start of the se
 Where its record is: QEMU keeps nothing forgeqmp could write a path into without changing the
 VM, so forgeqmp searches the places it knows: the state dir in use and every state dir under the
 default base (``~/.local/state/forgeqmp`` or ``$FORGEQMP_STATE_HOME``...), for a record of that
-session. A record kept elsewhere cannot be found, and the message says so and what to do.
+session (:func:`forgeqmp.adapters.recordstore.find_records`). A record kept elsewhere cannot be
+found, and the message says so and what to do.
 """
 
 from __future__ import annotations
 
-import contextlib
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
 
-from forgeqmp.errors import ForgeError
-
-__all__ = ["GraphSession", "find_records", "sessions_in_graph"]
+__all__ = ["GraphSession", "sessions_in_graph"]
 
 _NODE = re.compile(r"fq([0-9a-f]{8})-\d+-(?:fmt|file)")
 _FILE = re.compile(r".*\.forge-([0-9a-f]{8})\.qcow2")
@@ -72,24 +69,3 @@ def sessions_in_graph(nodes: Iterable[Mapping[str, Any]]) -> tuple[GraphSession,
         GraphSession(tag, tuple(sorted(names)), tuple(files))
         for tag, (names, files) in sorted(found.items())
     )
-
-
-def find_records(tag: str, state_dirs: Sequence[Path], base: Path | None) -> tuple[str, ...]:
-    """The ``session.json`` files of session ``tag`` in ``state_dirs`` and in every directory
-    directly under ``base`` (the default state-dir base). Unreadable ones are skipped."""
-    from forgeqmp.core.record import RECORD_FILE, SessionRecord
-
-    candidates = list(state_dirs)
-    if base is not None:
-        with contextlib.suppress(OSError):
-            candidates += sorted(p for p in base.iterdir() if p.is_dir())
-    found: list[str] = []
-    for directory in candidates:
-        path = directory / RECORD_FILE
-        try:
-            record = SessionRecord.from_json(path.read_bytes())
-        except (OSError, ForgeError):
-            continue
-        if record.session_id.replace("-", "").startswith(tag) and str(path) not in found:
-            found.append(str(path))
-    return tuple(found)

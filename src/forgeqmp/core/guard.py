@@ -15,7 +15,8 @@ Two lists, both data, both read by pure functions that raise
 
 :func:`render_markdown` prints both as the tables of the docs' guard page, so the page is
 generated from this data and a test keeps it from drifting. Nothing here does I/O: the callers
-load the record (:func:`check_recorded` takes the loader as a function).
+load the record and look for files (:func:`check_recorded` takes the loader and the existence
+test as functions).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 import attrs
 
 from forgeqmp.core.graphsession import GraphSession
-from forgeqmp.core.record import DiskRecord, SessionRecord
+from forgeqmp.core.record import DiskRecord, SessionRecord, status_of
 from forgeqmp.core.states import TERMINAL, SessionStatus, State
 from forgeqmp.errors import InvalidArgument, OperationBlocked, RecordError
 
@@ -177,8 +178,6 @@ def parse_operation(text: str | Operation) -> Operation:
 def _status(subject: SessionRecord | SessionStatus) -> SessionStatus:
     if isinstance(subject, SessionStatus):
         return subject
-    from forgeqmp.forge import status_of  # forge imports this module: import on use
-
     return status_of(subject)
 
 
@@ -249,10 +248,14 @@ def check_operation(
 
 
 def check_recorded(
-    load: Callable[[], SessionRecord | None], operation: Operation | str
+    load: Callable[[], SessionRecord | None],
+    operation: Operation | str,
+    *,
+    exists: Callable[[str], bool],
 ) -> SessionRecord | None:
     """:func:`check_operation` on the record ``load()`` returns (the caller's I/O, e.g.
-    ``RecordStore(state_dir).load``); returns that record.
+    ``RecordStore(state_dir).load``); returns that record. ``exists`` tells whether a file is
+    there (``os.path.exists``), for :func:`missing_overlays`.
 
     A record that cannot be read (:class:`~forgeqmp.errors.RecordError`) blocks every operation a
     session could block: the guard cannot tell the session is over, so it says no, with the
@@ -267,7 +270,7 @@ def check_recorded(
         raise record_unreadable(op.value, exc) from exc
     check_operation(record, op)
     if record is not None and op in _STOPS_QEMU:
-        gone = missing_overlays(record)
+        gone = missing_overlays(record, exists)
         if gone:
             hint = overlays_missing_hint(record, gone)
             raise OperationBlocked(
@@ -313,7 +316,7 @@ _ON_OVERLAYS = frozenset({State.ACTIVE, State.COMMITTING})
 
 
 def missing_overlays(
-    record: SessionRecord, exists: Callable[[str], bool] = os.path.exists
+    record: SessionRecord, exists: Callable[[str], bool]
 ) -> tuple[DiskRecord, ...]:
     """The forged disks of an unfinished session that are still on their overlay (not merged
     back) while the overlay file is gone from its directory (``exists`` is the only I/O)."""

@@ -24,33 +24,27 @@ show the writes since enable after commit and stay as they were after discard (t
 builds).
 
 The decisions are pure functions of QEMU's replies and of the measured free space;
-:func:`check_enable` gathers both.
+:func:`forgeqmp.adapters.preflight.check_enable` gathers both.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
 
-from forgeqmp.adapters.qmp import QMPConnection
 from forgeqmp.core.plans.enable import EnablePlan
 from forgeqmp.errors import InsufficientSpace, MigrationBlocked
-
-log = logging.getLogger(__name__)
 
 __all__ = [
     "MEMORY_MARGIN",
     "OVERLAY_MINIMUM",
     "FreeSpace",
     "SpaceNeed",
-    "check_enable",
     "check_migratable",
     "check_space",
-    "free_space",
     "guest_ram_bytes",
     "migration_blockers",
     "space_needs",
@@ -86,14 +80,6 @@ class FreeSpace:
     available: int
 
 
-def free_space(directory: str | os.PathLike[str]) -> FreeSpace:
-    """The file system of ``directory`` and its free space (``f_bavail``: what is left to a
-    non-root writer such as QEMU, without the blocks reserved for root)."""
-    st = os.stat(directory)
-    vfs = os.statvfs(directory)
-    return FreeSpace(device=st.st_dev, available=vfs.f_bavail * vfs.f_frsize)
-
-
 def guest_ram_bytes(summary: Mapping[str, Any]) -> int:
     """The guest's RAM from ``query-memory-size-summary``: base plus hotplugged memory."""
     return int(summary.get("base-memory", 0)) + int(summary.get("plugged-memory", 0) or 0)
@@ -124,7 +110,8 @@ def space_needs(plan: EnablePlan, ram_bytes: int) -> tuple[SpaceNeed, ...]:
 def check_space(needs: Iterable[SpaceNeed], measure: Callable[[str], FreeSpace]) -> None:
     """Refuse when a file system has less room than the needs placed on it, together.
 
-    ``measure`` gives a directory's file system and free space (:func:`free_space`).
+    ``measure`` gives a directory's file system and free space
+    (:func:`forgeqmp.adapters.preflight.free_space`).
 
     :raises InsufficientSpace: naming the file system's directories, what needs the room, how
         much is free, and what to do.
@@ -173,23 +160,6 @@ def check_migratable(query_migrate: Mapping[str, Any]) -> None:
             "Nothing was changed",
             reasons,
         )
-
-
-async def check_enable(
-    conn: QMPConnection,
-    plan: EnablePlan,
-    measure: Callable[[str], FreeSpace] | None = None,
-) -> None:
-    """The preflight of enable, before it changes anything: migration blockers, then room for
-    the memory file and the overlays (a few QMP queries and ``statvfs`` calls; ``measure``
-    replaces :func:`free_space`).
-
-    :raises MigrationBlocked: QEMU reports why it cannot migrate. Nothing changed.
-    :raises InsufficientSpace: a file system lacks room. Nothing changed.
-    """
-    check_migratable(await conn.execute("query-migrate"))
-    summary = await conn.execute("query-memory-size-summary")
-    check_space(space_needs(plan, guest_ram_bytes(summary)), measure or free_space)
 
 
 def _mib(size: int) -> str:

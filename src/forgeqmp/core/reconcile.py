@@ -41,7 +41,7 @@ from typing import Any, Final
 
 import attrs
 
-from forgeqmp.adapters.launcher import cold_argv
+from forgeqmp.core.argv import cold_argv
 from forgeqmp.core.plans.enable import DOWNTIME_LIMIT_MS, MAX_BANDWIDTH
 from forgeqmp.core.record import DiskRecord, SessionRecord
 from forgeqmp.core.states import FORGE_BYPASSED, Event, State

@@ -1,6 +1,6 @@
 """The session record: what a forge session did so far, as strictly validated values and JSON.
 
-The record is written (atomically, see :class:`RecordStore`) before every irreversible step, so that
+The record is written (atomically, see :class:`~forgeqmp.adapters.recordstore.RecordStore`) before every irreversible step, so that
 after a crash ``forgeqmp recover`` knows which disks have overlays, which were already merged, where
 the memory file is and how to relaunch QEMU on it. Because ``recover`` acts on it, a record is
 either entirely valid or refused: :meth:`SessionRecord.from_json` raises
@@ -24,36 +24,29 @@ import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, NoReturn, TypeVar, cast
 
 import attrs
 
-from forgeqmp.adapters.statedir import StateDir
-from forgeqmp.core.states import TERMINAL, State
-from forgeqmp.errors import InvalidArgument, RecordError, RecordUnreadable, SessionActive
+from forgeqmp.core.states import FORGE_BYPASSED, Failure, SessionStatus, State
+from forgeqmp.errors import InvalidArgument, RecordUnreadable
 
 __all__ = [
     "ADDED_FIELDS",
     "BASE_FORMATS",
     "FORMAT_VERSION",
-    "KEEP_ARCHIVES",
-    "RECORD_FILE",
     "DiskRecord",
     "MemoryRecord",
     "QemuRecord",
-    "RecordStore",
     "SessionRecord",
     "new_session_id",
     "no_session_status",
+    "status_of",
 ]
 
 #: Version of the JSON layout; a record with another version is refused, never half-understood.
 FORMAT_VERSION: Final = 1
-
-#: Name of the current session's record inside the state dir.
-RECORD_FILE: Final = "session.json"
 
 #: Image formats forgeqmp can put an overlay on.
 BASE_FORMATS: Final = frozenset({"qcow2", "raw"})
@@ -563,6 +556,28 @@ def no_session_status() -> dict[str, Any]:
     }
 
 
+def status_of(record: SessionRecord) -> SessionStatus:
+    """The sans-IO status (state + failure) a record describes."""
+    bypassed = record.step == FORGE_BYPASSED  # the originals were written outside a commit
+    if record.state is not State.FAILED:
+        return SessionStatus(record.state, None, originals_written=bypassed)
+    # Fully merged: the overlay is gone. A disk whose commit started but did not finish is
+    # pending (a later commit finishes it) and also bars discard (see Instance.discard).
+    merged = tuple(d.name for d in record.disks if d.merged and d.overlay_node is None)
+    pending = tuple(d.name for d in record.disks if d.overlay_node is not None)
+    if record.rolled_back:  # everything was undone: the planned overlays never stayed
+        merged = pending = ()
+    failure = Failure(
+        phase=record.failure_phase or State.ACTIVE,
+        reason=record.error or "unknown failure",
+        next_step=record.next_step or "run 'forgeqmp recover'",
+        rolled_back=record.rolled_back,
+        merged_disks=merged,
+        pending_disks=pending,
+    )
+    return SessionStatus(State.FAILED, failure, originals_written=bypassed)
+
+
 def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
@@ -728,13 +743,6 @@ def _decode_qemu(value: object, where: str) -> object:
     )
 
 
-#: How many archived records (finished sessions) a state dir keeps; older ones are removed when
-#: a session is archived (see :meth:`RecordStore.prune_archives`).
-KEEP_ARCHIVES: Final = 20
-_ARCHIVE_RE: Final = re.compile(
-    r"session-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\.json"
-)
-
 #: Fields added to record format 1 after records of it were first written, per class: a record
 #: without one (written by an older forgeqmp, e.g. during a session that spans an upgrade) still
 #: loads, with the field's default. Every other field is required; an unknown one is refused.
@@ -776,114 +784,3 @@ def _decode_session(raw: object) -> SessionRecord:
             "the state dir"
         )
     return fields.build(SessionRecord, _field_names(SessionRecord), _SESSION_DECODERS)
-
-
-# --- the store ---------------------------------------------------------------------------------
-
-
-class RecordStore:
-    """The session record of one state dir: ``session.json``, plus archived ``session-<id>.json``.
-
-    Callers hold the instance's :class:`~forgeqmp.adapters.statedir.InstanceLock` while they save or
-    archive; loading is safe without it (writes are atomic renames).
-    """
-
-    def __init__(self, state_dir: StateDir) -> None:
-        self._dir = state_dir
-
-    @property
-    def state_dir(self) -> StateDir:
-        return self._dir
-
-    @property
-    def path(self) -> Path:
-        """The path of the current record."""
-        return self._dir.path_of(RECORD_FILE)
-
-    @staticmethod
-    def archive_name(session_id: str) -> str:
-        """The file name a finished session's record is archived under."""
-        return f"session-{session_id}.json"
-
-    def load(self) -> SessionRecord | None:
-        """The current record, or None if there is none (no file, or no state dir yet)."""
-        data = self._dir.read(RECORD_FILE)
-        if data is None:
-            return None
-        try:
-            return SessionRecord.from_json(data)
-        except RecordError as exc:
-            raise RecordUnreadable(f"{self.path}: {exc}") from None
-
-    def save(self, record: SessionRecord, *, force: bool = False) -> None:
-        """Write ``record`` as the current record, atomically and durably.
-
-        Refuses (SessionActive) to replace the record of a *different* session, so a new session
-        can never overwrite an unfinished one: archive the old one first. A current record that
-        cannot be read is a RecordError for the same reason. ``force=True`` skips both checks (for
-        ``recover`` rewriting a record by hand-checked decision).
-        """
-        if not force:
-            current = self.load()
-            if current is not None and current.session_id != record.session_id:
-                raise SessionActive(
-                    f"{self.path} holds session {current.session_id} ({current.state.value}); "
-                    "commit, discard or recover it first (a finished one is archived by "
-                    "RecordStore.archive())"
-                )
-        self._dir.atomic_write(RECORD_FILE, record.to_json())
-
-    def remove_temp_files(self) -> list[str]:
-        """Remove the temporary files a killed write of the record left (see
-        :meth:`StateDir.remove_temp_files`); call it holding the instance's lock. Returns the
-        names removed."""
-        return self._dir.remove_temp_files(RECORD_FILE)
-
-    def archive(self, *, force: bool = False) -> Path | None:
-        """Move the current record aside as ``session-<id>.json`` so a new session can start.
-
-        Returns the archive's path, or None if there was no current record. Only a terminal
-        (committed or discarded, :data:`forgeqmp.core.states.TERMINAL`) session is archived, else
-        SessionActive; ``force=True`` archives any readable record (for a FAILED session whose
-        failure was rolled back, which the caller knows from :mod:`forgeqmp.core.states`). An existing
-        archive of the same session is never overwritten.
-        """
-        record = self.load()
-        if record is None:
-            return None
-        if record.state not in TERMINAL and not force:
-            raise SessionActive(
-                f"session {record.session_id} is {record.state.value}, not finished: commit, "
-                "discard or recover it before starting a new one"
-            )
-        name = self.archive_name(record.session_id)
-        self._dir.move(RECORD_FILE, name)
-        self.prune_archives()
-        return self._dir.path_of(name)
-
-    def archives(self) -> list[Path]:
-        """The archived records of this state dir (``session-<uuid>.json``), oldest first (by
-        when each was last written: its session's end)."""
-        try:
-            entries = list(os.scandir(self._dir.path))
-        except FileNotFoundError:
-            return []
-        found = [
-            e for e in entries if _ARCHIVE_RE.fullmatch(e.name) and e.is_file(follow_symlinks=False)
-        ]
-        found.sort(key=lambda e: (e.stat(follow_symlinks=False).st_mtime_ns, e.name))
-        return [Path(e.path) for e in found]
-
-    def prune_archives(self, keep: int | None = None) -> list[str]:
-        """The retention rule: keep the :data:`KEEP_ARCHIVES` most recently archived records
-        (``keep`` to choose), remove older ones; returns the names removed. Called after every
-        archive, so a state dir never holds more; the current record, the memory file and any
-        file forgeqmp did not name are never touched."""
-        limit = KEEP_ARCHIVES if keep is None else keep
-        if limit < 0:
-            raise ValueError("keep must be 0 or more")
-        old = self.archives()
-        old = old[: max(0, len(old) - limit)]
-        for path in old:
-            self._dir.remove(path.name)
-        return [p.name for p in old]

@@ -14,11 +14,16 @@ import anyio
 import anyio.to_thread
 import attrs
 
+from forgeqmp.adapters.qemuimg import (
+    commit_overlay,
+    find_qemu_img,
+)
 from forgeqmp.adapters.statedir import InstanceLock
 from forgeqmp.core.progress import ProgressCallback, ProgressEvent
 from forgeqmp.core.record import (
     DiskRecord,
     SessionRecord,
+    status_of,
 )
 from forgeqmp.core.states import Event, State
 from forgeqmp.errors import (
@@ -35,11 +40,6 @@ from forgeqmp.ops.context import (
     _check_timeout,
     _now,
     _overlay_gone,
-    status_of,
-)
-from forgeqmp.ops.power import (
-    commit_overlay,
-    find_qemu_img,
 )
 
 # The logger names are part of the documented interface (docs/embedding.md, "Logs"): they

@@ -23,24 +23,27 @@ import anyio.to_thread
 import attrs
 
 from forgeqmp.adapters import crashpoints
+from forgeqmp.adapters.featureprobe import probe
 from forgeqmp.adapters.hostflush import flush_host_images, image_files
-from forgeqmp.adapters.launcher import Launcher, LaunchSpec, cold_argv, incoming_argv
+from forgeqmp.adapters.launcher import Launcher, LaunchSpec
 from forgeqmp.adapters.process import is_alive
 from forgeqmp.adapters.qmp import QMPConnection
+from forgeqmp.adapters.recordstore import RecordStore, find_records
 from forgeqmp.adapters.statedir import StateDir, default_state_dir
+from forgeqmp.core.argv import cold_argv, incoming_argv
 from forgeqmp.core.blockopts import BlockOptions, options_restored, reopen_command
 from forgeqmp.core.disks import Disk, disks_from_query, qom_path_of
-from forgeqmp.core.features import Features, probe
-from forgeqmp.core.graphsession import GraphSession, find_records, sessions_in_graph
+from forgeqmp.core.features import Features
+from forgeqmp.core.graphsession import GraphSession, sessions_in_graph
 from forgeqmp.core.plans.command import Command
 from forgeqmp.core.progress import StateListener
 from forgeqmp.core.reconcile import MIGRATION_RUNNING
 from forgeqmp.core.record import (
     DiskRecord,
-    RecordStore,
     SessionRecord,
+    status_of,
 )
-from forgeqmp.core.states import FORGE_BYPASSED, Failure, SessionStatus, State
+from forgeqmp.core.states import SessionStatus
 from forgeqmp.errors import (
     ForgeError,
     ForgeFailed,
@@ -63,7 +66,6 @@ __all__ = [
     "DEFAULT_DISCARD_TIMEOUT",
     "DEFAULT_ENABLE_TIMEOUT",
     "DriverBase",
-    "status_of",
 ]
 
 #: Seconds enable may take in all (the memory save dominates: ~3 GB/s here, far less under load).
@@ -87,28 +89,6 @@ log = logging.getLogger("forgeqmp.driver_base")
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def status_of(record: SessionRecord) -> SessionStatus:
-    """The sans-IO status (state + failure) a record describes."""
-    bypassed = record.step == FORGE_BYPASSED  # the originals were written outside a commit
-    if record.state is not State.FAILED:
-        return SessionStatus(record.state, None, originals_written=bypassed)
-    # Fully merged: the overlay is gone. A disk whose commit started but did not finish is
-    # pending (a later commit finishes it) and also bars discard (see Instance.discard).
-    merged = tuple(d.name for d in record.disks if d.merged and d.overlay_node is None)
-    pending = tuple(d.name for d in record.disks if d.overlay_node is not None)
-    if record.rolled_back:  # everything was undone: the planned overlays never stayed
-        merged = pending = ()
-    failure = Failure(
-        phase=record.failure_phase or State.ACTIVE,
-        reason=record.error or "unknown failure",
-        next_step=record.next_step or "run 'forgeqmp recover'",
-        rolled_back=record.rolled_back,
-        merged_disks=merged,
-        pending_disks=pending,
-    )
-    return SessionStatus(State.FAILED, failure, originals_written=bypassed)
 
 
 def _event_time(event: Mapping[str, Any]) -> float:

@@ -23,12 +23,15 @@ import anyio.to_thread
 from forgeqmp.adapters import memhash
 from forgeqmp.adapters.launcher import Launcher, detached_launcher
 from forgeqmp.adapters.process import describe_process, wait_gone
+from forgeqmp.adapters.qemuproc import recorded_qemu_alive
 from forgeqmp.adapters.statedir import InstanceLock
+from forgeqmp.core.argv import active_argv
 from forgeqmp.core.plans.enable import Transport
 from forgeqmp.core.progress import ProgressCallback, ProgressEvent
 from forgeqmp.core.record import (
     MemoryRecord,
     SessionRecord,
+    status_of,
 )
 from forgeqmp.core.relaunch import describe_findings, relaunch_findings
 from forgeqmp.core.states import Event, State
@@ -46,11 +49,6 @@ from forgeqmp.ops.context import (
     DriverBase,
     _check_timeout,
     _now,
-    status_of,
-)
-from forgeqmp.ops.power import (
-    active_argv,
-    recorded_qemu_alive,
 )
 
 # The logger names are part of the documented interface (docs/embedding.md, "Logs"): they

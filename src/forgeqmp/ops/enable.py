@@ -18,10 +18,9 @@ import anyio
 import anyio.to_thread
 import attrs
 
-from forgeqmp.adapters import memhash
+from forgeqmp.adapters import memhash, preflight
 from forgeqmp.adapters.process import describe_process
 from forgeqmp.adapters.statedir import InstanceLock
-from forgeqmp.core import preflight
 from forgeqmp.core.blockopts import argv_block_options
 from forgeqmp.core.disks import Disk, select_disks
 from forgeqmp.core.features import Features

@@ -27,6 +27,8 @@ import attrs
 
 from forgeqmp.adapters import memhash
 from forgeqmp.adapters.launcher import Launcher, detached_launcher
+from forgeqmp.adapters.qemuimg import commit_overlay, find_qemu_img
+from forgeqmp.adapters.qemuproc import qemu_down
 from forgeqmp.adapters.statedir import LOCK_FILE, InstanceLock, StateDir
 from forgeqmp.core.progress import ProgressCallback, ProgressEvent
 from forgeqmp.core.reconcile import (
@@ -64,7 +66,6 @@ from forgeqmp.errors import (
 )
 from forgeqmp.forge import Instance
 from forgeqmp.ops.context import _check_timeout
-from forgeqmp.ops.power import commit_overlay, find_qemu_img, qemu_down
 
 __all__ = [
     "DEFAULT_RECOVER_TIMEOUT",
