@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,7 +17,7 @@ import anyio.to_thread
 import attrs
 
 from forgeqmp.adapters.statedir import InstanceLock
-from forgeqmp.core.progress import JobProgress, ProgressCallback, ProgressEvent
+from forgeqmp.core.progress import JobProgress, ProgressCallback, ProgressEvent, RateEstimate
 from forgeqmp.core.record import (
     DiskRecord,
     SessionRecord,
@@ -166,15 +167,17 @@ class CommitDriver(DriverBase):
             # Only now may the original receive data: the memory state is useless from here
             # (before, a job QEMU refuses leaves discard possible, with the memory).
             no_return.set()
+            meter = _ProgressMeter(disk.name, report)
             if status not in _SETTLED:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._report_job_progress, job_id, disk.name, report)
+                    tg.start_soon(self._report_job_progress, job_id, meter)
                     await sub.wait(
                         lambda e: e["data"]["status"] in ("ready", "concluded"),
                         DEFAULT_COMMIT_TIMEOUT * 24,  # bounded by the caller's deadline
                         f"the commit of {disk.name} to be ready",
                     )
                     tg.cancel_scope.cancel()
+            await self._report_job_done(job_id, meter)
         self._crash_point("commit", "job-ready")
         pause_ms = await self._pivot(
             disk.name,
@@ -244,21 +247,27 @@ class CommitDriver(DriverBase):
         jobs.accepted.add(disk.name)
         self._crash_point("commit", "job-started")
 
-    async def _report_job_progress(self, job_id: str, disk: str, report: ProgressCallback) -> None:
-        last: tuple[int, int] | None = None
+    async def _report_job_progress(self, job_id: str, meter: _ProgressMeter) -> None:
+        """Report the job's bytes done/total and ETA every :data:`PROGRESS_INTERVAL` until
+        cancelled (once the job is ready)."""
         while True:
             jobs = await self.conn.execute("query-jobs")
             job = next((j for j in jobs if j["id"] == job_id), None)
             if job is not None:
-                now = (int(job["current-progress"]), int(job["total-progress"]))
-                if now != last:
-                    last = now
-                    report(
-                        ProgressEvent(
-                            "commit", "progress", {"disk": disk, "done": now[0], "total": now[1]}
-                        )
-                    )
+                meter.sample(JobProgress.from_job(job))
             await anyio.sleep(PROGRESS_INTERVAL)
+
+    async def _report_job_done(self, job_id: str, meter: _ProgressMeter) -> None:
+        """The final ``done == total`` progress of a job that is ready (or ended), also when it
+        got there between two polls or before the first (a small disk): a ``disk-merged`` event
+        alone says nothing of the bytes."""
+        jobs = await self.conn.execute("query-jobs")
+        job = next((j for j in jobs if j["id"] == job_id), None)
+        if job is None or job.get("error"):
+            return
+        progress = JobProgress.from_job(job)
+        total = max(progress.total, progress.done)
+        meter.sample(attrs.evolve(progress, done=total, total=total))
 
     def _commit_reason(
         self, cause: BaseException, timeout: float, *, pid: int | None, since: float
@@ -451,6 +460,27 @@ class CommitDriver(DriverBase):
         takes a while."""
         await event.wait()
         await anyio.to_thread.run_sync(self._remove_memory_file, record)
+
+
+@attrs.define
+class _ProgressMeter:
+    """One disk's progress reports: each new done/total once, with the ETA from the rate
+    measured since the first sample (:class:`~forgeqmp.core.progress.RateEstimate`)."""
+
+    disk: str
+    report: ProgressCallback
+    estimate: RateEstimate | None = None
+    last: tuple[int, int] | None = None
+
+    def sample(self, job: JobProgress) -> None:
+        now = time.monotonic()
+        if self.estimate is None:
+            self.estimate = RateEstimate(now, job.done)
+        if (job.done, job.total) == self.last:
+            return
+        self.last = (job.done, job.total)
+        detail = {"disk": self.disk, **self.estimate.detail(now, job.done, job.total)}
+        self.report(ProgressEvent("commit", "progress", detail))
 
 
 #: Job states past copying: the job waits for its completion (or ended); no event to wait for.
