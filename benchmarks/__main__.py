@@ -21,11 +21,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks import commit, discard, enable, overhead, report, scale
+from benchmarks import commit, commit_writer, discard, enable, overhead, report, scale
 from benchmarks.common import Lab, Rows, Settings, fill, machine, say
 from forgeqmp.testing import installed_builds
 
-SECTIONS = ("enable", "discard", "commit", "overhead", "scale")
+SECTIONS = ("enable", "discard", "commit", "commit-writer", "overhead", "scale")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -211,6 +211,7 @@ def main() -> int:
                     lab.drop(vm)
         for key, fn in (
             ("commit", commit.measure),
+            ("commit-writer", commit_writer.measure),
             ("overhead", overhead.measure),
             ("scale", scale.measure),
         ):

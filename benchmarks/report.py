@@ -383,10 +383,35 @@ def targets_table(found: Sequence[dict[str, Any]]) -> str:
     )
 
 
+def commit_writer_table(rows: Rows) -> str:
+    return table(
+        [
+            "QEMU",
+            "MiB",
+            "commit s",
+            "switch pause ms",
+            "longest guest stall ms",
+            "guest rewrote MiB",
+        ],
+        [
+            [
+                row.case["build"],
+                str(row.case["mib_per_disk"]),
+                cell(row, "forge_s"),
+                cell(row, "pause_ms", 1),
+                cell(row, "stall_ms", 0),
+                cell(row, "rewritten_mib", 0),
+            ]
+            for row in rows
+        ],
+    )
+
+
 RENDERERS: dict[str, tuple[str, Callable[[Rows], str]]] = {
     "enable": ("Enable", enable_table),
     "discard": ("Discard", discard_table),
     "commit": ("Commit", commit_table),
+    "commit-writer": ("Commit while the guest rewrites its disk", commit_writer_table),
     "overhead": ("Library overhead", overhead_table),
     "scale": ("Scale", scale_table),
 }

@@ -166,6 +166,27 @@ class _Rate(ProgressColumn):
         )
 
 
+class _Eta(ProgressColumn):
+    """The time left of a byte-counting task, as the event's ``eta_s`` says (from the rate
+    measured so far); empty when it is not known."""
+
+    def render(self, task: Task) -> Any:
+        eta = task.fields.get("eta_s")
+        if task.finished or not isinstance(eta, int | float):
+            return Text("")
+        return Text(f"ETA {_seconds(eta)}", style="progress.remaining")
+
+
+def _seconds(value: float) -> str:
+    """A duration for people: ``0.4 s``, ``12 s``, ``3 min 20 s``."""
+    if value < 10:
+        return f"{value:.1f} s"
+    if value < 120:
+        return f"{value:.0f} s"
+    minutes, secs = divmod(round(value), 60)
+    return f"{minutes} min {secs} s"
+
+
 def _transfer_key(event: ProgressEvent) -> tuple[str, str]:
     """(key, what) of a ``progress`` event: the memory save, or one disk's merge."""
     disk = event.detail.get("disk")
@@ -217,6 +238,9 @@ class PlainProgress:
         rate = event.detail.get("bytes_per_second")
         if isinstance(rate, int | float) and rate > 0:
             text += f", {binary_size(rate)}/s"
+        eta = event.detail.get("eta_s")
+        if not complete and isinstance(eta, int | float):
+            text += f", ETA {_seconds(eta)}"
         self._write(now, text)
 
     def _write(self, now: float, text: str) -> None:
@@ -244,6 +268,7 @@ class ProgressView:
             _BytesOnly(BarColumn(bar_width=30)),
             _BytesOnly(_Bytes()),
             _BytesOnly(_Rate()),
+            _BytesOnly(_Eta()),
             TimeElapsedColumn(),
             console=self.console,
             transient=False,
@@ -284,7 +309,12 @@ class ProgressView:
             self._bars[key] = self._progress.add_task(
                 f"{event.operation}: {what}", total=total or None, bytes=True
             )
-        self._progress.update(self._bars[key], total=total or None, completed=done or 0)
+        self._progress.update(
+            self._bars[key],
+            total=total or None,
+            completed=done or 0,
+            eta_s=event.detail.get("eta_s"),
+        )
 
     def _finish_bar(self, key: str) -> None:
         task = self._bars.get(key)

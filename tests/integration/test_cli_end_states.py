@@ -388,7 +388,13 @@ def test_timed_out_commit_records_exactly_what_was_merged(
                 assert os.path.exists(d.overlay_file)
                 assert f"{d.name}" in final["error"]
         assert runstate(vm) == "running"
-        assert run(qmp, vm.qmp_socket, "query-jobs") == []
+        # The jobs still copying are left running in QEMU (not cancelled: their progress would
+        # be lost), each recorded on its disk; nothing else of the commit is left.
+        jobs = {j["id"] for j in run(qmp, vm.qmp_socket, "query-jobs")}
+        left = {d.commit_job for d in record.disks if d.overlay_node is not None and d.commit_job}
+        assert jobs == left, (jobs, left)
+        if left:
+            assert "continues in QEMU" in final["next_step"], final
         written = [d["name"] for d in final["disks"] if d["original_written"]]
         assert written, final  # the jobs started within 0.5 s: their originals got data
         saved = record_bytes(state)
@@ -400,6 +406,54 @@ def test_timed_out_commit_records_exactly_what_was_merged(
             for offset in (0, mib - 8):
                 assert vm.disk_md5(name, 8, offset_mib=offset) == zeros_md5(8), (name, offset)
         assert runstate(vm) == "running"
+
+
+def test_commit_retried_with_short_timeouts_continues_where_it_stopped(
+    qemu_build: QemuBuild, tmp_path: Path
+) -> None:
+    """768 MiB on each of two overlays, ``commit --timeout 0.5`` again and again: each stopped
+    try leaves its jobs running in QEMU and says so (``status`` shows each disk's bytes done),
+    the next try continues them (their progress never goes back to zero), and the tries end
+    committed, with the writes flushed before the commit in the originals."""
+    mib = 768
+    disks = [DiskSpec("d0", "qcow2", mib + 16), DiskSpec("d1", "qcow2", mib + 16)]
+    with started(QemuInstance(qemu_build, tmp_path / "vm", disks, memory_mib=256)) as vm:
+        state = tmp_path / "state"
+        assert_ok(cli(qemu_build, vm.qmp_socket, state, "enable", "--all-disks"), "active")
+        sums: dict[tuple[str, int], str] = {}
+        for name in ("d0", "d1"):
+            write_zeros(vm, name, mib - 16, offset_mib=8)
+            for offset in (0, mib - 8):  # marked data at both ends of what the overlay holds
+                sums[name, offset] = vm.write_disk(name, 8, seed=f"{name}r", offset_mib=offset)
+        seen: dict[str, int] = {}  # disk → the most bytes done seen so far
+        stopped = 0
+        for _try in range(40):
+            result = cli(qemu_build, vm.qmp_socket, state, "commit", "--timeout", "0.5")
+            for line in result.lines:  # a continued job reports from where it was
+                if line.get("step") == "progress":
+                    assert line["done"] >= seen.get(line["disk"], 0), (line, seen)
+                    seen[line["disk"]] = line["done"]
+            if result.code == 0:
+                assert result.final["state"] == "committed", result.final
+                break
+            final = assert_error(result, 4, "failed", "forge-failed")
+            stopped += 1
+            status = assert_ok(cli(qemu_build, vm.qmp_socket, state, "status"), "failed")
+            for disk in status["disks"]:
+                job = disk["commit_job"]
+                if disk["merged"] or job is None:
+                    continue
+                assert "continues in QEMU" in final["next_step"], final
+                assert job["status"] in ("running", "ready"), job
+                assert job["done"] >= seen.get(disk["name"], 0), (job, seen)
+                seen[disk["name"]] = job["done"]
+        else:
+            pytest.fail(f"40 tries of commit --timeout 0.5 did not finish: {seen}")
+        assert stopped, "the first commit finished within 0.5 s: the deadline did not bite"
+        assert run(qmp, vm.qmp_socket, "query-jobs") == []
+        assert runstate(vm) == "running"
+        for (name, offset), expected in sums.items():
+            assert vm.disk_md5(name, 8, offset_mib=offset) == expected, (name, offset)
 
 
 def test_commit_refused_by_qemu_leaves_discard_possible(

@@ -77,14 +77,19 @@ def test_commit_merges_every_write_live(qemu_factory, tmp_path: Path) -> None:  
     assert committed.state is State.COMMITTED
     assert committed.finished_at is not None
 
-    # Progress per disk, monotonic, reaching its total.
+    # Progress per disk, monotonic, with an ETA, its last event reaching its total (also when
+    # the disk got there between two polls) before the disk is merged.
     for d in ("d0", "d1"):
-        done = [
-            e.detail["done"] for e in progress if e.step == "progress" and e.detail["disk"] == d
-        ]
+        events = [e.detail for e in progress if e.step == "progress" and e.detail["disk"] == d]
+        done = [e["done"] for e in events]
         assert done, f"no progress event for {d}"
         assert done == sorted(done)
-        assert any(e.step == "disk-merged" and e.detail["disk"] == d for e in progress)
+        assert all("eta_s" in e for e in events), events
+        assert all(e["eta_s"] is None or e["eta_s"] >= 0 for e in events), events
+        assert events[-1]["done"] == events[-1]["total"] > 0, events[-1]
+        assert events[-1]["eta_s"] == 0.0
+        steps = [e.step for e in progress if e.detail.get("disk") == d]
+        assert steps[-2:] == ["progress", "disk-merged"], steps
 
     # Live: the guest ran while the data was merged, paused only for each disk's switch back to
     # its original (QEMU's STOP→RESUME, reported per disk; how long is measured by nox -s bench).

@@ -245,9 +245,11 @@ def test_a_job_that_disappears_stops_the_commit_and_resumes_the_guest(tmp_path: 
     assert commands == ["block-commit", "stop", "cont"]
 
 
-def test_the_deadline_cancels_the_job_and_records_what_is_merged(tmp_path: Path) -> None:
+def test_the_deadline_leaves_the_job_running_and_the_next_commit_continues_it(
+    tmp_path: Path,
+) -> None:
     vm, peer, qemu, _ = setup(tmp_path)
-    peer.script("block-commit", qemu.block_commit("running"))  # never ready
+    peer.script("block-commit", qemu.block_commit("running"))  # not ready within the deadline
     with pytest.raises(ForgeFailed, match=r"the commit deadline \(0.05 s\) passed"):
         commit(vm, timeout=0.05)
     peer.check()
@@ -256,14 +258,49 @@ def test_the_deadline_cancels_the_job_and_records_what_is_merged(tmp_path: Path)
     assert after.failure_phase is State.COMMITTING
     assert after.error is not None
     assert after.error.startswith("the commit deadline (0.05 s) passed")
+    assert "still merging in QEMU: disk0" in after.error
     assert after.disks[0].merged is True  # the job ran: its original may hold part of the data
-    assert after.next_step == "run 'forgeqmp commit' again to finish the disks still on overlays"
+    # The job is left copying in QEMU (cancelling it would throw its progress away), and the
+    # record names it.
+    assert after.disks[0].commit_job == qemu.job_id
+    assert after.next_step is not None
+    assert after.next_step.startswith("the merge continues in QEMU (disk0: ")
+    assert "run 'forgeqmp commit' again" in after.next_step
     assert [(s.command, s.arguments) for s in peer.actions()] == [
         ("block-commit", block_commit_args(qemu)),
-        ("job-cancel", {"id": qemu.job_id}),
-        ("job-dismiss", {"id": qemu.job_id}),
     ]
-    assert qemu.jobs == {}  # nothing of the commit is left in QEMU
+    assert qemu.jobs[qemu.job_id]["status"] == "running"
+
+    # Meanwhile the job got ready: the next commit switches the disk over without a new job.
+    qemu.job("ready")
+    done = commit(vm)
+    peer.check()
+    assert done.state is State.COMMITTED
+    assert done.disks[0].overlay_node is None
+    assert done.disks[0].commit_job is None
+    assert [s.command for s in peer.actions()] == [
+        "block-commit",  # the first commit's, only
+        "stop",
+        "job-complete",
+        "job-dismiss",
+        "cont",
+        "blockdev-del",
+        "blockdev-del",
+    ]
+    assert qemu.jobs == {}
+
+
+def test_a_job_left_running_that_failed_meanwhile_is_started_again(tmp_path: Path) -> None:
+    vm, peer, qemu, _ = setup(tmp_path)
+    peer.script("block-commit", qemu.block_commit("running"))
+    with pytest.raises(ForgeFailed, match="deadline"):
+        commit(vm, timeout=0.05)
+    qemu.job("concluded", "Input/output error")  # the job left running failed meanwhile
+    peer.script("block-commit", qemu.block_commit("ready"))
+    assert commit(vm).state is State.COMMITTED
+    peer.check()
+    commands = [s.command for s in peer.actions()]
+    assert commands[:4] == ["block-commit", "job-dismiss", "block-commit", "stop"], commands
 
 
 def test_qemu_going_away_mid_commit_is_recorded_with_its_exit(tmp_path: Path) -> None:

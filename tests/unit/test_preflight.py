@@ -29,6 +29,7 @@ from forgeqmp.core.preflight import (
     migration_blockers,
     space_needs,
 )
+from forgeqmp.core.progress import JobProgress
 from forgeqmp.core.record import SessionRecord
 from forgeqmp.core.states import State
 from forgeqmp.errors import InsufficientSpace, MigrationBlocked, PrerequisiteError
@@ -208,6 +209,34 @@ def test_status_gets_the_live_keys_per_disk(tmp_path: Path) -> None:
     assert "qemu: io-error" in text
     assert "overlay of disk0: 3.0 MiB on disk, 0.0 MiB free" in text
     assert "attention: QEMU paused the guest" in text
+
+
+def test_status_shows_how_far_a_commit_job_left_running_got(tmp_path: Path) -> None:
+    record = _active(tmp_path)
+    disk = record.disks[0]
+    job_id = f"{disk.overlay_node}-commit"
+    stopped = attrs.evolve(
+        record.evolve_disk(disk.name, merged=True, commit_job=job_id), state=State.FAILED
+    )
+    running = JobProgress(job_id, "running", 256 * MiB, 1024 * MiB)
+    status = stopped.status_dict()
+    text = LiveStatus("running", {}, {}, {job_id: running}).update(status, stopped)
+    assert status["disks"][0]["commit_job"] == {
+        "id": job_id,
+        "status": "running",
+        "done": 256 * MiB,
+        "total": 1024 * MiB,
+    }
+    assert f"commit job of {disk.name}: running, 256.0 of 1024.0 MiB (25%) merged" in text
+    # QEMU not asked (busy): the recorded job, its progress unknown.
+    status = stopped.status_dict()
+    text = LiveStatus("busy", {}, {}).update(status, stopped)
+    assert status["disks"][0]["commit_job"]["status"] is None
+    assert "not seen in QEMU" in text
+    # No job recorded: null.
+    status = record.status_dict()
+    LiveStatus("running", {}, {}, {job_id: running}).update(status, record)
+    assert status["disks"][0]["commit_job"] is None
 
 
 def test_status_never_asks_qemu_while_another_forgeqmp_works(tmp_path: Path) -> None:

@@ -343,6 +343,32 @@ def test_commit_interrupted_during_jobs_finishes_them() -> None:
     assert all(d.merged and d.overlay_node is None for d in plan.record.disks)
 
 
+def test_stopped_commit_with_its_jobs_left_running_is_finished_by_recover() -> None:
+    # A commit stopped by its deadline left the job of d0 running in QEMU (the record names it)
+    # and d1 untouched: recover finishes d0's job instead of dropping it, and leaves d1 pending.
+    rec = record(
+        State.FAILED,
+        step="committing",
+        failure_phase=State.COMMITTING,
+        rolled_back=False,
+        error="the commit deadline (0.5 s) passed",
+        disks=(disk(0, merged=True, commit_job=f"{TAG}-0-commit"), disk(1)),
+    )
+    jobs = (JobView(f"{TAG}-0-commit", "commit", "running"),)
+    plan = reconcile(rec, Observation(qemu_on(rec, Where.OVERLAY, jobs=jobs), files_of(rec)))
+    assert [a for a in plan.actions if isinstance(a, FinishJob)] == [
+        FinishJob(f"{TAG}-0-commit", "d0")
+    ]
+    assert not [a for a in plan.actions if isinstance(a, DropJob)]
+    d0, d1 = plan.record.disks
+    assert d0.merged
+    assert d0.overlay_node is None
+    assert d0.commit_job is None
+    assert not d1.merged
+    assert d1.overlay_node is not None
+    assert status_of(plan.record).can_commit
+
+
 def test_commit_interrupted_with_a_disk_pivoted_and_one_not_started() -> None:
     rec = committing(disks=(disk(0, merged=True), disk(1, merged=True)))
     where = {"d0": Where.BASE, "d1": Where.OVERLAY}

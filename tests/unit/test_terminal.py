@@ -195,6 +195,25 @@ def test_binary_size() -> None:
     assert binary_size(5000 << 40) == "5000.0 TiB"
 
 
+def test_plain_progress_shows_the_eta_until_the_transfer_is_done() -> None:
+    stream = io.StringIO()
+    view = PlainProgress(stream, interval=0)
+    for done, eta in ((0, None), (1 << 30, 12.0), (2 << 30, 0.0)):
+        view.update(
+            ProgressEvent(
+                "commit",
+                "progress",
+                {"disk": "d0", "done": done, "total": 2 << 30, "eta_s": eta},
+            )
+        )
+    lines = [re.sub(r"^ *[0-9.]+ s  ", "", line) for line in stream.getvalue().splitlines()]
+    assert lines == [
+        "commit: disk d0 0 B of 2.0 GiB (0%)",
+        "commit: disk d0 1.0 GiB of 2.0 GiB (50%), ETA 12 s",
+        "commit: disk d0 2.0 GiB of 2.0 GiB (100%)",
+    ]
+
+
 def test_progress_on_a_terminal_then_the_final_text() -> None:
     stream = Tty()
     out = _Output(False, stream)

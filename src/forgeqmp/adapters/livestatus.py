@@ -5,6 +5,9 @@
   (QEMU serves one QMP client at a time: status never makes that process wait or fail).
 - Per disk: the overlay's size on disk (allocated bytes), the free space left on its file
   system, and the device's ``io_status`` (``ok``, ``failed``, ``nospace``).
+- Per disk with a commit job left running by a stopped commit: ``commit_job``, the job's id,
+  status and bytes done/total as QEMU reports them (``status`` and ``done`` null when QEMU was
+  not asked or has no such job).
 - ``qemu_advice``: what to do when QEMU paused the guest on an I/O error; an overlay's file
   system that fills up does that (the disks' default ``werror=enospc``).
 
@@ -25,6 +28,7 @@ import attrs
 from forgeqmp.adapters.preflight import free_space
 from forgeqmp.adapters.qmp import connect as qmp_connect
 from forgeqmp.core.preflight import OVERLAY_MINIMUM
+from forgeqmp.core.progress import JobProgress
 from forgeqmp.core.record import SessionRecord
 from forgeqmp.core.states import State
 from forgeqmp.errors import QMPError
@@ -56,6 +60,8 @@ class LiveStatus:
     io_status: Mapping[str, str]
     #: disk name → usage of its overlay, for the overlays that exist.
     overlays: Mapping[str, OverlayUsage]
+    #: job id → its progress, for every block job QEMU runs (empty: QEMU was not asked).
+    jobs: Mapping[str, JobProgress] = attrs.field(factory=dict)
 
     def advice(self, record: SessionRecord | None) -> str | None:
         """What to do about QEMU's state (see :func:`advice`)."""
@@ -68,8 +74,29 @@ class LiveStatus:
         status["qemu_advice"] = self.advice(record)
         lines = [f"  qemu: {self.qemu}"]
         qdevs = {d.name: d.qdev for d in record.disks} if record is not None else {}
+        left = (
+            {d.name: d.commit_job for d in record.disks if d.overlay_node and d.commit_job}
+            if record is not None
+            else {}
+        )
         for disk in status.get("disks", []):
             name = str(disk.get("name"))
+            job_id = left.get(name)
+            job = self.jobs.get(job_id) if job_id is not None else None
+            disk["commit_job"] = (
+                None
+                if job_id is None
+                else {
+                    "id": job_id,
+                    "status": job.status if job is not None else None,
+                    "done": job.done if job is not None else None,
+                    "total": job.total if job is not None else None,
+                }
+            )
+            if job is not None:
+                lines.append(f"  commit job of {name}: {job.status}, {job.describe()} merged")
+            elif job_id is not None:
+                lines.append(f"  commit job of {name}: {job_id} (not seen in QEMU)")
             usage = self.overlays.get(name)
             disk["overlay_bytes"] = usage.size if usage is not None else None
             disk["overlay_free_bytes"] = usage.free if usage is not None else None
@@ -174,25 +201,27 @@ def observe(socket_path: str, record: SessionRecord | None, *, busy: bool | None
     if busy:
         return LiveStatus("busy", {}, overlays)
     try:
-        qemu, io_status = anyio.run(_query, socket_path, backend="asyncio")
+        qemu, io_status, jobs = anyio.run(_query, socket_path, backend="asyncio")
     except QMPError as exc:
         log.info("status: QEMU not reachable on %s: %s", socket_path, exc)
         return LiveStatus("unreachable", {}, overlays)
-    return LiveStatus(qemu, io_status, overlays)
+    return LiveStatus(qemu, io_status, overlays, jobs)
 
 
-async def _query(socket_path: str) -> tuple[str, dict[str, str]]:
+async def _query(socket_path: str) -> tuple[str, dict[str, str], dict[str, JobProgress]]:
     async with qmp_connect(
         socket_path, timeout=QUERY_TIMEOUT, command_timeout=QUERY_TIMEOUT
     ) as conn:
         runstate = str((await conn.execute("query-status"))["status"])
         blocks = await conn.execute("query-block")
+        listed = await conn.execute("query-jobs")
     io_status: dict[str, str] = {}
     for block in blocks:
         qdev, status = block.get("qdev"), block.get("io-status")
         if qdev and status:
             io_status[str(qdev)] = str(status)
-    return runstate, io_status
+    jobs = {str(j["id"]): JobProgress.from_job(j) for j in listed}
+    return runstate, io_status, jobs
 
 
 def _mib(size: int | None) -> str:

@@ -462,6 +462,8 @@ class _Planner:
 
     def commit_job(self, index: int, disk: DiskRecord) -> JobView | None:
         wanted = {f"{self.job_prefix(index, disk)}-commit", f"{self.tag}-{index}-create-undo"}
+        if disk.commit_job is not None and self.ours(disk.commit_job):
+            wanted.add(disk.commit_job)  # recorded when the commit sent it
         return next((j for j in self.our_jobs() if j.id in wanted), None)
 
     @property
@@ -899,7 +901,9 @@ def _active(p: _Planner) -> RecoveryPlan:
 
 
 def _gone(disk: DiskRecord) -> DiskRecord:
-    return attrs.evolve(disk, merged=True, overlay_node=None, overlay_file_node=None)
+    return attrs.evolve(
+        disk, merged=True, overlay_node=None, overlay_file_node=None, commit_job=None
+    )
 
 
 def _unrecorded(disk: DiskRecord) -> str:

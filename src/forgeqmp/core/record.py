@@ -278,6 +278,9 @@ class DiskRecord:
     (its overlay is being or has been written into the base), after which discard is impossible;
     the disk is fully merged once, in addition, ``overlay_node`` is None (it is back on its
     original). ``status`` shows the two apart: ``merged`` (fully) and ``original_written``.
+    ``commit_job`` is the id of the ``block-commit`` job sent for the disk (recorded with
+    ``merged``, before the job starts); a commit stopped by its deadline leaves that job running
+    in QEMU, and the next commit (or recover) waits for it instead of starting over.
     """
 
     name: str = attrs.field(validator=_name)  #: qdev id of the disk device
@@ -293,6 +296,7 @@ class DiskRecord:
     #: The original node's block options at enable (:class:`forgeqmp.core.blockopts.BlockOptions`
     #: as JSON), put back after commit when QEMU changed them; None: not recorded.
     options: Mapping[str, Any] | None = attrs.field(default=None, validator=_opt_options)
+    commit_job: str | None = attrs.field(default=None, validator=_opt_name)
 
     def __attrs_post_init__(self) -> None:
         if self.overlay_file is not None and self.overlay_file == self.base_file:
@@ -747,7 +751,7 @@ def _decode_qemu(value: object, where: str) -> object:
 #: without one (written by an older forgeqmp, e.g. during a session that spans an upgrade) still
 #: loads, with the field's default. Every other field is required; an unknown one is refused.
 ADDED_FIELDS: Final[Mapping[str, frozenset[str]]] = {
-    "DiskRecord": frozenset({"options"}),
+    "DiskRecord": frozenset({"options", "commit_job"}),
     "SessionRecord": frozenset({"paused_by_forgeqmp"}),
 }
 

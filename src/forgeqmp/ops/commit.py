@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -19,7 +21,7 @@ from forgeqmp.adapters.qemuimg import (
     find_qemu_img,
 )
 from forgeqmp.adapters.statedir import InstanceLock
-from forgeqmp.core.progress import ProgressCallback, ProgressEvent
+from forgeqmp.core.progress import JobProgress, ProgressCallback, ProgressEvent, RateEstimate
 from forgeqmp.core.record import (
     DiskRecord,
     SessionRecord,
@@ -80,7 +82,11 @@ class CommitDriver(DriverBase):
         discard is refused (the record marks the disk ``merged`` *before* the job starts). The
         overlay stays valid until the job completes, so a commit stopped by the ``timeout`` or a
         cancellation leaves each disk either fully merged or still on its overlay; the session
-        is then Failed with that detail per disk, and a later commit finishes the rest.
+        is then Failed with that detail per disk, and a later commit finishes the rest. The jobs
+        such a stop finds running are left running in QEMU (the record names them, ``status``
+        shows how far they got): the next commit (or ``recover``) waits for them where they
+        are instead of copying from the start again, so a disk too big for one timeout still
+        gets merged by retries.
 
         :raises InvalidArgument: a bad timeout. Nothing changed.
         :raises NoSession: no Active session (or no failed commit to finish). Nothing changed.
@@ -97,7 +103,7 @@ class CommitDriver(DriverBase):
             self.store.remove_temp_files()  # a killed operation's: never a file of another
             if not self.conn.connected:
                 return await self._commit_offline(record, timeout, report)
-            await self._check_no_task()
+            await self._check_no_task(_left_running(record))
             pid, since = self.conn.peer.pid, self._started()
             blocks = await self.conn.execute("query-block")
             attached = _attached_nodes(blocks)
@@ -116,7 +122,9 @@ class CommitDriver(DriverBase):
             except BaseException as exc:
                 with anyio.CancelScope(shield=True):
                     reason = self._commit_reason(exc, timeout, pid=pid, since=since)
-                    record = await self._commit_failed(reason, pending, jobs)
+                    record = await self._commit_failed(
+                        reason, pending, jobs, keep_running=_stopped_from_outside(exc)
+                    )
                 if isinstance(exc, Exception):  # an interrupt (Ctrl-C) stays one
                     raise ForgeFailed(
                         f"commit stopped: {record.error}; {record.next_step}"
@@ -145,37 +153,31 @@ class CommitDriver(DriverBase):
         assert disk.overlay_node is not None
         conn = self.conn
         job_id = _job_id(disk)
-        await self._mark_merged(disk, saver)
         with conn.subscribe(
             "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == job_id
         ) as sub:
-            jobs.sent.add(disk.name)
-            try:
-                await conn.execute(
-                    "block-commit",
-                    {
-                        "job-id": job_id,
-                        "device": disk.overlay_node,
-                        "base-node": disk.device_node,
-                        "auto-dismiss": False,
-                    },
-                )
-            except QMPCommandError:
-                jobs.sent.discard(disk.name)  # refused: QEMU created no job
-                raise
-            jobs.accepted.add(disk.name)
+            left = await self._job_left_running(disk, job_id)
+            if left is None:
+                await self._start_commit_job(disk, job_id, saver, jobs)
+                status = "created"
+            else:
+                jobs.sent.add(disk.name)
+                jobs.accepted.add(disk.name)
+                status = left.status
             # Only now may the original receive data: the memory state is useless from here
             # (before, a job QEMU refuses leaves discard possible, with the memory).
             no_return.set()
-            self._crash_point("commit", "job-started")
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._report_job_progress, job_id, disk.name, report)
-                await sub.wait(
-                    lambda e: e["data"]["status"] in ("ready", "concluded"),
-                    DEFAULT_COMMIT_TIMEOUT * 24,  # bounded by the caller's deadline
-                    f"the commit of {disk.name} to be ready",
-                )
-                tg.cancel_scope.cancel()
+            meter = _ProgressMeter(disk.name, report)
+            if status not in _SETTLED:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._report_job_progress, job_id, meter)
+                    await sub.wait(
+                        lambda e: e["data"]["status"] in ("ready", "concluded"),
+                        DEFAULT_COMMIT_TIMEOUT * 24,  # bounded by the caller's deadline
+                        f"the commit of {disk.name} to be ready",
+                    )
+                    tg.cancel_scope.cancel()
+            await self._report_job_done(job_id, meter)
         self._crash_point("commit", "job-ready")
         pause_ms = await self._pivot(
             disk.name,
@@ -197,21 +199,75 @@ class CommitDriver(DriverBase):
         )
         report(ProgressEvent("commit", "disk-merged", {"disk": disk.name, "pause_ms": pause_ms}))
 
-    async def _report_job_progress(self, job_id: str, disk: str, report: ProgressCallback) -> None:
-        last: tuple[int, int] | None = None
+    async def _job_left_running(self, disk: DiskRecord, job_id: str) -> JobProgress | None:
+        """The job a stopped commit left running for ``disk`` (recorded in the record and still
+        in QEMU, not failed), which this commit waits for instead of starting a new one; None:
+        there is none, start one."""
+        if disk.commit_job != job_id:
+            return None
+        listed = await self.conn.execute("query-jobs")
+        job = next((j for j in listed if j["id"] == job_id), None)
+        if job is None:
+            return None
+        if job["status"] == "concluded" and job.get("error"):
+            await self._drop_job(job_id)  # it failed: a new job starts over from the overlay
+            return None
+        if job["status"] == "paused":
+            await self.conn.execute("job-resume", {"id": job_id})
+        progress = JobProgress.from_job(job)
+        log.info(
+            "commit: disk %s: reattaching to its commit job %s (%s, %s)",
+            disk.name,
+            job_id,
+            progress.status,
+            progress.describe(),
+        )
+        return progress
+
+    async def _start_commit_job(
+        self, disk: DiskRecord, job_id: str, saver: anyio.Lock, jobs: _JobsSent
+    ) -> None:
+        """Record ``disk``'s point of no return, then start its ``block-commit`` job."""
+        assert disk.overlay_node is not None
+        await self._mark_merged(disk, saver, job_id)
+        jobs.sent.add(disk.name)
+        try:
+            await self.conn.execute(
+                "block-commit",
+                {
+                    "job-id": job_id,
+                    "device": disk.overlay_node,
+                    "base-node": disk.device_node,
+                    "auto-dismiss": False,
+                },
+            )
+        except QMPCommandError:
+            jobs.sent.discard(disk.name)  # refused: QEMU created no job
+            raise
+        jobs.accepted.add(disk.name)
+        self._crash_point("commit", "job-started")
+
+    async def _report_job_progress(self, job_id: str, meter: _ProgressMeter) -> None:
+        """Report the job's bytes done/total and ETA every :data:`PROGRESS_INTERVAL` until
+        cancelled (once the job is ready)."""
         while True:
             jobs = await self.conn.execute("query-jobs")
             job = next((j for j in jobs if j["id"] == job_id), None)
             if job is not None:
-                now = (int(job["current-progress"]), int(job["total-progress"]))
-                if now != last:
-                    last = now
-                    report(
-                        ProgressEvent(
-                            "commit", "progress", {"disk": disk, "done": now[0], "total": now[1]}
-                        )
-                    )
+                meter.sample(JobProgress.from_job(job))
             await anyio.sleep(PROGRESS_INTERVAL)
+
+    async def _report_job_done(self, job_id: str, meter: _ProgressMeter) -> None:
+        """The final ``done == total`` progress of a job that is ready (or ended), also when it
+        got there between two polls or before the first (a small disk): a ``disk-merged`` event
+        alone says nothing of the bytes."""
+        jobs = await self.conn.execute("query-jobs")
+        job = next((j for j in jobs if j["id"] == job_id), None)
+        if job is None or job.get("error"):
+            return
+        progress = JobProgress.from_job(job)
+        total = max(progress.total, progress.done)
+        meter.sample(attrs.evolve(progress, done=total, total=total))
 
     def _commit_reason(
         self, cause: BaseException, timeout: float, *, pid: int | None, since: float
@@ -221,7 +277,12 @@ class CommitDriver(DriverBase):
         return self._failure_reason(cause, pid=pid, since=since)
 
     async def _commit_failed(
-        self, reason: str, started: Sequence[DiskRecord] = (), jobs: _JobsSent | None = None
+        self,
+        reason: str,
+        started: Sequence[DiskRecord] = (),
+        jobs: _JobsSent | None = None,
+        *,
+        keep_running: bool = False,
     ) -> SessionRecord:
         """Stop the jobs not past the point of no return; record per disk exactly what is merged.
 
@@ -229,15 +290,24 @@ class CommitDriver(DriverBase):
         which the record drops once a disk is back on its original). ``jobs``: whose commit job
         was sent and accepted; a disk marked at its point of no return whose job QEMU never
         created is unmarked, its original untouched (so discard stays possible if no disk's
-        original received data)."""
+        original received data). ``keep_running``: the commit was stopped from outside (its
+        deadline, a cancellation), not by a failure: the recorded jobs still copying are left
+        running in QEMU, so that the next commit continues them instead of starting over."""
         conn = self.conn
         existing: set[str] | None = None  # ids of the commit jobs QEMU has; None: unknown
+        running: dict[str, JobProgress] = {}  # disk name → its job, left running
+        recorded = {d.commit_job: d.name for d in self._current().disks if d.commit_job}
         with contextlib.suppress(Exception), anyio.fail_after(_UNDO_TIMEOUT):
             listed = await conn.execute("query-jobs")
             existing = {str(job["id"]) for job in listed}
             for job in listed:
-                if job["type"] == "commit" and job["id"].endswith("-commit"):
-                    await self._drop_job(job["id"])
+                if not (job["type"] == "commit" and job["id"].endswith("-commit")):
+                    continue
+                progress = JobProgress.from_job(job)
+                if keep_running and job["id"] in recorded and _still_copying(job):
+                    running[recorded[job["id"]]] = progress
+                    continue
+                await self._drop_job(job["id"])
         record = self.store.load()
         assert record is not None
         attached: dict[str, str] = {}
@@ -257,16 +327,32 @@ class CommitDriver(DriverBase):
                     and disk.overlay_node is not None
                     and _job_never_created(started_as, jobs, existing)
                 ):
-                    record = record.evolve_disk(disk.name, merged=False)
-        return self._save_commit_failure(record, reason)
+                    record = record.evolve_disk(disk.name, merged=False, commit_job=None)
+        for disk in record.disks:
+            if disk.commit_job is not None and disk.name not in running:
+                record = record.evolve_disk(disk.name, commit_job=None)  # no job left for it
+        return self._save_commit_failure(record, reason, running)
 
-    def _save_commit_failure(self, record: SessionRecord, reason: str) -> SessionRecord:
-        """Record a stopped commit as Failed, saying which disks are merged and which are not."""
+    def _save_commit_failure(
+        self,
+        record: SessionRecord,
+        reason: str,
+        running: Mapping[str, JobProgress] | None = None,
+    ) -> SessionRecord:
+        """Record a stopped commit as Failed, saying which disks are merged and which are not,
+        and how far the jobs left ``running`` in QEMU (disk name → job) got."""
+        running = running or {}
         done = [d.name for d in record.disks if d.merged and d.overlay_node is None]
         partly = [d.name for d in record.disks if d.merged and d.overlay_node is not None]
         untouched = [d.name for d in record.disks if not d.merged]
         if partly or untouched:
             next_step = "run 'forgeqmp commit' again to finish the disks still on overlays"
+            if running:
+                next_step = (
+                    f"the merge continues in QEMU ({_running_text(running)}): run 'forgeqmp "
+                    "commit' again to finish it from there ('forgeqmp status' shows how far it "
+                    "got)"
+                )
             if _NO_SPACE in reason:
                 next_step = (
                     "free space on the file system of the original image(s) (or grow it), then "
@@ -287,6 +373,8 @@ class CommitDriver(DriverBase):
             )
         if untouched:
             detail += f"; of those, not started (originals untouched): {', '.join(untouched)}"
+        if running:
+            detail += f"; still merging in QEMU: {_running_text(running)}"
         return self._save(
             record,
             state=State.FAILED,
@@ -304,11 +392,13 @@ class CommitDriver(DriverBase):
         self._crash_point("commit", "committing")
         return record
 
-    async def _mark_merged(self, disk: DiskRecord, saver: anyio.Lock) -> None:
+    async def _mark_merged(
+        self, disk: DiskRecord, saver: anyio.Lock, job_id: str | None = None
+    ) -> None:
         """The point of no return of ``disk``: recorded before its original receives any data
-        (from then on discard is refused)."""
+        (from then on discard is refused), with the id of the job about to be started."""
         async with saver:
-            self._save(self._current().evolve_disk(disk.name, merged=True))
+            self._save(self._current().evolve_disk(disk.name, merged=True, commit_job=job_id))
             self._crash_point("commit", "disk-marked")
 
     async def _commit_offline(
@@ -370,6 +460,55 @@ class CommitDriver(DriverBase):
         takes a while."""
         await event.wait()
         await anyio.to_thread.run_sync(self._remove_memory_file, record)
+
+
+@attrs.define
+class _ProgressMeter:
+    """One disk's progress reports: each new done/total once, with the ETA from the rate
+    measured since the first sample (:class:`~forgeqmp.core.progress.RateEstimate`)."""
+
+    disk: str
+    report: ProgressCallback
+    estimate: RateEstimate | None = None
+    last: tuple[int, int] | None = None
+
+    def sample(self, job: JobProgress) -> None:
+        now = time.monotonic()
+        if self.estimate is None:
+            self.estimate = RateEstimate(now, job.done)
+        if (job.done, job.total) == self.last:
+            return
+        self.last = (job.done, job.total)
+        detail = {"disk": self.disk, **self.estimate.detail(now, job.done, job.total)}
+        self.report(ProgressEvent("commit", "progress", detail))
+
+
+#: Job states past copying: the job waits for its completion (or ended); no event to wait for.
+_SETTLED = frozenset({"ready", "pending", "waiting", "aborting", "concluded"})
+
+
+def _left_running(record: SessionRecord) -> frozenset[str]:
+    """The ids of the commit jobs a stopped commit of ``record`` left running in QEMU."""
+    return frozenset(
+        d.commit_job for d in record.disks if d.commit_job is not None and d.overlay_node
+    )
+
+
+def _stopped_from_outside(exc: BaseException) -> bool:
+    """Whether a commit ended by ``exc`` was stopped (deadline, cancellation, interrupt) rather
+    than failed: then its running jobs are left to go on in QEMU."""
+    return isinstance(exc, TimeoutError | KeyboardInterrupt | anyio.get_cancelled_exc_class())
+
+
+def _still_copying(job: Mapping[str, Any]) -> bool:
+    """Whether a ``query-jobs`` entry is a job that goes on (or waits) without us."""
+    return job["status"] in ("created", "running", "paused", "ready", "standby") and not job.get(
+        "error"
+    )
+
+
+def _running_text(running: Mapping[str, JobProgress]) -> str:
+    return ", ".join(f"{name}: {job.describe()}" for name, job in sorted(running.items()))
 
 
 def _job_id(disk: DiskRecord) -> str:

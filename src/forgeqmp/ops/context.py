@@ -106,7 +106,9 @@ def _check_timeout(name: str, value: float) -> float:
 
 def _overlay_gone(record: SessionRecord, disk: str) -> SessionRecord:
     """The record with ``disk`` merged and its overlay removed (nothing left to commit)."""
-    return record.evolve_disk(disk, merged=True, overlay_node=None, overlay_file_node=None)
+    return record.evolve_disk(
+        disk, merged=True, overlay_node=None, overlay_file_node=None, commit_job=None
+    )
 
 
 def _log_tail(path: str, since: float, size: int = 1500) -> str | None:
@@ -203,8 +205,10 @@ class DriverBase:
 
     # --- prerequisites (each a typed error, nothing changed) -------------------------------------
 
-    async def _check_no_task(self) -> None:
-        jobs = await self.conn.execute("query-jobs")
+    async def _check_no_task(self, ours: frozenset[str] = frozenset()) -> None:
+        """Refuse while QEMU runs a block job or a migration; ``ours``: ids of jobs this
+        session left running (a commit stopped by its deadline), which are not in the way."""
+        jobs = [j for j in await self.conn.execute("query-jobs") if j["id"] not in ours]
         if jobs:
             names = ", ".join(f"{j['id']} ({j['type']}, {j['status']})" for j in jobs)
             raise TaskRunning(

@@ -228,7 +228,7 @@ async def _finish_job(instance: Instance, action: FinishJob) -> None:
     def update(current: SessionRecord) -> SessionRecord:
         if committing:
             return current.evolve_disk(
-                disk.name, merged=True, overlay_node=None, overlay_file_node=None
+                disk.name, merged=True, overlay_node=None, overlay_file_node=None, commit_job=None
             )
         return current.evolve_disk(disk.name, overlay_node=None, overlay_file_node=None)
 
