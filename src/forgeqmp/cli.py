@@ -618,12 +618,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "; the session record changed meanwhile, so this is reported as a failure: "
                 "'forgeqmp status' shows the state it left"
             )
-        return _report_error(args, out, exc, code, message)
+        return _report_error(args, out, exc, code, message, changed=changed)
     except KeyboardInterrupt:
-        return _interrupted(args, out)
+        return _interrupted(args, out, before)
     except (Exception, BaseExceptionGroup) as exc:
         if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaf_errors(exc)):
-            return _interrupted(args, out)
+            return _interrupted(args, out, before)
         # Not foreseen (a bug, or an error forgeqmp does not map): a failure with its cause,
         # recorded in the session if an operation was under way, never a traceback and exit 1.
         cause = describe_cause(exc)
@@ -633,7 +633,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if recorded
             else "; 'forgeqmp status' shows the state it left and what to do next"
         )
-        return _report_error(args, out, exc, EXIT_FAILED, message)
+        changed = _record_bytes(args) != before
+        return _report_error(args, out, exc, EXIT_FAILED, message, changed=changed)
 
 
 def _set_up_logging(args: argparse.Namespace) -> None:
@@ -650,7 +651,7 @@ def _set_up_logging(args: argparse.Namespace) -> None:
         logger.setLevel(level if name == "forgeqmp" or args.debug else logging.CRITICAL + 1)
 
 
-def _interrupted(args: argparse.Namespace, out: _Output) -> int:
+def _interrupted(args: argparse.Namespace, out: _Output, before: bytes | None) -> int:
     """Ctrl-C: the operation under way was undone or left as its record says; exit 130. The
     message sends the user to ``recover`` only when the record shows something to finish."""
     out.close()
@@ -669,6 +670,19 @@ def _interrupted(args: argparse.Namespace, out: _Output) -> int:
         advice = f"the session is {record.state.value}, as before; nothing is left to recover"
     else:
         advice = "nothing was left changed; nothing to recover"
+    if args.json:
+        out.final(
+            _error_object(
+                args,
+                record,
+                message=f"interrupted; {advice}",
+                kind="interrupted",
+                code=EXIT_INTERRUPTED,
+                next_step=advice,
+                changed=_record_bytes(args) != before,
+            ),
+            "",
+        )
     print(f"forgeqmp: interrupted; {advice}", file=sys.stderr)
     return EXIT_INTERRUPTED
 
@@ -682,24 +696,65 @@ def _record_bytes(args: argparse.Namespace) -> bytes | None:
 
 
 def _report_error(
-    args: argparse.Namespace, out: _Output, exc: BaseException, code: int, message: str
+    args: argparse.Namespace,
+    out: _Output,
+    exc: BaseException,
+    code: int,
+    message: str,
+    *,
+    changed: bool,
 ) -> int:
     """Print a failed or refused command's error (stderr) and, with --json, its final object:
-    the session's status (its own state) plus error, error_kind, exit_code and next_step."""
+    the session's status (its own state) plus error, error_kind, exit_code and next_step, and
+    which command failed and whether it changed the session record (``command``, ``changed``:
+    a refused command's ``state`` is the session's own, left as it was)."""
     out.close()
     print(f"forgeqmp: {message}", file=sys.stderr)
     if args.json:
-        try:
-            record = RecordStore(_state_dir(args)).load()
-        except ForgeError:
-            record = None
-        status = _status_of(record)
-        status["error"] = message
-        status["error_kind"] = error_kind(exc)
-        status["exit_code"] = code
-        status["next_step"] = _next_step(exc, code, record)
-        out.final(status, "")
+        record = _load_quietly(args)
+        out.final(
+            _error_object(
+                args,
+                record,
+                message=message,
+                kind=error_kind(exc),
+                code=code,
+                next_step=_next_step(exc, code, record),
+                changed=changed,
+            ),
+            "",
+        )
     return code
+
+
+def _load_quietly(args: argparse.Namespace) -> SessionRecord | None:
+    try:
+        return RecordStore(_state_dir(args)).load()
+    except ForgeError:
+        return None
+
+
+def _error_object(
+    args: argparse.Namespace,
+    record: SessionRecord | None,
+    *,
+    message: str,
+    kind: str,
+    code: int,
+    next_step: str,
+    changed: bool,
+) -> dict[str, Any]:
+    """The final ``--json`` object of a command that failed, was refused or was interrupted."""
+    status = _status_of(record)
+    status.update(
+        error=message,
+        error_kind=kind,
+        exit_code=code,
+        next_step=next_step,
+        command=args.command,
+        changed=changed,
+    )
+    return status
 
 
 def _next_step(exc: BaseException, code: int, record: SessionRecord | None) -> str:

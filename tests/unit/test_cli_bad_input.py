@@ -17,7 +17,6 @@ import socket
 import stat
 import threading
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import attrs
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from records import make_disk, make_record  # tests/unit is on sys.path
 
 from forgeqmp.adapters.qmp import DEFAULT_CONNECT_TIMEOUT
 from forgeqmp.adapters.statedir import InstanceLock, StateDir
@@ -33,9 +33,6 @@ from forgeqmp.core.guard import ALWAYS_ALLOWED, BLOCKED_OPERATIONS
 from forgeqmp.core.plans.enable import Strategy
 from forgeqmp.core.record import (
     RECORD_FILE,
-    DiskRecord,
-    MemoryRecord,
-    QemuRecord,
     RecordStore,
     SessionRecord,
 )
@@ -48,8 +45,6 @@ REFUSALS = {2, 3, 5}
 STATUS_KEYS = {"state", "activated_at", "disks", "memory_file", "memory_restored", "error"}
 COMMANDS = ("enable", "status", "commit", "discard", "recover", "check")
 OPERATIONS = tuple(op.value for op in (*BLOCKED_OPERATIONS, *ALWAYS_ALLOWED))
-#: A pid no process can have (above the kernel's largest pid_max), so "QEMU" is never alive.
-DEAD_PID = 2**22 + 1
 #: hypothesis and pytest's function-scoped fixtures: the tree is meant to survive every example.
 SHARED_TREE = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 
@@ -64,55 +59,15 @@ class Tree:
         return ["--qmp", self.socket, "--state-dir", str(self.state), *extra]
 
 
-def make_record(root: Path, state_dir: Path, **changes: Any) -> SessionRecord:
-    """A session record whose files are all inside ``root`` and whose QEMU is a program that does
-    not exist, so nothing a test runs can ever start a real process or touch a real file."""
-    t0 = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
-    values: dict[str, Any] = {
-        "session_id": "3f2a9c1e-4b7d-4e8a-9c3b-2d1e0f9a8b7c",
-        "state": State.DISCARDED,
-        "step": "discarded",
-        "strategy": "precopy",
-        "created_at": t0,
-        "activated_at": t0 + timedelta(seconds=1),
-        "updated_at": t0 + timedelta(seconds=9),
-        "finished_at": t0 + timedelta(seconds=9),
-        "disks": (
-            DiskRecord(
-                name="disk0",
-                qdev="/machine/peripheral/disk0/virtio-backend",
-                device_node="disk0-fmt",
-                base_file=str(root / "images" / "disk0.qcow2"),
-                base_format="qcow2",
-                virtual_size=32 << 20,
-                overlay_file=str(root / "images" / "disk0.forge-3f2a9c1e.qcow2"),
-                overlay_node="forge-3f2a9c1e-disk0-fmt",
-                overlay_file_node="forge-3f2a9c1e-disk0-file",
-            ),
-        ),
-        "unforged_disks": (),
-        "memory": MemoryRecord(
-            path=str(state_dir / "memory-3f2a9c1e-4b7d-4e8a-9c3b-2d1e0f9a8b7c.bin"),
-            size=4096,
-            sha256="ab" * 32,
-            transport="fdset-file",
-            capabilities=("pause-before-switchover",),
-        ),
-        "qemu": QemuRecord(
-            pid=DEAD_PID,
-            argv=(str(root / "no-such-qemu"), "-m", "128"),
-            cwd=str(root),
-            env={"PATH": "/nonexistent"},
-            version="10.0.2",
-            machine="pc-q35-10.0",
-            qmp_socket=str(root / "qmp.sock"),
-        ),
-        "pause_ms": 12.5,
-        "memory_restored": True,
-        "resume_seconds": 1.5,
-    }
+def tree_record(root: Path, state: State = State.DISCARDED, **changes: Any) -> SessionRecord:
+    """A session record (finished, by default) whose files are all inside ``root`` and whose QEMU
+    is a program that does not exist, so nothing a test runs can ever start a real process or
+    touch a real file."""
+    values: dict[str, Any] = {"disks": (make_disk(root=root / "images"),)}
+    if state is State.DISCARDED:
+        values.update(pause_ms=12.5, memory_restored=True, resume_seconds=1.5)
     values.update(changes)
-    return SessionRecord(**values)
+    return make_record(state, root=root, **values)
 
 
 @pytest.fixture
@@ -124,7 +79,7 @@ def tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Tree:
     state = root / "state"
     with InstanceLock(StateDir(state)):
         pass
-    RecordStore(StateDir(state)).save(make_record(root, state))
+    RecordStore(StateDir(state)).save(tree_record(root))
     monkeypatch.chdir(root / "cwd")
     monkeypatch.setenv("FORGEQMP_STATE_HOME", str(root / "home"))
     monkeypatch.delenv("FORGEQMP_QMP", raising=False)
@@ -483,15 +438,7 @@ def test_damaged_records_are_record_errors_and_stay_as_they_are(
     tree: Tree, capsys: pytest.CaptureFixture[str], data: st.DataObject
 ) -> None:
     store = RecordStore(StateDir(tree.state))
-    active = make_record(
-        tree.root,
-        tree.state,
-        state=State.ACTIVE,
-        step="active",
-        finished_at=None,
-        memory_restored=None,
-        resume_seconds=None,
-    )
+    active = tree_record(tree.root, State.ACTIVE)
     good = data.draw(st.sampled_from([active, store.load()]), label="record").to_json()
     damaged = data.draw(damaged_records(good), label="damaged")
     try:

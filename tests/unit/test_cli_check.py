@@ -7,21 +7,18 @@ from __future__ import annotations
 import json
 import logging
 import shlex
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import attrs
 import pytest
+from records import SID, make_record  # tests/unit is on sys.path
 
 from forgeqmp.adapters.statedir import StateDir, default_state_dir
 from forgeqmp.cli import main
 from forgeqmp.core.guard import missing_overlays
-from forgeqmp.core.record import DiskRecord, MemoryRecord, QemuRecord, RecordStore, SessionRecord
+from forgeqmp.core.record import RecordStore, SessionRecord
 from forgeqmp.core.states import State
 
-SID = "5b1d0c2e-8f3a-4c6d-9e7b-1a2b3c4d5e6f"
-T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 BLOCKED = [
     "reinstall",
     "resize",
@@ -40,43 +37,6 @@ BLOCKED = [
 ]
 ALLOWED = ["start", "stop", "restart", "kill", "console"]
 STATUS_KEYS = {"state", "activated_at", "disks", "memory_file", "memory_restored", "error"}
-
-
-def make_record(state: State, **changes: Any) -> SessionRecord:
-    values: dict[str, Any] = {
-        "session_id": SID,
-        "state": state,
-        "step": state.value,
-        "strategy": "precopy",
-        "created_at": T0,
-        "activated_at": T0 + timedelta(seconds=1),
-        "updated_at": T0 + timedelta(seconds=2),
-        "disks": (
-            DiskRecord(
-                name="disk0",
-                qdev="/machine/peripheral/disk0/virtio-backend",
-                device_node="disk0-fmt",
-                base_file="/vm/disk0.qcow2",
-                base_format="qcow2",
-                virtual_size=64 << 20,
-                overlay_file="/vm/disk0.fq.qcow2",
-                overlay_node="fq-0-fmt",
-                overlay_file_node="fq-0-file",
-            ),
-        ),
-        "memory": MemoryRecord(path="/state/memory.bin", transport="fd"),
-        "qemu": QemuRecord(
-            pid=4242,
-            argv=("qemu-system-x86_64",),
-            cwd="/vm",
-            env={},
-            version="10.0.2",
-            machine="pc-q35-10.0",
-            qmp_socket="/vm/qmp.sock",
-        ),
-    }
-    values.update(changes)
-    return SessionRecord(**values)
 
 
 RECORDS: dict[str, tuple[SessionRecord | None, bool]] = {
@@ -284,7 +244,7 @@ def test_status_text_shows_state_activation_and_disks(
     assert "\x1b[" not in out  # not a terminal: no colour codes
     assert "  activated: 2024-05-01T12:00:01+00:00 (active for " in out
     assert "    disk0: base /vm/disk0.qcow2" in lines
-    assert "           overlay /vm/disk0.fq.qcow2" in lines
+    assert "           overlay /vm/disk0.qcow2.forge-3f2a9c1e.qcow2" in lines
 
 
 def test_status_without_a_session_or_a_qemu_is_unreachable(

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cli_check import make_record  # tests/unit is on sys.path (no package)
+from records import make_record  # tests/unit is on sys.path (no package)
 
 import forgeqmp.errors as errors
 from forgeqmp import cli
@@ -261,3 +261,78 @@ def test_a_refusal_that_changed_the_record_is_a_failure(
     code = cli.main(["--qmp", str(tmp_path / "q.sock"), "--state-dir", str(state), "commit"])
     assert code == 4
     assert "the session record changed meanwhile" in capsys.readouterr().err
+
+
+def _json_final(out: str) -> dict[str, Any]:
+    final = json.loads(out.splitlines()[-1])
+    assert isinstance(final, dict)
+    return final
+
+
+def test_a_refused_command_says_it_changed_nothing_and_keeps_the_old_sessions_state(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An enable refused (unknown disk) after an older, discarded session: the object's `state` is
+    that session's own, and `command`/`changed` say the refusal did nothing to it."""
+    state = tmp_path / "state"
+    StateDir(state).ensure()
+    RecordStore(StateDir(state)).save(make_record(State.DISCARDED))
+    saved = (state / "session.json").read_bytes()
+
+    def refuses(*_args: Any) -> None:
+        raise errors.UnknownDisk("vdz", ["vda"])
+
+    monkeypatch.setattr(cli.anyio, "run", refuses)
+    code = cli.main(["--qmp", str(tmp_path / "q.sock"), "--state-dir", str(state), "--json",
+                     "enable", "--disk", "vdz"])  # fmt: skip
+    final = _json_final(capsys.readouterr().out)
+    assert code == 2
+    assert (final["state"], final["command"], final["changed"]) == ("discarded", "enable", False)
+    assert (final["error_kind"], final["exit_code"]) == ("unknown-disk", 2)
+    assert (state / "session.json").read_bytes() == saved
+
+
+def test_a_failure_that_changed_the_record_says_so_in_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "state"
+    StateDir(state).ensure()
+    store = RecordStore(StateDir(state))
+    store.save(make_record(State.ACTIVE))
+
+    def fails(*_args: Any) -> None:
+        store.save(make_record(State.FAILED))
+        raise errors.ForgeFailed("commit stopped")
+
+    monkeypatch.setattr(cli.anyio, "run", fails)
+    code = cli.main(["--qmp", str(tmp_path / "q.sock"), "--state-dir", str(state), "--json",
+                     "commit"])  # fmt: skip
+    final = _json_final(capsys.readouterr().out)
+    assert code == 4
+    assert (final["state"], final["command"], final["changed"]) == ("failed", "commit", True)
+    assert final["error_kind"] == "forge-failed"
+
+
+def test_an_interrupt_with_json_ends_with_a_final_object(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "state"
+    StateDir(state).ensure()
+    RecordStore(StateDir(state)).save(make_record(State.COMMITTING))
+
+    def interrupted(*_args: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.anyio, "run", interrupted)
+    code = cli.main(["--qmp", str(tmp_path / "q.sock"), "--state-dir", str(state), "--json",
+                     "commit"])  # fmt: skip
+    final = _json_final(capsys.readouterr().out)
+    assert code == 130
+    assert (final["error_kind"], final["exit_code"], final["command"]) == (
+        "interrupted",
+        130,
+        "commit",
+    )
+    assert final["state"] == "committing"
+    assert final["changed"] is False
+    assert "'forgeqmp recover' finishes it" in final["next_step"]

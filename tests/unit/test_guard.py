@@ -4,15 +4,15 @@ command, HMP and transactions, the record-only check, and the docs page generate
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from fakeqmp import FakeQMP  # tests/unit is on sys.path
 from hypothesis import given
 from hypothesis import strategies as st
+from records import SID, make_record  # tests/unit is on sys.path
 
 from forgeqmp.adapters.statedir import InstanceLock, StateDir
 from forgeqmp.core import guard
@@ -25,14 +25,12 @@ from forgeqmp.core.guard import (
     parse_operation,
     render_markdown,
 )
-from forgeqmp.core.record import DiskRecord, MemoryRecord, QemuRecord, RecordStore, SessionRecord
+from forgeqmp.core.record import RecordStore, SessionRecord
 from forgeqmp.core.states import Failure, SessionStatus, State
 from forgeqmp.errors import InstanceLocked, InvalidArgument, OperationBlocked, RecordError
 from forgeqmp.forge import Instance
 
 ROOT = Path(__file__).resolve().parents[2]
-SID = "3f2a9c1e-4b7d-4e8a-9c3b-2d1e0f9a8b7c"
-T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 # The contract (shared/design/cli-contract.md), written out independently of the code.
 CONTRACT_BLOCKED = [
@@ -52,43 +50,6 @@ CONTRACT_BLOCKED = [
     "destroy",
 ]
 CONTRACT_ALLOWED = ["start", "stop", "restart", "kill", "console"]
-
-
-def make_record(state: State = State.ACTIVE, **changes: Any) -> SessionRecord:
-    values: dict[str, Any] = {
-        "session_id": SID,
-        "state": state,
-        "step": "active",
-        "strategy": "precopy",
-        "created_at": T0,
-        "activated_at": T0 + timedelta(seconds=1),
-        "updated_at": T0 + timedelta(seconds=2),
-        "disks": (
-            DiskRecord(
-                name="disk0",
-                qdev="/machine/peripheral/disk0/virtio-backend",
-                device_node="disk0-fmt",
-                base_file="/vm/disk0.qcow2",
-                base_format="qcow2",
-                virtual_size=64 << 20,
-                overlay_file="/vm/disk0.fq1.qcow2",
-                overlay_node="fq1-0-fmt",
-                overlay_file_node="fq1-0-file",
-            ),
-        ),
-        "memory": MemoryRecord(path="/state/memory-1.bin", transport="fd"),
-        "qemu": QemuRecord(
-            pid=4242,
-            argv=("qemu-system-x86_64", "-m", "256"),
-            cwd="/vm",
-            env={},
-            version="10.0.2",
-            machine="pc-q35-10.0",
-            qmp_socket="/vm/qmp.sock",
-        ),
-    }
-    values.update(changes)
-    return SessionRecord(**values)
 
 
 def failed(*, rolled_back: bool, phase: State = State.CREATING) -> SessionRecord:
@@ -274,12 +235,12 @@ JOBS = {"creating", "committing"}
 #: whatever they are, the subjects in which it is refused). Every command of the mapping is here.
 EXAMPLES: dict[str, tuple[dict[str, Any], dict[str, Any] | None, set[str]]] = {
     "block_resize": (
-        {"node-name": "fq1-0-fmt", "size": 1},
+        {"node-name": "fq3f2a9c1e-0-fmt", "size": 1},
         {"node-name": "other", "size": 1},
         UNFINISHED,
     ),
     "block-resize": ({"device": "disk0", "size": 1}, {"device": "other", "size": 1}, UNFINISHED),
-    "blockdev-del": ({"node-name": "fq1-0-file"}, {"node-name": "scratch-fmt"}, UNFINISHED),
+    "blockdev-del": ({"node-name": "fq3f2a9c1e-0-file"}, {"node-name": "scratch-fmt"}, UNFINISHED),
     "device_del": ({"id": "disk0"}, {"id": "nic0"}, UNFINISHED),
     "device_add": (
         {"driver": "virtio-blk-pci", "drive": "new-fmt", "id": "d9"},
@@ -292,7 +253,7 @@ EXAMPLES: dict[str, tuple[dict[str, Any], dict[str, Any] | None, set[str]]] = {
         UNFINISHED,
     ),
     "blockdev-reopen": (
-        {"options": [{"driver": "qcow2", "node-name": "fq1-0-fmt", "backing": None}]},
+        {"options": [{"driver": "qcow2", "node-name": "fq3f2a9c1e-0-fmt", "backing": None}]},
         {"options": [{"driver": "qcow2", "node-name": "other"}]},
         UNFINISHED,
     ),
@@ -303,7 +264,7 @@ EXAMPLES: dict[str, tuple[dict[str, Any], dict[str, Any] | None, set[str]]] = {
         UNFINISHED,
     ),
     "blockdev-create": (
-        {"job-id": "j", "options": {"driver": "qcow2", "file": "fq1-0-file", "size": 1}},
+        {"job-id": "j", "options": {"driver": "qcow2", "file": "fq3f2a9c1e-0-file", "size": 1}},
         {"job-id": "j", "options": {"driver": "qcow2", "file": "new-file", "size": 1}},
         UNFINISHED,
     ),
@@ -318,7 +279,7 @@ EXAMPLES: dict[str, tuple[dict[str, Any], dict[str, Any] | None, set[str]]] = {
         UNFINISHED,
     ),
     "x-blockdev-amend": (
-        {"job-id": "j", "node-name": "fq1-0-fmt", "options": {}},
+        {"job-id": "j", "node-name": "fq3f2a9c1e-0-fmt", "options": {}},
         {"job-id": "j", "node-name": "x", "options": {}},
         UNFINISHED,
     ),
@@ -328,7 +289,7 @@ EXAMPLES: dict[str, tuple[dict[str, Any], dict[str, Any] | None, set[str]]] = {
         UNFINISHED,
     ),
     "blockdev-snapshot": (
-        {"node": "fq1-0-fmt", "overlay": "new"},
+        {"node": "fq3f2a9c1e-0-fmt", "overlay": "new"},
         {"node": "scratch-fmt", "overlay": "new"},
         UNFINISHED,
     ),
@@ -358,13 +319,13 @@ EXAMPLES: dict[str, tuple[dict[str, Any], dict[str, Any] | None, set[str]]] = {
         UNFINISHED,
     ),
     "blockdev-mirror": (
-        {"device": "x", "target": "t", "replaces": "fq1-0-fmt", "sync": "full"},
+        {"device": "x", "target": "t", "replaces": "fq3f2a9c1e-0-fmt", "sync": "full"},
         {"device": "x", "target": "t", "sync": "full"},
         UNFINISHED,
     ),
-    "block-stream": ({"device": "fq1-0-fmt"}, {"device": "scratch-fmt"}, UNFINISHED),
+    "block-stream": ({"device": "fq3f2a9c1e-0-fmt"}, {"device": "scratch-fmt"}, UNFINISHED),
     "block-commit": (
-        {"device": "x", "top-node": "fq1-0-fmt", "base-node": "disk0-fmt"},
+        {"device": "x", "top-node": "fq3f2a9c1e-0-fmt", "base-node": "disk0-fmt"},
         {"device": "scratch-fmt"},
         UNFINISHED,
     ),
@@ -375,11 +336,11 @@ EXAMPLES: dict[str, tuple[dict[str, Any], dict[str, Any] | None, set[str]]] = {
     ),
     "nbd-server-add": ({"device": "disk0"}, {"device": "cd0"}, UNFINISHED),
     **{
-        command: ({"id": "fq1-0-commit"}, {"id": "backup-job"}, JOBS)
+        command: ({"id": "fq3f2a9c1e-0-commit"}, {"id": "backup-job"}, JOBS)
         for command in ("job-cancel", "job-complete", "job-finalize", "job-dismiss", "job-pause")
     },
     **{
-        command: ({"device": "fq1-0-create"}, {"device": "backup-job"}, JOBS)
+        command: ({"device": "fq3f2a9c1e-0-create"}, {"device": "backup-job"}, JOBS)
         for command in (
             "block-job-cancel",
             "block-job-complete",
@@ -469,15 +430,23 @@ def test_each_mapped_command_in_each_state(command: str, subject: str) -> None:
 @pytest.mark.parametrize(
     ("command", "arguments", "named"),
     [
-        ("block_resize", {"node-name": "fq1-0-fmt", "size": 1}, "disk 'disk0''s overlay node"),
+        (
+            "block_resize",
+            {"node-name": "fq3f2a9c1e-0-fmt", "size": 1},
+            "disk 'disk0''s overlay node",
+        ),
         ("block_resize", {"node-name": "disk0-fmt", "size": 1}, "original node 'disk0-fmt'"),
-        ("blockdev-del", {"node-name": "fq1-0-file"}, "overlay file node"),
+        ("blockdev-del", {"node-name": "fq3f2a9c1e-0-file"}, "overlay file node"),
         ("device_del", {"id": "disk0"}, "disk 'disk0''s device"),
         ("device_del", {"id": "/machine/peripheral/disk0"}, "device /machine/peripheral/disk0"),
-        ("drive-backup", {"device": "x", "target": "/vm/disk0.fq1.qcow2"}, "overlay /vm/"),
+        (
+            "drive-backup",
+            {"device": "x", "target": "/vm/disk0.qcow2.forge-3f2a9c1e.qcow2"},
+            "overlay /vm/",
+        ),
         ("drive-mirror", {"device": "x", "target": "file:/vm/./disk0.qcow2"}, "original image"),
-        ("blockdev-add", {"driver": "file", "filename": "/state/memory-1.bin"}, "memory file"),
-        ("job-cancel", {"id": "fq1-0-commit"}, "forgeqmp's job for disk 'disk0'"),
+        ("blockdev-add", {"driver": "file", "filename": f"/state/memory-{SID}.bin"}, "memory file"),
+        ("job-cancel", {"id": "fq3f2a9c1e-0-commit"}, "forgeqmp's job for disk 'disk0'"),
     ],
 )
 def test_the_refusal_says_what_was_named(
@@ -502,7 +471,7 @@ def test_nodes_the_record_does_not_name_are_found_by_their_file() -> None:
     check_qmp_command(record, "block_resize", resize)  # unknown without the graph
     graph = [
         {"node-name": "disk0-file", "file": "/vm/disk0.qcow2", "drv": "file"},
-        {"node-name": "#block123", "file": "/vm//disk0.fq1.qcow2", "drv": "file"},
+        {"node-name": "#block123", "file": "/vm//disk0.qcow2.forge-3f2a9c1e.qcow2", "drv": "file"},
         {"node-name": "scratch-file", "file": "/vm/scratch.raw", "drv": "file"},
     ]
     with pytest.raises(OperationBlocked, match="node 'disk0-file' of disk 'disk0''s original"):
@@ -526,7 +495,7 @@ def test_a_transaction_is_checked_action_by_action() -> None:
     record = SUBJECTS["active"][0]
     safe = {"type": "block-dirty-bitmap-add", "data": {"node": "disk0-fmt", "name": "b"}}
     other = {"type": "blockdev-snapshot-sync", "data": {"device": "scratch", "snapshot-file": "/s"}}
-    bad = {"type": "blockdev-snapshot", "data": {"node": "fq1-0-fmt", "overlay": "o"}}
+    bad = {"type": "blockdev-snapshot", "data": {"node": "fq3f2a9c1e-0-fmt", "overlay": "o"}}
     assert not may_refuse("transaction", {"actions": [safe]})
     assert may_refuse("transaction", {"actions": [safe, other]})
     check_qmp_command(record, "transaction", {"actions": [safe, other]})
@@ -544,7 +513,7 @@ def test_a_transaction_is_checked_action_by_action() -> None:
         ("migrate -d tcp:10.0.0.2:4444", True),
         ("block_resize disk0 20G", True),
         ("block_resize scratch 20G", False),
-        ("drive_del fq1-0-fmt", True),
+        ("drive_del fq3f2a9c1e-0-fmt", True),
         ("commit all", True),
         ("commit disk0", True),
         ("commit scratch", False),
@@ -621,36 +590,23 @@ def test_any_arguments_are_checked_without_crashing(
 # --- the Instance methods, on a stand-in QMP connection ------------------------------------------
 
 
-class FakeConn:
-    """Records the commands sent; answers query-named-block-nodes with the graph."""
-
-    connected = True
-    socket_path = "/vm/qmp.sock"
-
-    def __init__(self, graph: list[dict[str, Any]] | None = None) -> None:
-        self.sent: list[tuple[str, Mapping[str, Any] | None]] = []
-        self.graph = graph or [{"node-name": "disk0-file", "file": "/vm/disk0.qcow2"}]
-
-    async def execute(
-        self,
-        command: str,
-        arguments: Mapping[str, Any] | None = None,
-        *,
-        timeout: float | None = None,
-    ) -> Any:
-        self.sent.append((command, arguments))
-        if command == "query-named-block-nodes":
-            return self.graph
-        return {}
+def fake_conn(graph: list[dict[str, Any]] | None = None) -> FakeQMP:
+    """QEMU answering query-named-block-nodes with the graph, anything else with {}."""
+    graph = graph or [{"node-name": "disk0-file", "file": "/vm/disk0.qcow2"}]
+    return FakeQMP({"query-named-block-nodes": graph}, strict=False)
 
 
-def instance(tmp_path: Path, record: SessionRecord | None) -> tuple[Instance, FakeConn]:
+def sent(conn: FakeQMP) -> list[tuple[str, dict[str, Any] | None]]:
+    return [(s.command, s.arguments) for s in conn.log]
+
+
+def instance(tmp_path: Path, record: SessionRecord | None) -> tuple[Instance, FakeQMP]:
     state = StateDir(tmp_path / "state")
     state.ensure()
     if record is not None:
         RecordStore(state).save(record)
-    conn = FakeConn()
-    return Instance(conn, state), conn  # type: ignore[arg-type]
+    conn = fake_conn()
+    return Instance(conn.as_connection(), state), conn
 
 
 def test_instance_check_reads_the_record(tmp_path: Path) -> None:
@@ -660,7 +616,7 @@ def test_instance_check_reads_the_record(tmp_path: Path) -> None:
         vm.check(Operation.DESTROY)
     with pytest.raises(InvalidArgument):
         vm.check("explode")
-    assert conn.sent == []  # QEMU is never asked
+    assert sent(conn) == []  # QEMU is never asked
 
 
 def test_execute_guarded_refuses_before_sending(tmp_path: Path) -> None:
@@ -673,7 +629,7 @@ def test_execute_guarded_refuses_before_sending(tmp_path: Path) -> None:
         await vm.execute_guarded("block_resize", {"node-name": "scratch-fmt", "size": 1})
 
     anyio.run(main, backend="asyncio")
-    assert [c for c, _ in conn.sent] == [
+    assert [c for c, _ in sent(conn)] == [
         "query-named-block-nodes",
         "query-status",
         "query-named-block-nodes",
@@ -685,22 +641,22 @@ def test_execute_guarded_without_a_session_sends_everything(tmp_path: Path) -> N
     vm, conn = instance(tmp_path, None)
     anyio.run(vm.execute_guarded, "device_del", {"id": "disk0"}, backend="asyncio")
     # The block graph is asked whether a session of another state dir is active.
-    assert conn.sent == [("query-named-block-nodes", None), ("device_del", {"id": "disk0"})]
+    assert sent(conn) == [("query-named-block-nodes", None), ("device_del", {"id": "disk0"})]
 
 
 def test_execute_guarded_refuses_for_a_session_only_qemu_shows(tmp_path: Path) -> None:
     vm, _ = instance(tmp_path, None)
-    conn = FakeConn([
+    conn = fake_conn([
         {"node-name": "disk0-fmt", "file": "/vm/disk0.qcow2"},
         {"node-name": "fq0123abcd-0-fmt", "file": "/vm/disk0.qcow2.forge-0123abcd.qcow2"},
     ])  # fmt: skip
-    vm = Instance(conn, vm.state_dir)  # type: ignore[arg-type]
+    vm = Instance(conn.as_connection(), vm.state_dir)
     with pytest.raises(OperationBlocked, match="0123abcd"):
         anyio.run(vm.execute_guarded, "device_del", {"id": "disk0"}, backend="asyncio")
     with pytest.raises(OperationBlocked, match="0123abcd"):
         anyio.run(vm.check_with_qemu, "backup", backend="asyncio")
     assert anyio.run(vm.check_with_qemu, "restart", backend="asyncio") is None
-    assert [c for c, _ in conn.sent] == ["query-named-block-nodes"] * 2
+    assert [c for c, _ in sent(conn)] == ["query-named-block-nodes"] * 2
 
 
 def test_execute_guarded_while_a_forge_operation_holds_the_lock(tmp_path: Path) -> None:
@@ -716,7 +672,7 @@ def test_execute_guarded_while_a_forge_operation_holds_the_lock(tmp_path: Path) 
         await vm.execute_guarded("migrate-set-parameters", {"downtime-limit": 300})
 
     anyio.run(main, backend="asyncio")
-    assert [c for c, _ in conn.sent if not c.startswith("query")] == [
+    assert [c for c, _ in sent(conn) if not c.startswith("query")] == [
         "cont",
         "migrate-set-parameters",
     ]
@@ -732,7 +688,7 @@ def test_execute_guarded_with_an_unreadable_record(tmp_path: Path) -> None:
         await vm.execute_guarded("system_reset")
 
     anyio.run(main, backend="asyncio")
-    assert [c for c, _ in conn.sent] == ["system_reset"]
+    assert [c for c, _ in sent(conn)] == ["system_reset"]
 
 
 # --- the docs ------------------------------------------------------------------------------------

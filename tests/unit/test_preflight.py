@@ -7,12 +7,12 @@ import gzip
 import json
 import os
 import socket
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
+from records import make_record  # tests/unit is on sys.path
 
 from forgeqmp.adapters.livestatus import LiveStatus, OverlayUsage, advice, observe
 from forgeqmp.core.disks import Selection, disks_from_query, select_disks
@@ -29,7 +29,7 @@ from forgeqmp.core.preflight import (
     migration_blockers,
     space_needs,
 )
-from forgeqmp.core.record import DiskRecord, MemoryRecord, QemuRecord, SessionRecord
+from forgeqmp.core.record import SessionRecord
 from forgeqmp.core.states import State
 from forgeqmp.errors import InsufficientSpace, MigrationBlocked, PrerequisiteError
 
@@ -52,49 +52,6 @@ def features(version: str) -> Features:
 def selection(version: str, **kw: Any) -> Selection:
     data = load(f"qemu-{version}-blockinfo.json.gz")
     return select_disks(disks_from_query(data["query-block"]), **kw)
-
-
-def make_record(root: Path) -> SessionRecord:
-    """An Active session of one disk whose overlay is in ``root/overlays``."""
-    t0 = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
-    return SessionRecord(
-        session_id="3f2a9c1e-4b7d-4e8a-9c3b-2d1e0f9a8b7c",
-        state=State.ACTIVE,
-        step="active",
-        strategy="precopy",
-        created_at=t0,
-        activated_at=t0,
-        updated_at=t0,
-        disks=(
-            DiskRecord(
-                name="disk0",
-                qdev="/machine/peripheral/disk0/virtio-backend",
-                device_node="disk0-fmt",
-                base_file=str(root / "images" / "disk0.qcow2"),
-                base_format="qcow2",
-                virtual_size=32 << 20,
-                overlay_file=str(root / "overlays" / "disk0.forge-3f2a9c1e.qcow2"),
-                overlay_node="fq3f2a9c1e-0-fmt",
-                overlay_file_node="fq3f2a9c1e-0-file",
-            ),
-        ),
-        memory=MemoryRecord(
-            path=str(root / "state" / "memory-3f2a9c1e.bin"),
-            size=4096,
-            sha256="ab" * 32,
-            transport="fdset-file",
-            capabilities=("pause-before-switchover",),
-        ),
-        qemu=QemuRecord(
-            pid=1 << 22,
-            argv=(str(root / "no-such-qemu"), "-m", "128"),
-            cwd=str(root),
-            env={},
-            version="10.0.2",
-            machine="pc-q35-10.0",
-            qmp_socket=str(root / "qmp.sock"),
-        ),
-    )
 
 
 def test_refusals_are_prerequisite_errors_with_exit_3() -> None:
@@ -199,7 +156,8 @@ def test_both_recorded_qemus_report_blocked_reasons(version: str) -> None:
 
 
 def _active(tmp_path: Path) -> SessionRecord:
-    return make_record(tmp_path)
+    """An Active session of one disk whose files are in ``tmp_path``."""
+    return make_record(State.ACTIVE, root=tmp_path)
 
 
 def test_io_error_on_a_full_overlay_says_discard_or_free_space_and_cont(tmp_path: Path) -> None:

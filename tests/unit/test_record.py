@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import stat
@@ -13,6 +14,10 @@ import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from records import make_disk as shared_disk  # tests/unit is on sys.path
+from records import make_memory as shared_memory
+from records import make_qemu as shared_qemu
+from records import make_record as shared_record
 
 from forgeqmp.adapters.statedir import StateDir
 from forgeqmp.core.record import (
@@ -36,65 +41,49 @@ T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
 SHA = "ab" * 32
 
 
-def make_disk(**changes: Any) -> DiskRecord:
-    values: dict[str, Any] = {
-        "name": "disk0",
-        "qdev": "/machine/peripheral/disk0/virtio-backend",
-        "device_node": "#block172",
-        "base_file": "/var/lib/vms/web1.qcow2",
-        "base_format": "qcow2",
-        "virtual_size": 10 * 2**30,
-        "overlay_file": "/var/lib/vms/web1.forge-1.qcow2",
-        "overlay_node": "forge-ov-disk0",
-        "overlay_file_node": "forge-ovf-disk0",
-        "merged": False,
-    }
-    values.update(changes)
-    return DiskRecord(**values)
-
-
-def make_qemu(**changes: Any) -> QemuRecord:
-    values: dict[str, Any] = {
-        "pid": 4242,
-        "argv": ("qemu-system-x86_64", "-machine", "pc-q35-7.2", "-m", "2048"),
-        "cwd": "/var/lib/vms",
-        "env": {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-        "version": "7.2.11",
-        "machine": "pc-q35-7.2",
-        "qmp_socket": "/run/vms/web1/qmp.sock",
-    }
-    values.update(changes)
-    return QemuRecord(**values)
-
-
-def make_record(**changes: Any) -> SessionRecord:
-    values: dict[str, Any] = {
-        "session_id": "3f2a9c1e-4b7d-4e8a-9c3b-2d1e0f9a8b7c",
-        "state": State.ACTIVE,
-        "step": "snapshot-transaction-done",
-        "strategy": "fd",
-        "created_at": T0,
-        "activated_at": T0 + timedelta(seconds=1),
-        "updated_at": T0 + timedelta(seconds=2),
-        "finished_at": None,
-        "disks": (make_disk(),),
-        "unforged_disks": ("scratch",),
-        "memory": MemoryRecord(
-            path="/home/u/.local/state/forgeqmp/web1/memory-1.bin",
-            size=123456789,
-            sha256=SHA,
-            transport="fd",
-            capabilities=("pause-before-switchover",),
-        ),
-        "qemu": make_qemu(),
-        "pause_ms": 12.5,
-        "memory_restored": None,
-        "error": None,
-        "next_step": None,
-        "warnings": ("disk 'scratch' is not in the forge",),
-    }
-    values.update(changes)
-    return SessionRecord(**values)
+# The values these tests pin, over the shared factory's: a realistic VM (a node name QEMU
+# generated, an fd transport, an unforged disk and its warning).
+make_disk = functools.partial(
+    shared_disk,
+    device_node="#block172",
+    base_file="/var/lib/vms/web1.qcow2",
+    virtual_size=10 * 2**30,
+    overlay_file="/var/lib/vms/web1.forge-1.qcow2",
+    overlay_node="forge-ov-disk0",
+    overlay_file_node="forge-ovf-disk0",
+    merged=False,
+)
+make_qemu = functools.partial(
+    shared_qemu,
+    pid=4242,
+    argv=("qemu-system-x86_64", "-machine", "pc-q35-7.2", "-m", "2048"),
+    cwd="/var/lib/vms",
+    env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+    version="7.2.11",
+    machine="pc-q35-7.2",
+    qmp_socket="/run/vms/web1/qmp.sock",
+)
+make_record = functools.partial(
+    shared_record,
+    state=State.ACTIVE,
+    step="snapshot-transaction-done",
+    strategy="fd",
+    created_at=T0,
+    activated_at=T0 + timedelta(seconds=1),
+    updated_at=T0 + timedelta(seconds=2),
+    disks=(make_disk(),),
+    unforged_disks=("scratch",),
+    memory=shared_memory(
+        path="/home/u/.local/state/forgeqmp/web1/memory-1.bin",
+        size=123456789,
+        sha256=SHA,
+        transport="fd",
+        capabilities=("pause-before-switchover",),
+    ),
+    qemu=make_qemu(),
+    pause_ms=12.5,
+    warnings=("disk 'scratch' is not in the forge",),
+)
 
 
 def as_obj(record: SessionRecord) -> dict[str, Any]:

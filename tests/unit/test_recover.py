@@ -5,14 +5,20 @@ did not create nor an overlay whose writes are not merged, and is a fixed point 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from qemu_schema import migration_statuses  # tests/unit is on sys.path (rootdir-relative)
+from qemu_schema import migration_statuses
+from records import (  # tests/unit is on sys.path (rootdir-relative)
+    make_disk,
+    make_memory,
+    make_qemu,
+    make_record,
+)
 
 from forgeqmp.adapters.launcher import cold_argv
 from forgeqmp.core.reconcile import (
@@ -42,7 +48,7 @@ from forgeqmp.core.reconcile import (
     stale_reason,
     where_is,
 )
-from forgeqmp.core.record import DiskRecord, MemoryRecord, QemuRecord, SessionRecord
+from forgeqmp.core.record import DiskRecord, SessionRecord
 from forgeqmp.core.states import FORGE_BYPASSED, TERMINAL, Event, State, next_state
 from forgeqmp.errors import PrerequisiteError
 from forgeqmp.forge import status_of
@@ -77,46 +83,35 @@ def disk(i: int, **changes: Any) -> DiskRecord:
         "qdev": f"/machine/peripheral/d{i}/virtio-backend",
         "device_node": f"d{i}-fmt",
         "base_file": f"/img/d{i}.qcow2",
-        "base_format": "qcow2",
-        "virtual_size": 64 << 20,
         "overlay_file": f"/img/d{i}.qcow2.forge-3f2a9c1e.qcow2",
-        "overlay_node": f"{TAG}-{i}-fmt",
-        "overlay_file_node": f"{TAG}-{i}-file",
         "merged": False,
     }
     values.update(changes)
-    return DiskRecord(**values)
+    return make_disk(i, **values)
 
 
 def record(state: State = State.ACTIVE, *, n: int = 2, **changes: Any) -> SessionRecord:
+    """The shared factory's record of ``n`` disks ``d0``... that ``qemu_argv(n)`` runs."""
     values: dict[str, Any] = {
-        "session_id": SID,
-        "state": state,
         "step": "active",
-        "strategy": "precopy",
-        "created_at": T0,
-        "activated_at": T0 + timedelta(seconds=1) if state is not State.CREATING else None,
-        "updated_at": T0 + timedelta(seconds=2),
+        "finished_at": None,
         "disks": tuple(disk(i) for i in range(n)),
-        "memory": MemoryRecord(
+        "memory": make_memory(
+            saved=state is not State.CREATING,
             path=MEMORY,
-            size=MEMORY_SIZE if state is not State.CREATING else None,
-            sha256=SHA if state is not State.CREATING else None,
-            transport="fdset-file",
-            capabilities=("events", "pause-before-switchover"),
+            **({"size": MEMORY_SIZE} if state is not State.CREATING else {}),
         ),
-        "qemu": QemuRecord(
+        "qemu": make_qemu(
             pid=PID,
             argv=qemu_argv(n),
             cwd="/run/vm",
             env={"PATH": "/usr/bin"},
-            version="10.0.2",
             machine="q35",
             qmp_socket="/run/vm/qmp.sock",
         ),
     }
     values.update(changes)
-    return SessionRecord(**values)
+    return make_record(state, **values)
 
 
 def files_of(rec: SessionRecord, *, memory: bool = True, overlays: bool = True) -> dict[str, int]:

@@ -6,68 +6,33 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
 from contextlib import redirect_stdout
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from records import make_disk, make_memory, make_qemu, make_record  # tests/unit is on sys.path
+
 from forgeqmp import cli
 from forgeqmp.adapters.statedir import InstanceLock, StateDir
-from forgeqmp.core.record import DiskRecord, MemoryRecord, QemuRecord, RecordStore, SessionRecord
+from forgeqmp.core.record import DiskRecord, RecordStore, SessionRecord
 from forgeqmp.core.states import State
 from forgeqmp.ops.recover import lock_held
 
-SID = "3f2a9c1e-4b7d-4e8a-9c3b-2d1e0f9a8b7c"
-T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
-
-def dead_pid() -> int:
-    proc = subprocess.Popen(["true"])
-    proc.wait()
-    return proc.pid
-
-
-def make_record(tmp_path: Path, state: State, step: str) -> SessionRecord:
-    images = tmp_path / "images"
-    images.mkdir(exist_ok=True)
-    disks = []
-    for i in range(2):
-        base = images / f"d{i}.qcow2"
-        base.write_bytes(b"original")
-        disks.append(
-            DiskRecord(
-                name=f"d{i}",
-                qdev=f"/machine/peripheral/d{i}/virtio-backend",
-                device_node=f"d{i}-fmt",
-                base_file=str(base),
-                base_format="qcow2",
-                virtual_size=1 << 20,
-                overlay_file=str(images / f"d{i}.qcow2.forge-3f2a9c1e.qcow2"),
-                overlay_node=f"fq3f2a9c1e-{i}-fmt",
-                overlay_file_node=f"fq3f2a9c1e-{i}-file",
-            )
-        )
-    return SessionRecord(
-        session_id=SID,
-        state=state,
+def make_session(tmp_path: Path, state: State, step: str) -> SessionRecord:
+    """A session of two disks whose images exist in ``tmp_path``, and whose QEMU is not running
+    (its command line runs the images)."""
+    disks = [make_disk(i, root=tmp_path) for i in range(2)]
+    for d in disks:
+        Path(d.base_file).write_bytes(b"original")
+    argv = ("/usr/bin/qemu-system-x86_64", "-m", "256", *blockdevs(disks))
+    return make_record(
+        state,
         step=step,
-        strategy="precopy",
-        created_at=T0,
-        updated_at=T0,
-        disks=tuple(disks),
-        memory=MemoryRecord(
-            path=str(tmp_path / "state" / f"memory-{SID}.bin"), transport="fdset-file"
-        ),
-        qemu=QemuRecord(
-            pid=dead_pid(),
-            argv=("/usr/bin/qemu-system-x86_64", "-m", "256", *blockdevs(disks)),
-            cwd=str(tmp_path),
-            env={"PATH": "/usr/bin"},
-            version="10.0.2",
-            machine="q35",
-            qmp_socket=str(tmp_path / "qmp.sock"),
-        ),
+        root=tmp_path,
+        disks=disks,
+        memory=make_memory(root=tmp_path, saved=False),
+        qemu=make_qemu(root=tmp_path, argv=argv, env={"PATH": "/usr/bin"}),
     )
 
 
@@ -115,7 +80,7 @@ def test_lock_held_reads_the_lock_without_taking_it(tmp_path: Path) -> None:
 
 
 def test_status_calls_an_interrupted_operation_stale(tmp_path: Path) -> None:
-    save(tmp_path, make_record(tmp_path, State.COMMITTING, "committing"))
+    save(tmp_path, make_session(tmp_path, State.COMMITTING, "committing"))
     code, status = run_cli(tmp_path, "status")
     assert code == 0
     assert status["state"] == "committing"
@@ -129,13 +94,13 @@ def test_status_calls_an_interrupted_operation_stale(tmp_path: Path) -> None:
 
 
 def test_status_of_an_active_session_is_not_stale(tmp_path: Path) -> None:
-    record = make_record(tmp_path, State.ACTIVE, "active")
+    record = make_session(tmp_path, State.ACTIVE, "active")
     save(tmp_path, record)
     code, status = run_cli(tmp_path, "status")
     assert code == 0
     assert status["stale"] is False
     assert status["start_argv"][0] == "/usr/bin/qemu-system-x86_64"
-    assert "virtio-blk-pci,id=d0,drive=fq3f2a9c1e-0-fmt" in status["start_argv"]
+    assert "virtio-blk-pci,id=disk0,drive=fq3f2a9c1e-0-fmt" in status["start_argv"]
 
 
 def test_recover_without_a_session_does_nothing(tmp_path: Path) -> None:
@@ -147,14 +112,14 @@ def test_recover_without_a_session_does_nothing(tmp_path: Path) -> None:
 def test_recover_undoes_an_enable_interrupted_before_the_snapshot_with_qemu_stopped(
     tmp_path: Path,
 ) -> None:
-    record = make_record(tmp_path, State.CREATING, "overlays-created")
+    record = make_session(tmp_path, State.CREATING, "overlays-created")
     state = save(tmp_path, record)
     for d in record.disks:
         assert d.overlay_file is not None
         Path(d.overlay_file).write_bytes(b"")
     assert record.memory is not None
     Path(record.memory.path).write_bytes(b"partial")
-    bystander = tmp_path / "images" / "d0.qcow2.forge-3f2a9c1e.qcow2.bak"
+    bystander = Path(f"{record.disks[0].overlay_file}.bak")
     bystander.write_bytes(b"not ours")
 
     code, status = run_cli(tmp_path, "recover")
@@ -179,8 +144,8 @@ def test_recover_undoes_an_enable_interrupted_before_the_snapshot_with_qemu_stop
 
 
 def test_recover_of_a_commit_with_qemu_stopped_leaves_the_disks_to_commit(tmp_path: Path) -> None:
-    record = make_record(tmp_path, State.COMMITTING, "committing")
-    record = record.evolve_disk("d0", merged=True)
+    record = make_session(tmp_path, State.COMMITTING, "committing")
+    record = record.evolve_disk("disk0", merged=True)
     save(tmp_path, record)
     for d in record.disks:
         assert d.overlay_file is not None
@@ -197,7 +162,7 @@ def test_recover_of_a_commit_with_qemu_stopped_leaves_the_disks_to_commit(tmp_pa
 
 
 def test_recover_waits_for_no_one_while_another_controller_works(tmp_path: Path) -> None:
-    save(tmp_path, make_record(tmp_path, State.COMMITTING, "committing"))
+    save(tmp_path, make_session(tmp_path, State.COMMITTING, "committing"))
     with InstanceLock(StateDir(tmp_path / "state"), "forgeqmp commit"):
         code, status = run_cli(tmp_path, "recover")
     assert code == 3  # refused: nothing changed

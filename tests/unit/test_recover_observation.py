@@ -6,12 +6,12 @@ it) or ended."""
 
 from __future__ import annotations
 
-import copy
 import types
 from typing import Any
 
 import anyio
 import pytest
+from fakeqmp import FakeQMP  # tests/unit is on sys.path
 from qemu_schema import migration_statuses  # tests/unit is on sys.path (rootdir-relative)
 from test_recover import PID, SID, files_of, qemu_on, record
 
@@ -31,25 +31,6 @@ from forgeqmp.ops.recover import observe
 STATUSES = migration_statuses()
 #: The statuses of a migration that is over (or never was).
 ENDED = frozenset({"none", "completed", "failed", "cancelled"})
-
-
-class FakeConnection:
-    """Answers QMP commands from a table, like a connected QEMU (the pid is its peer's)."""
-
-    connected = True
-    socket_path = "/run/vm/qmp.sock"
-
-    def __init__(self, replies: dict[str, Any], pid: int = PID) -> None:
-        self.replies = replies
-        self.peer = types.SimpleNamespace(pid=pid)
-        self.commands: list[str] = []
-
-    async def execute(self, command: str, arguments: Any = None) -> Any:
-        self.commands.append(command)
-        return copy.deepcopy(self.replies[command])
-
-    async def reconnect(self) -> None:  # pragma: no cover - connected already
-        raise AssertionError("observe reconnected a connected instance")
 
 
 def replies(migrate: dict[str, Any], *, runstate: str = "running") -> dict[str, Any]:
@@ -87,8 +68,12 @@ def replies(migrate: dict[str, Any], *, runstate: str = "running") -> dict[str, 
 
 
 def observed(answers: dict[str, Any]) -> Observation:
-    instance = types.SimpleNamespace(conn=FakeConnection(answers))
-    return anyio.run(observe, instance, record(), backend="asyncio")  # type: ignore[arg-type]
+    # Connected already: a reconnect is a command the fake was not scripted for.
+    conn = FakeQMP(answers, pid=PID, socket_path="/run/vm/qmp.sock")
+    instance = types.SimpleNamespace(conn=conn)
+    obs: Observation = anyio.run(observe, instance, record(), backend="asyncio")  # type: ignore[arg-type]
+    conn.check()
+    return obs
 
 
 def test_the_schemas_define_the_fifteen_statuses_we_know() -> None:

@@ -1,0 +1,294 @@
+"""The live commit over the fake QMP peer: the real operation (``Instance.commit``) against a
+scripted QEMU and a temporary state dir. A commit that goes through, and the ways one stops:
+QEMU refusing ``block-commit``, a job ending with an error, a job that disappears, the deadline,
+QEMU going away mid-commit. Each time: the typed error, what the record says afterwards (state,
+step, error, next step, which disks are merged) and what was sent to QEMU."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from fakeqmp import Fail, FakeQMP, Reply, job_event  # tests/unit is on sys.path
+from records import DEAD_PID, make_record
+
+from forgeqmp.adapters.statedir import StateDir
+from forgeqmp.core.record import RecordStore, SessionRecord
+from forgeqmp.core.states import State
+from forgeqmp.errors import ForgeFailed, TaskRunning
+from forgeqmp.forge import Instance
+
+#: The pid of a QEMU that is alive for the whole test (this process: never signalled by commit).
+ALIVE = os.getpid()
+
+
+class Qemu:
+    """The block side of a scripted QEMU for one forged disk: what is attached to the device and
+    which jobs exist, changed by the commands the commit sends."""
+
+    def __init__(self, record: SessionRecord) -> None:
+        self.disk = record.disks[0]
+        self.attached = str(self.disk.overlay_node)
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.job_id = f"{str(self.disk.overlay_node).removesuffix('-fmt')}-commit"
+
+    def query_block(self, _args: Any) -> list[dict[str, Any]]:
+        return [{"qdev": self.disk.qdev, "inserted": {"node-name": self.attached, "file": "x"}}]
+
+    def query_jobs(self, _args: Any) -> list[dict[str, Any]]:
+        return list(self.jobs.values())
+
+    def job(self, status: str, error: str | None = None) -> None:
+        job = {
+            "id": self.job_id,
+            "type": "commit",
+            "status": status,
+            "current-progress": 1,
+            "total-progress": 2,
+        }
+        if error is not None:
+            job["error"] = error
+        self.jobs[self.job_id] = job
+
+    def block_commit(
+        self, status: str, *, error: str | None = None, disconnect: bool = False
+    ) -> Callable[[Any], Reply]:
+        """A ``block-commit`` QEMU accepts: the job is created and reaches ``status``."""
+
+        def answer(_args: Any) -> Reply:
+            self.job(status, error)
+            return Reply(
+                {},
+                events=[job_event(self.job_id, "created"), job_event(self.job_id, status)],
+                disconnect=disconnect,
+            )
+
+        return answer
+
+    def job_complete(self, _args: Any) -> Reply:
+        self.job("concluded")
+        self.attached = self.disk.device_node
+        return Reply({}, events=[job_event(self.job_id, "concluded")])
+
+    def job_cancel(self, _args: Any) -> Reply:
+        self.job("concluded", "operation cancelled")
+        return Reply({}, events=[job_event(self.job_id, "concluded")])
+
+    def job_dismiss(self, _args: Any) -> dict[str, Any]:
+        self.jobs.pop(self.job_id, None)
+        return {}
+
+
+def setup(
+    tmp_path: Path, *, pid: int = ALIVE, runstate: str = "running"
+) -> tuple[Instance, FakeQMP, Qemu, SessionRecord]:
+    record = make_record(State.ACTIVE, root=tmp_path)
+    state = StateDir(tmp_path / "state")
+    state.ensure()
+    RecordStore(state).save(record)
+    assert record.memory is not None
+    Path(record.memory.path).write_bytes(b"guest RAM")
+    for d in record.disks:
+        Path(d.base_file).write_bytes(b"original")
+        Path(str(d.overlay_file)).write_bytes(b"overlay")
+    qemu = Qemu(record)
+    peer = FakeQMP(
+        {
+            "query-jobs": qemu.query_jobs,
+            "query-migrate": {},
+            "query-block": qemu.query_block,
+            "query-status": {"status": runstate, "running": runstate == "running"},
+            "stop": {},
+            "cont": {},
+            "job-complete": qemu.job_complete,
+            "job-cancel": qemu.job_cancel,
+            "job-dismiss": qemu.job_dismiss,
+            "blockdev-del": {},
+        },
+        pid=pid,
+    )
+    return Instance(peer.as_connection(), state), peer, qemu, record
+
+
+def commit(vm: Instance, **kw: Any) -> SessionRecord:
+    return anyio.run(lambda: vm.commit(**kw), backend="asyncio")
+
+
+def saved(vm: Instance) -> SessionRecord:
+    record = vm.session()
+    assert record is not None
+    return record
+
+
+def block_commit_args(qemu: Qemu) -> dict[str, Any]:
+    return {
+        "job-id": qemu.job_id,
+        "device": qemu.disk.overlay_node,
+        "base-node": qemu.disk.device_node,
+        "auto-dismiss": False,
+    }
+
+
+def test_a_commit_that_goes_through_merges_pivots_and_resumes(tmp_path: Path) -> None:
+    vm, peer, qemu, record = setup(tmp_path)
+    peer.script("block-commit", qemu.block_commit("ready"))
+    done = commit(vm)
+    peer.check()
+    assert done.state is State.COMMITTED
+    assert done.step == "committed"
+    assert saved(vm) == done
+    (disk,) = done.disks
+    assert disk.merged
+    assert disk.overlay_node is None
+    assert done.paused_by_forgeqmp is False
+    assert not Path(str(record.disks[0].overlay_file)).exists()
+    assert record.memory is not None
+    assert not Path(record.memory.path).exists()
+    actions = [(s.command, s.arguments) for s in peer.actions()]
+    assert actions == [
+        ("block-commit", block_commit_args(qemu)),
+        ("stop", None),
+        ("job-complete", {"id": qemu.job_id}),
+        ("job-dismiss", {"id": qemu.job_id}),
+        ("cont", None),
+        ("blockdev-del", {"node-name": record.disks[0].overlay_node}),
+        ("blockdev-del", {"node-name": record.disks[0].overlay_file_node}),
+    ]
+
+
+def test_block_commit_refused_leaves_the_original_untouched_and_discard_possible(
+    tmp_path: Path,
+) -> None:
+    vm, peer, qemu, record = setup(tmp_path)
+    peer.script("block-commit", Fail("GenericError", "Permission conflict on node 'disk0-fmt'"))
+    with pytest.raises(ForgeFailed, match=r"commit stopped: .*Permission conflict"):
+        commit(vm)
+    peer.check()
+    after = saved(vm)
+    assert after.state is State.FAILED
+    assert after.failure_phase is State.COMMITTING
+    assert after.step == "committing"
+    assert after.rolled_back is False
+    assert after.error is not None
+    assert "Permission conflict on node 'disk0-fmt'" in after.error
+    assert "not started (originals untouched): disk0" in after.error
+    assert after.next_step is not None
+    assert "'forgeqmp discard': no original was written into" in after.next_step
+    (disk,) = after.disks
+    assert disk.merged is False  # unmarked: QEMU created no job
+    assert disk.overlay_node == record.disks[0].overlay_node
+    assert record.memory is not None
+    assert Path(record.memory.path).exists()  # discard still needs it
+    assert [(s.command, s.arguments) for s in peer.actions()] == [
+        ("block-commit", block_commit_args(qemu))
+    ]
+
+
+def test_a_job_that_concludes_with_an_error_stops_the_commit_partly_merged(
+    tmp_path: Path,
+) -> None:
+    vm, peer, qemu, record = setup(tmp_path)
+    peer.script("block-commit", qemu.block_commit("concluded", error="No space left on device"))
+    with pytest.raises(ForgeFailed, match="No space left on device"):
+        commit(vm)
+    peer.check()
+    after = saved(vm)
+    assert after.state is State.FAILED
+    assert after.failure_phase is State.COMMITTING
+    assert after.error is not None
+    assert "committing disk disk0 failed: No space left on device" in after.error
+    assert "partly merged" in after.error
+    assert after.next_step is not None
+    assert after.next_step.startswith("free space on the file system of the original")
+    (disk,) = after.disks
+    assert disk.merged is True  # its original may hold part of the writes
+    assert disk.overlay_node == record.disks[0].overlay_node
+    assert after.paused_by_forgeqmp is False  # the guest was resumed
+    commands = [s.command for s in peer.actions()]
+    assert commands[0] == "block-commit"
+    assert "job-complete" not in commands
+    assert commands.index("stop") < commands.index("job-dismiss") < commands.index("cont")
+    assert "blockdev-del" not in commands  # the overlay still holds writes: kept
+    assert Path(str(record.disks[0].overlay_file)).exists()
+
+
+def test_a_job_that_disappears_stops_the_commit_and_resumes_the_guest(tmp_path: Path) -> None:
+    vm, peer, qemu, _ = setup(tmp_path)
+    peer.script("block-commit", qemu.block_commit("ready"))
+    ready = qemu.query_jobs
+
+    def vanished_at_the_pivot(args: Any) -> list[dict[str, Any]]:
+        if "stop" in peer.commands:  # paused for the switch: the job is gone
+            qemu.jobs.clear()
+        return ready(args)
+
+    peer.script("query-jobs", vanished_at_the_pivot)
+    with pytest.raises(
+        ForgeFailed, match=f"the commit job {qemu.job_id} of disk disk0 disappeared"
+    ):
+        commit(vm)
+    peer.check()
+    after = saved(vm)
+    assert after.state is State.FAILED
+    assert after.failure_phase is State.COMMITTING
+    assert after.error is not None
+    assert "disappeared" in after.error
+    assert after.next_step == "run 'forgeqmp commit' again to finish the disks still on overlays"
+    assert after.disks[0].merged is True
+    assert after.paused_by_forgeqmp is False
+    commands = [s.command for s in peer.actions()]
+    assert commands == ["block-commit", "stop", "cont"]
+
+
+def test_the_deadline_cancels_the_job_and_records_what_is_merged(tmp_path: Path) -> None:
+    vm, peer, qemu, _ = setup(tmp_path)
+    peer.script("block-commit", qemu.block_commit("running"))  # never ready
+    with pytest.raises(ForgeFailed, match=r"the commit deadline \(0.05 s\) passed"):
+        commit(vm, timeout=0.05)
+    peer.check()
+    after = saved(vm)
+    assert after.state is State.FAILED
+    assert after.failure_phase is State.COMMITTING
+    assert after.error is not None
+    assert after.error.startswith("the commit deadline (0.05 s) passed")
+    assert after.disks[0].merged is True  # the job ran: its original may hold part of the data
+    assert after.next_step == "run 'forgeqmp commit' again to finish the disks still on overlays"
+    assert [(s.command, s.arguments) for s in peer.actions()] == [
+        ("block-commit", block_commit_args(qemu)),
+        ("job-cancel", {"id": qemu.job_id}),
+        ("job-dismiss", {"id": qemu.job_id}),
+    ]
+    assert qemu.jobs == {}  # nothing of the commit is left in QEMU
+
+
+def test_qemu_going_away_mid_commit_is_recorded_with_its_exit(tmp_path: Path) -> None:
+    vm, peer, qemu, record = setup(tmp_path, pid=DEAD_PID)
+    peer.script("block-commit", qemu.block_commit("running", disconnect=True))
+    with pytest.raises(ForgeFailed, match="commit stopped"):
+        commit(vm)
+    peer.check()
+    after = saved(vm)
+    assert after.state is State.FAILED
+    assert after.failure_phase is State.COMMITTING
+    assert after.error is not None
+    assert "dropped" in after.error
+    assert f"QEMU (pid {DEAD_PID}) exited" in after.error
+    # QEMU could not be asked whether the job ran: the disk stays marked (discard refused).
+    assert after.disks[0].merged is True
+    assert after.disks[0].overlay_node == record.disks[0].overlay_node
+    assert after.next_step == "run 'forgeqmp commit' again to finish the disks still on overlays"
+    assert [s.command for s in peer.actions()] == ["block-commit"]
+
+
+def test_a_running_block_job_refuses_the_commit_and_changes_nothing(tmp_path: Path) -> None:
+    vm, peer, qemu, record = setup(tmp_path)
+    qemu.jobs["backup0"] = {"id": "backup0", "type": "backup", "status": "running"}
+    with pytest.raises(TaskRunning, match=r"backup0 \(backup, running\)"):
+        commit(vm)
+    peer.check()
+    assert saved(vm) == record
+    assert peer.actions() == []
