@@ -1,9 +1,11 @@
 """Discard on real QEMU (every installed build) with a 2-disk guest: the disks go back to their
 contents at enable and the guest resumes from the memory state (its counter goes back); a damaged
-or missing memory file gives a cold start on the reverted disks, with the reason."""
+or missing memory file gives a cold start on the reverted disks, with the reason; a session whose
+record has the memory digest of an older forgeqmp (SHA-256) still resumes from memory."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -12,7 +14,10 @@ from typing import Any
 import pytest
 
 import forgeqmp
+from forgeqmp.adapters import memhash
 from forgeqmp.adapters.launcher import LaunchSpec, detached_launcher
+from forgeqmp.adapters.recordstore import RECORD_FILE
+from forgeqmp.adapters.statedir import StateDir
 from forgeqmp.core.states import State
 from forgeqmp.testing import DiskSpec
 
@@ -84,14 +89,47 @@ def flip_byte(path: str) -> None:
         f.write(bytes([byte[0] ^ 0x01]))
 
 
+def flip_data_byte(path: str) -> None:
+    """Flip one bit in the middle of the file's data (not in a hole: a mapped-ram file is
+    sparse), so only the bytes change, not which parts of the file hold data."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        extents = memhash.data_extents(fd)
+    finally:
+        os.close(fd)
+    target = sum(length for _start, length in extents) // 2  # the byte at half the data
+    for start, length in extents:
+        if target < length:
+            where = start + target
+            break
+        target -= length
+    else:
+        raise AssertionError(f"no data in {path}: {extents}")
+    with open(path, "r+b") as f:
+        f.seek(where)
+        byte = f.read(1)
+        f.seek(where)
+        f.write(bytes([byte[0] ^ 0x01]))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert memhash.data_extents(fd) == extents
+    finally:
+        os.close(fd)
+
+
 def truncate(path: str) -> None:
     os.truncate(path, os.path.getsize(path) // 2)
 
 
 @pytest.mark.parametrize(
     ("damage", "reason"),
-    [(flip_byte, "altered"), (truncate, "truncated"), (os.unlink, "missing")],
-    ids=["flipped-byte", "truncated", "missing"],
+    [
+        (flip_byte, "altered"),
+        (flip_data_byte, "altered"),
+        (truncate, "truncated"),
+        (os.unlink, "missing"),
+    ],
+    ids=["flipped-byte", "flipped-data-byte", "truncated", "missing"],
 )
 def test_damaged_memory_gives_a_cold_start_on_reverted_disks(
     qemu_factory, tmp_path: Path, damage, reason: str
@@ -108,6 +146,52 @@ def test_damaged_memory_gives_a_cold_start_on_reverted_disks(
     assert reason in (done.error or ""), done.error
     booted = vm.wait_ready(new_boot=True)
     assert booted != at_enable[0]
+    check_disks_reverted(vm, record, sums, originals)
+
+
+def as_older_forgeqmp_wrote_it(state: Path, memory_file: str) -> str:
+    """Rewrite the session's record to the memory digest of an older forgeqmp: the field
+    ``sha256`` (its chunked SHA-256 of the file), no algorithm named. Returns that digest."""
+    sha256, _size = memhash.hash_file(memory_file, algorithm="sha256")
+    store = StateDir(state)
+    obj = json.loads(store.read(RECORD_FILE))
+    memory = obj["memory"]
+    assert memory["digest_algorithm"] == memhash.ALGORITHM
+    del memory["digest"], memory["digest_algorithm"]
+    memory["sha256"] = sha256
+    store.atomic_write(RECORD_FILE, json.dumps(obj).encode())
+    return sha256
+
+
+@pytest.mark.parametrize("damaged", [False, True], ids=["intact", "flipped-data-byte"])
+def test_a_record_with_an_old_sha256_digest_still_verifies(
+    qemu_factory, tmp_path: Path, damaged: bool
+) -> None:  # type: ignore[no-untyped-def]
+    vm = qemu_factory(disks=TWO_DISKS)
+    state = tmp_path / "state"
+    record, sums, originals, at_enable = forge_and_change(vm, state)
+    assert record.memory is not None
+    sha256 = as_older_forgeqmp_wrote_it(state, record.memory.path)
+    loaded = forgeqmp.RecordStore(StateDir(state)).load()
+    assert loaded is not None
+    assert loaded.memory is not None
+    assert (loaded.memory.digest_algorithm, loaded.memory.sha256) == ("sha256", sha256)
+    if damaged:
+        flip_data_byte(record.memory.path)
+    latest = vm.counter()
+
+    done = run(discard, vm.qmp_socket, state)
+    assert done.state is State.DISCARDED
+    if damaged:
+        assert done.memory_restored is False
+        assert "altered" in (done.error or ""), done.error
+        assert vm.wait_ready(new_boot=True) != at_enable[0]
+    else:
+        assert done.memory_restored is True, done.error
+        assert done.error is None
+        resumed = vm.wait_counter(since=time.monotonic())
+        assert resumed[0] == at_enable[0]
+        assert at_enable[1] <= resumed[1] < latest[1]
     check_disks_reverted(vm, record, sums, originals)
 
 

@@ -78,7 +78,8 @@ def test_enable_reaches_active_while_the_guest_runs(vm, tmp_path: Path) -> None:
     info = os.stat(record.memory.path)
     assert stat.S_IMODE(info.st_mode) == 0o600
     assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
-    assert (record.memory.sha256, record.memory.size) == memhash.hash_file(record.memory.path)
+    assert record.memory.digest_algorithm == memhash.ALGORITHM
+    assert (record.memory.digest, record.memory.size) == memhash.hash_file(record.memory.path)
     assert record.memory.size > 1024 * 1024
     # The guest kept running: same boot, counter advancing.
     after = vm.wait_counter(min_value=before[1] + 5)

@@ -53,7 +53,7 @@ def test_each_offered_strategy_round_trips(qemu_factory, qemu_build, tmp_path: P
         assert record.state is forgeqmp.State.ACTIVE
         assert record.pause_ms is not None
         assert record.memory is not None
-        assert record.memory.sha256 is not None
+        assert record.memory.digest is not None
         vm.write_disk("disk0", 4, seed=f"after-{strategy.value}")
         _boot, later = vm.wait_counter(min_value=at_enable + 20)
 

@@ -57,7 +57,13 @@ def setup(tmp_path: Path, **memory: Any) -> tuple[Instance, FakeQMP, SessionReco
     path = state.path / f"memory-{SID}.bin"
     path.write_bytes(MEMORY)
     digest, size = memhash.hash_file(str(path))
-    values: dict[str, Any] = {"path": str(path), "sha256": digest, "size": size}
+    values: dict[str, Any] = {
+        "path": str(path),
+        "sha256": None,
+        "digest": digest,
+        "digest_algorithm": memhash.ALGORITHM,
+        "size": size,
+    }
     values.update(memory)
     record = make_record(State.ACTIVE, root=tmp_path, memory=make_memory(**values))
     for d in record.disks:

@@ -1,6 +1,8 @@
-"""The memory digest (:mod:`forgeqmp.adapters.memhash`) against an independent implementation of its
-definition: SHA-256 over the SHA-256 digests of consecutive CHUNK_SIZE-byte chunks. Chunks and
-reads are made small here so that every boundary case is a few KiB."""
+"""The memory digest (:mod:`forgeqmp.adapters.memhash`) against independent implementations of its
+definitions: ``"xxh3-128"`` (what enable records: the data extents of a sparse file, their layout
+and the file's size) and ``"sha256"`` (records of older forgeqmp: SHA-256 over the SHA-256 digests
+of consecutive CHUNK_SIZE-byte chunks). Chunks, windows and reads are made small here so that every
+boundary case is a few KiB."""
 
 from __future__ import annotations
 
@@ -9,83 +11,292 @@ import os
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from forgeqmp.adapters import memhash
+from forgeqmp.core.record import DIGEST_ALGORITHMS
 
+BLOCK = 4096  # the file systems' block: holes and data extents come in whole blocks
 CHUNK = 4096
-READ = 1000  # not a divisor of CHUNK: reads end inside chunks
+WINDOW = 4 * BLOCK
+READ = 1000  # not a divisor of CHUNK, WINDOW or BLOCK: reads end inside chunks and extents
+ALGORITHMS = list(memhash.ALGORITHMS)
 
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(memhash, "CHUNK_SIZE", CHUNK)
+    monkeypatch.setattr(memhash, "WINDOW", WINDOW)
     monkeypatch.setattr(memhash, "_READ", READ)
 
 
-def reference(data: bytes) -> str:
+def reference_sha256(data: bytes) -> str:
     chunks = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
     return hashlib.sha256(b"".join(hashlib.sha256(c).digest() for c in chunks)).hexdigest()
 
 
-def payload(size: int) -> bytes:
-    return (hashlib.sha256(str(size).encode()).digest() * (size // 32 + 1))[:size]
+def le64(n: int) -> bytes:
+    return n.to_bytes(8, "little")
+
+
+def stream_of(data: bytes, pieces: list[tuple[int, int]]) -> bytes:
+    return b"".join(le64(o) + le64(n) + data[o : o + n] for o, n in pieces)
+
+
+def reference(data: bytes, extents: list[tuple[int, int]]) -> str:
+    """The ``"xxh3-128"`` digest of a file holding ``data`` whose data extents are ``extents``."""
+    windows: dict[int, list[tuple[int, int]]] = {}
+    for start, length in extents:
+        offset, end = start, start + length
+        while offset < end:
+            k = offset // WINDOW
+            stop = min(end, (k + 1) * WINDOW)
+            windows.setdefault(k, []).append((offset, stop - offset))
+            offset = stop
+    digest = xxhash.xxh3_128(b"forgeqmp-memory xxh3-128 1\n" + le64(len(data)))
+    for k in sorted(windows):
+        digest.update(le64(k) + xxhash.xxh3_128(stream_of(data, windows[k])).digest())
+    return digest.hexdigest()
+
+
+def payload(size: int, seed: object = None) -> bytes:
+    key = hashlib.sha256(f"{size} {seed}".encode()).digest()
+    return (key * (size // 32 + 1))[:size]
+
+
+def sparse(path: Path, size: int, data_blocks: list[int]) -> bytes:
+    """A file of ``size`` bytes with data (never all zero) only in the given blocks; returns
+    its contents as read (holes are zeros)."""
+    content = bytearray(size)
+    with path.open("wb") as out:
+        out.truncate(size)
+        for block in data_blocks:
+            start = block * BLOCK
+            piece = payload(min(BLOCK, size - start), seed=block)
+            out.seek(start)
+            out.write(piece)
+            content[start : start + len(piece)] = piece
+    return bytes(content)
+
+
+def holes_supported(path: Path) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return memhash.data_extents(fd) != [(0, os.fstat(fd).st_size)]
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def sparse_file(tmp_path: Path) -> Path:
+    path = tmp_path / "memory.bin"
+    sparse(path, 8 * BLOCK, [2])
+    if not holes_supported(path):
+        pytest.skip("this file system reports no holes (SEEK_DATA/SEEK_HOLE)")
+    return path
+
+
+# --- "xxh3-128" on dense files -----------------------------------------------------------------
+
+
+def test_the_recorded_algorithms_are_the_computed_ones() -> None:
+    assert set(memhash.ALGORITHMS) == set(DIGEST_ALGORITHMS)
+    assert memhash.ALGORITHM == "xxh3-128"
+
+
+def test_each_digest_has_the_length_a_record_takes(tmp_path: Path) -> None:
+    path = tmp_path / "memory.bin"
+    path.write_bytes(payload(3 * CHUNK))
+    for algorithm, length in DIGEST_ALGORITHMS.items():
+        digest, _size = memhash.hash_file(str(path), algorithm=algorithm)
+        assert len(digest) == length
+        assert digest == digest.lower()
+
+
+@pytest.mark.parametrize(
+    "size", [0, 1, READ, WINDOW - 1, WINDOW, WINDOW + 1, 3 * WINDOW, 3 * WINDOW + READ + 7]
+)
+@pytest.mark.parametrize("threads", [1, 3, None])
+def test_xxh3_of_a_dense_file_is_the_documented_one(
+    tmp_path: Path, size: int, threads: int | None
+) -> None:
+    data = payload(size)
+    path = tmp_path / "memory.bin"
+    path.write_bytes(data)
+    extents = [(0, size)] if size else []
+    assert memhash.hash_file(str(path), threads=threads) == (reference(data, extents), size)
+
+
+def test_the_default_is_xxh3_not_a_plain_hash(tmp_path: Path) -> None:
+    data = payload(2 * WINDOW)
+    path = tmp_path / "memory.bin"
+    path.write_bytes(data)
+    digest, _size = memhash.hash_file(str(path))
+    assert digest == memhash.hash_file(str(path), algorithm="xxh3-128")[0]
+    assert digest != xxhash.xxh3_128(data).hexdigest()
+
+
+# --- "xxh3-128" on sparse files ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("blocks", "data_blocks"),
+    [
+        (8, [2]),
+        (8, [0, 1, 2, 3, 4, 5, 6, 7]),  # dense, written block by block
+        (13, [0, 3, 4, 5, 12]),  # an extent across a window boundary (blocks 3-5), data at the end
+        (9, []),  # all hole
+        (40, list(range(0, 40, 2))),  # many small extents, several in one read
+    ],
+)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_xxh3_hashes_the_data_extents_as_documented(
+    sparse_file: Path, blocks: int, data_blocks: list[int], threads: int
+) -> None:
+    size = blocks * BLOCK + 100  # a partial last block
+    data = sparse(sparse_file, size, data_blocks)
+    expected: list[tuple[int, int]] = []
+    for block in data_blocks:
+        start, end = block * BLOCK, min(size, (block + 1) * BLOCK)
+        if expected and expected[-1][0] + expected[-1][1] == start:
+            expected[-1] = (expected[-1][0], end - expected[-1][0])
+        else:
+            expected.append((start, end - start))
+    fd = os.open(sparse_file, os.O_RDONLY)
+    try:
+        assert memhash.data_extents(fd) == expected
+    finally:
+        os.close(fd)
+    assert memhash.hash_file(str(sparse_file), threads=threads) == (reference(data, expected), size)
+
+
+def test_a_hole_that_became_data_changes_the_digest(sparse_file: Path) -> None:
+    data = sparse(sparse_file, 8 * BLOCK, [2])
+    before = memhash.hash_file(str(sparse_file))
+    with sparse_file.open("r+b") as f:  # zeros, as the hole read: the bytes are the same
+        f.seek(5 * BLOCK)
+        f.write(bytes(BLOCK))
+    assert sparse_file.read_bytes() == data
+    after = memhash.hash_file(str(sparse_file))
+    assert after[1] == before[1]
+    assert after[0] != before[0]
+    # The old SHA-256 reads holes as zeros and cannot tell: that is why the layout is hashed.
+    assert memhash.hash_file(str(sparse_file), algorithm="sha256") == (
+        reference_sha256(data),
+        len(data),
+    )
+
+
+def test_data_that_became_a_hole_changes_the_digest(sparse_file: Path) -> None:
+    sparse(sparse_file, 8 * BLOCK, [2, 3])
+    before = memhash.hash_file(str(sparse_file))
+    sparse(sparse_file, 8 * BLOCK, [2])
+    assert memhash.hash_file(str(sparse_file))[0] != before[0]
+
+
+def test_a_longer_trailing_hole_changes_the_digest(sparse_file: Path) -> None:
+    sparse(sparse_file, 8 * BLOCK, [2])
+    before = memhash.hash_file(str(sparse_file))
+    os.truncate(sparse_file, 9 * BLOCK)  # same extents, one more block of hole
+    after = memhash.hash_file(str(sparse_file))
+    assert after[1] == 9 * BLOCK
+    assert after[0] != before[0]
+
+
+@pytest.mark.parametrize("where", [0, BLOCK - 1, WINDOW - 1, WINDOW, 3 * WINDOW - 1])
+def test_one_flipped_byte_in_a_sparse_file_changes_the_digest(
+    sparse_file: Path, where: int
+) -> None:
+    blocks = sorted({0, (WINDOW - 1) // BLOCK, WINDOW // BLOCK, (3 * WINDOW - 1) // BLOCK})
+    data = sparse(sparse_file, 3 * WINDOW, blocks)
+    before = memhash.hash_file(str(sparse_file))
+    with sparse_file.open("r+b") as f:
+        f.seek(where)
+        f.write(bytes([data[where] ^ 0x01]))
+    after = memhash.hash_file(str(sparse_file))
+    assert after[1] == before[1]
+    assert after[0] != before[0]
+
+
+# --- both algorithms ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     "size", [0, 1, READ, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK, 3 * CHUNK + READ + 7]
 )
 @pytest.mark.parametrize("threads", [1, 3, None])
-def test_the_digest_is_the_documented_one(tmp_path: Path, size: int, threads: int | None) -> None:
+def test_the_old_sha256_digest_is_still_the_documented_one(
+    tmp_path: Path, size: int, threads: int | None
+) -> None:
     data = payload(size)
     path = tmp_path / "memory.bin"
     path.write_bytes(data)
-    assert memhash.hash_file(str(path), threads=threads) == (reference(data), size)
+    assert memhash.hash_file(str(path), algorithm="sha256", threads=threads) == (
+        reference_sha256(data),
+        size,
+    )
 
 
-def test_it_is_not_the_plain_sha256_of_a_multi_chunk_file(tmp_path: Path) -> None:
+def test_the_old_sha256_is_not_the_plain_sha256_of_a_multi_chunk_file(tmp_path: Path) -> None:
     data = payload(2 * CHUNK)
     path = tmp_path / "memory.bin"
     path.write_bytes(data)
-    digest, _size = memhash.hash_file(str(path))
+    digest, _size = memhash.hash_file(str(path), algorithm="sha256")
     assert digest != hashlib.sha256(data).hexdigest()
 
 
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("where", [0, CHUNK - 1, CHUNK, 2 * CHUNK + 5, 3 * CHUNK - 1])
-def test_one_flipped_byte_anywhere_changes_the_digest(tmp_path: Path, where: int) -> None:
+def test_one_flipped_byte_anywhere_changes_the_digest(
+    tmp_path: Path, algorithm: str, where: int
+) -> None:
     data = payload(3 * CHUNK)
     path = tmp_path / "memory.bin"
     path.write_bytes(data)
-    before = memhash.hash_file(str(path))
+    before = memhash.hash_file(str(path), algorithm=algorithm)
     flipped = bytearray(data)
     flipped[where] ^= 0x01
     path.write_bytes(bytes(flipped))
-    after = memhash.hash_file(str(path))
+    after = memhash.hash_file(str(path), algorithm=algorithm)
     assert after[1] == before[1]
     assert after[0] != before[0]
 
 
-def test_a_truncated_or_extended_file_changes_the_digest(tmp_path: Path) -> None:
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_a_truncated_or_extended_file_changes_the_digest(tmp_path: Path, algorithm: str) -> None:
     data = payload(2 * CHUNK)
     path = tmp_path / "memory.bin"
     path.write_bytes(data)
-    whole = memhash.hash_file(str(path))
+    whole = memhash.hash_file(str(path), algorithm=algorithm)
     path.write_bytes(data[:-1])
-    assert memhash.hash_file(str(path))[0] != whole[0]
+    assert memhash.hash_file(str(path), algorithm=algorithm)[0] != whole[0]
     path.write_bytes(data + b"\0")
-    assert memhash.hash_file(str(path))[0] != whole[0]
+    assert memhash.hash_file(str(path), algorithm=algorithm)[0] != whole[0]
 
 
-def test_hash_fd_leaves_the_file_offset_alone(tmp_path: Path) -> None:
-    data = payload(2 * CHUNK + 3)
-    path = tmp_path / "memory.bin"
-    path.write_bytes(data)
-    fd = os.open(path, os.O_RDONLY)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_hash_fd_leaves_the_file_offset_alone(sparse_file: Path, algorithm: str) -> None:
+    """QEMU may be reading the stream from this very open file (``fd:`` migration) meanwhile."""
+    data = sparse(sparse_file, 2 * WINDOW + 3, [0, 5, 6])
+    fd = os.open(sparse_file, os.O_RDONLY)
     try:
         os.lseek(fd, 17, os.SEEK_SET)
-        assert memhash.hash_fd(fd) == (reference(data), len(data))
+        expected = (
+            reference_sha256(data)
+            if algorithm == "sha256"
+            else reference(data, [(0, BLOCK), (5 * BLOCK, 2 * BLOCK)])
+        )
+        assert memhash.hash_fd(fd, algorithm=algorithm) == (expected, len(data))
         assert os.lseek(fd, 0, os.SEEK_CUR) == 17
     finally:
         os.close(fd)
+
+
+def test_an_unknown_algorithm_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "memory.bin"
+    path.write_bytes(b"x")
+    with pytest.raises(ValueError, match="unknown memory digest algorithm 'md5'"):
+        memhash.hash_file(str(path), algorithm="md5")
 
 
 def test_hash_file_never_follows_a_symlink(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from forgeqmp.adapters.recordstore import KEEP_ARCHIVES, RECORD_FILE, RecordStor
 from forgeqmp.adapters.statedir import StateDir
 from forgeqmp.core.record import (
     ADDED_FIELDS,
+    DIGEST_ALGORITHMS,
     FORMAT_VERSION,
     DiskRecord,
     MemoryRecord,
@@ -130,13 +131,19 @@ def disk_lists(draw: st.DrawFn) -> tuple[DiskRecord, ...]:
     return tuple(disks)
 
 
-memories = st.builds(
-    MemoryRecord,
-    path=abs_paths,
-    size=st.none() | st.integers(min_value=0),
-    sha256=st.none() | st.binary(min_size=32, max_size=32).map(bytes.hex),
-    transport=names,
-    capabilities=st.lists(names, unique=True, max_size=4).map(tuple),
+memories = st.sampled_from(sorted(DIGEST_ALGORITHMS)).flatmap(
+    lambda algorithm: st.builds(
+        MemoryRecord,
+        path=abs_paths,
+        size=st.none() | st.integers(min_value=0),
+        digest=st.none()
+        | st.binary(
+            min_size=DIGEST_ALGORITHMS[algorithm] // 2, max_size=DIGEST_ALGORITHMS[algorithm] // 2
+        ).map(bytes.hex),
+        digest_algorithm=st.just(algorithm),
+        transport=names,
+        capabilities=st.lists(names, unique=True, max_size=4).map(tuple),
+    )
 )
 
 qemus = st.builds(
@@ -298,10 +305,91 @@ def test_constructors_refuse_bad_values(factory: Any, changes: dict[str, Any], f
 def test_memory_record_validation() -> None:
     with pytest.raises(InvalidArgument, match="sha256"):
         MemoryRecord(path="/m", transport="fd", sha256="AB" * 32)
+    with pytest.raises(InvalidArgument, match=r"32 lowercase hex digits \(a xxh3-128 digest\)"):
+        MemoryRecord(path="/m", transport="fd", digest="ab" * 32)  # a SHA-256 named XXH3
+    with pytest.raises(InvalidArgument, match=r"64 lowercase hex digits \(a sha256 digest\)"):
+        MemoryRecord(path="/m", transport="fd", digest="ab" * 16, digest_algorithm="sha256")
+    with pytest.raises(InvalidArgument, match="digest_algorithm must be 'xxh3-128' or 'sha256'"):
+        MemoryRecord(path="/m", transport="fd", digest_algorithm="md5")
+    with pytest.raises(InvalidArgument, match="digest must be"):
+        MemoryRecord(path="/m", transport="fd", digest=123)  # type: ignore[arg-type]
     with pytest.raises(InvalidArgument, match="path"):
         MemoryRecord(path="m", transport="fd")
     with pytest.raises(InvalidArgument, match="capabilities"):
         MemoryRecord(path="/m", transport="fd", capabilities=("x", "x"))
+
+
+def test_memory_digest_names_its_algorithm_and_sha256_is_the_old_spelling() -> None:
+    new = MemoryRecord(path="/m", transport="fd", digest="cd" * 16)
+    assert (new.digest_algorithm, new.sha256) == ("xxh3-128", None)
+    old = MemoryRecord(path="/m", transport="fd", sha256=SHA)
+    assert (old.digest, old.digest_algorithm, old.sha256) == (SHA, "sha256", SHA)
+    assert old == MemoryRecord(path="/m", transport="fd", digest=SHA, digest_algorithm="sha256")
+    # evolve takes either spelling; the digest and its algorithm change together
+    assert attrs.evolve(old, digest="ef" * 16, digest_algorithm="xxh3-128") == MemoryRecord(
+        path="/m", transport="fd", digest="ef" * 16
+    )
+    assert attrs.evolve(new, sha256=SHA) == old
+    with pytest.raises(InvalidArgument, match="xxh3-128"):
+        attrs.evolve(old, digest_algorithm="xxh3-128")  # a SHA-256 digest is not an XXH3 one
+
+
+def test_memory_digest_json_layout() -> None:
+    for memory in (
+        MemoryRecord(path="/m", size=5, digest="cd" * 16, transport="fd"),
+        MemoryRecord(path="/m", size=5, sha256=SHA, transport="fd"),
+        MemoryRecord(path="/m", transport="fd-set"),
+    ):
+        obj = as_obj(make_record(memory=memory))
+        assert obj["memory"]["digest"] == memory.digest
+        assert obj["memory"]["digest_algorithm"] == memory.digest_algorithm
+        assert "sha256" not in obj["memory"]
+        assert SessionRecord.from_json(json.dumps(obj).encode()).memory == memory
+
+
+@pytest.mark.parametrize("digest", [SHA, None])
+def test_a_memory_record_of_an_older_forgeqmp_reads_as_sha256(digest: str | None) -> None:
+    """Records written before the algorithm was recorded had ``sha256`` (the chunked SHA-256):
+    a session enabled by an older forgeqmp can still be discarded, its digest verified as such."""
+    obj = as_obj(make_record())
+    memory = obj["memory"]
+    del memory["digest"], memory["digest_algorithm"]
+    memory["sha256"] = digest
+    record = SessionRecord.from_json(json.dumps(obj).encode())
+    assert record.memory is not None
+    assert (record.memory.digest, record.memory.digest_algorithm) == (digest, "sha256")
+    assert record.memory.sha256 == digest
+    again = SessionRecord.from_json(record.to_json())  # saved again: today's spelling
+    assert again == record
+    assert as_obj(again)["memory"]["digest_algorithm"] == "sha256"
+
+
+def _old_form(memory: dict[str, Any], **changes: Any) -> None:
+    """``memory`` as an older forgeqmp wrote it (``sha256``, no algorithm), then ``changes``."""
+    memory["sha256"] = memory.pop("digest")
+    del memory["digest_algorithm"]
+    memory.update(changes)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: _old_form(m, sha256="AB" * 32), "memory.sha256 must be 64 lowercase hex digits"),
+        (lambda m: _old_form(m, sha256="ab" * 16), "memory.sha256 must be 64 lowercase hex digits"),
+        (lambda m: _old_form(m, sha256=7), "memory.sha256 must be 64 lowercase hex digits"),
+        (lambda m: _old_form(m, digest=SHA), "memory.sha256 and memory.digest cannot"),
+        (lambda m: _old_form(m, digest_algorithm="sha256"), "memory.sha256 and memory.digest_al"),
+        (lambda m: m.update(sha256=SHA), "memory.sha256 and memory.digest cannot"),
+        (lambda m: m.update(digest_algorithm="blake3"), "memory.digest_algorithm must be"),
+        (lambda m: m.update(digest_algorithm=None), "memory.digest_algorithm must be"),
+        (lambda m: m.update(digest_algorithm="xxh3-128"), "32 lowercase hex digits (a xxh3-128"),
+        (lambda m: m.update(digest="AB" * 32), "memory.digest must be 64 lowercase hex digits"),
+    ],
+)
+def test_bad_memory_digests_are_refused(edit: Any, message: str) -> None:
+    obj = as_obj(make_record())  # its memory digest is a SHA-256 one
+    edit(obj["memory"])
+    assert message in str(assert_record_error(json.dumps(obj).encode()))
 
 
 def test_lists_become_tuples_and_env_is_a_private_read_only_copy() -> None:

@@ -1,26 +1,209 @@
-"""The memory file's fingerprint, computed in parallel threads.
+"""The memory file's fingerprint: what enable records and discard verifies before resuming.
 
 A flipped byte inside a RAM page of the memory file loads silently and corrupts the guest (see the
-QEMU recipe), so enable records a digest and discard verifies it before resuming. Hashing costs as
-much as restoring, so the file is hashed in fixed chunks on several threads (hashlib releases the
-GIL): the digest is the SHA-256 of the concatenated SHA-256 digests of consecutive
-:data:`CHUNK_SIZE`-byte chunks. It is as collision-resistant as SHA-256 and reads the file once.
+QEMU recipe), so enable records a digest and discard verifies it while QEMU loads the file. The
+digest guards against corruption (storage, a stray write, a truncated copy), not tampering: whoever
+can write the memory file can write the record beside it (docs/security.md). So it need not be a
+cryptographic hash, only a strong checksum, and it competes with QEMU's load for the same cores:
+enable records **XXH3-128** (:data:`ALGORITHM`), several times faster than SHA-256 here (measured
+by ``python -m benchmarks.digest``). Records written before the algorithm was recorded carry the
+chunked SHA-256 below (``"sha256"``), which is still verified.
+
+``"xxh3-128"`` hashes only the data of a sparse file (a mapped-ram file is mostly holes), and the
+layout of that data, so a hole that became data (even zeros) or a changed length is caught. It is
+the XXH3-128 of::
+
+    b"forgeqmp-memory xxh3-128 1\\n" || le64(file size)
+    || for each window k (WINDOW bytes at k * WINDOW) that holds data, in order:
+           le64(k) || XXH3-128(the window's stream)
+
+where a window's stream is, for each data extent clipped to the window, in order of offset,
+``le64(offset) || le64(length) || the extent's bytes``. Data extents are what ``SEEK_DATA`` /
+``SEEK_HOLE`` report (a file system without them has one extent: the whole file). Windows are
+hashed on several threads, reading with ``pread`` into reused buffers.
+
+``"sha256"`` (records of older forgeqmp) is the SHA-256 of the concatenated SHA-256 digests of
+consecutive :data:`CHUNK_SIZE`-byte chunks of the whole file, holes read as zeros.
+
+Both read with ``pread`` only: the file offset of the descriptor is never moved, so the same open
+file can be handed to QEMU (which reads the stream at that offset) while it is hashed.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import struct
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Final, TypeVar
 
-__all__ = ["CHUNK_SIZE", "hash_fd", "hash_file"]
+import xxhash
 
-#: Bytes per independently hashed chunk.
+from forgeqmp.core.record import DIGEST_ALGORITHMS, LEGACY_DIGEST_ALGORITHM
+
+__all__ = [
+    "ALGORITHM",
+    "ALGORITHMS",
+    "CHUNK_SIZE",
+    "WINDOW",
+    "data_extents",
+    "hash_fd",
+    "hash_file",
+]
+
+#: The algorithm enable records now.
+ALGORITHM: Final = "xxh3-128"
+#: Every algorithm :func:`hash_fd` computes (and so discard can verify).
+ALGORITHMS: Final = (ALGORITHM, LEGACY_DIGEST_ALGORITHM)
+assert set(ALGORITHMS) == set(DIGEST_ALGORITHMS)
+
+#: Bytes per independently hashed chunk of the ``"sha256"`` digest.
 CHUNK_SIZE = 64 * 1024 * 1024
+#: Bytes per independently hashed window of the ``"xxh3-128"`` digest.
+WINDOW = 64 * 1024 * 1024
 _READ = 4 * 1024 * 1024
+_MAGIC: Final = b"forgeqmp-memory xxh3-128 1\n"
+_U64: Final = struct.Struct("<Q")
+_EXTENT: Final = struct.Struct("<QQ")
+_T = TypeVar("_T")
 
 
-def _hash_chunk(fd: int, offset: int, length: int) -> bytes:
+def hash_fd(fd: int, *, algorithm: str = ALGORITHM, threads: int | None = None) -> tuple[str, int]:
+    """Digest by ``algorithm`` of the file open as ``fd`` (read with pread: its offset is untouched).
+
+    Returns ``(hex digest, size in bytes)``. Blocking: run it in a worker thread from async code.
+
+    :raises ValueError: an algorithm this forgeqmp does not know.
+    """
+    size = os.fstat(fd).st_size
+    workers = threads or os.cpu_count() or 1
+    if algorithm == ALGORITHM:
+        return _xxh3_128(fd, size, workers), size
+    if algorithm == LEGACY_DIGEST_ALGORITHM:
+        return _chunked_sha256(fd, size, workers), size
+    raise ValueError(
+        f"unknown memory digest algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}"
+    )
+
+
+def hash_file(
+    path: str, *, algorithm: str = ALGORITHM, threads: int | None = None
+) -> tuple[str, int]:
+    """:func:`hash_fd` of the file at ``path`` (opened read-only, never following a symlink)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return hash_fd(fd, algorithm=algorithm, threads=threads)
+    finally:
+        os.close(fd)
+
+
+def data_extents(fd: int, size: int | None = None) -> list[tuple[int, int]]:
+    """The data extents ``(offset, length)`` of the file open as ``fd``, in order, within its
+    first ``size`` bytes (default: its size). The whole file when the file system cannot tell.
+
+    The seeks happen on a second open file description of the same file, so the offset of ``fd``
+    (which QEMU may be reading from) never moves.
+    """
+    if size is None:
+        size = os.fstat(fd).st_size
+    if size == 0:
+        return []
+    probe = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if not os.path.samestat(os.fstat(probe), os.fstat(fd)):
+            raise OSError(errno.ESTALE, "the reopened memory file is another file")
+        extents: list[tuple[int, int]] = []
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(probe, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data after offset
+                    break
+                if exc.errno == errno.EINVAL and offset == 0:  # SEEK_DATA not supported
+                    return [(0, size)]
+                raise
+            if start >= size:
+                break
+            end = min(os.lseek(probe, start, os.SEEK_HOLE), size)
+            extents.append((start, end - start))
+            offset = end
+        return extents
+    finally:
+        os.close(probe)
+
+
+def _windows(extents: list[tuple[int, int]]) -> dict[int, list[tuple[int, int]]]:
+    """The extents clipped to each WINDOW-byte window that holds data, by window index."""
+    windows: dict[int, list[tuple[int, int]]] = {}
+    for start, length in extents:
+        offset, end = start, start + length
+        while offset < end:
+            index = offset // WINDOW
+            stop = min(end, (index + 1) * WINDOW)
+            windows.setdefault(index, []).append((offset, stop - offset))
+            offset = stop
+    return windows
+
+
+def _reads(
+    extents: list[tuple[int, int]],
+) -> Iterator[tuple[int, int, list[tuple[int, int, bytes]]]]:
+    """The extents' records, grouped into reads that span at most _READ bytes: ``(offset,
+    length, pieces)``, each piece ``(offset, length, header)`` where header is the extent's
+    ``le64(offset) || le64(length)`` on its first piece and empty on the others. Many small
+    extents cost one pread, not one each (the holes between them are read too, within that
+    bound); the pieces do not change what is hashed."""
+    group: list[tuple[int, int, bytes]] = []
+    first = 0
+    for start, length in extents:
+        end = start + length
+        for offset in range(start, end, _READ):
+            piece = min(_READ, end - offset)
+            if group and offset + piece - first > _READ:
+                yield first, group[-1][0] + group[-1][1] - first, group
+                group = []
+            if not group:
+                first = offset
+            group.append((offset, piece, _EXTENT.pack(start, length) if offset == start else b""))
+    if group:
+        yield first, group[-1][0] + group[-1][1] - first, group
+
+
+def _pread_exactly(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise OSError(errno.EIO, "the memory file shrank while it was hashed")
+        done += got
+
+
+def _xxh3_window(fd: int, extents: list[tuple[int, int]]) -> bytes:
+    digest = xxhash.xxh3_128()
+    buffer = memoryview(bytearray(_READ))
+    for first, length, group in _reads(extents):
+        _pread_exactly(fd, buffer[:length], first)
+        for offset, piece, header in group:
+            digest.update(header)
+            digest.update(buffer[offset - first : offset - first + piece])
+    return digest.digest()
+
+
+def _xxh3_128(fd: int, size: int, workers: int) -> str:
+    windows = _windows(data_extents(fd, size))
+    digest = xxhash.xxh3_128(_MAGIC)
+    digest.update(_U64.pack(size))
+    digests = _parallel(lambda item: _xxh3_window(fd, item), list(windows.values()), workers)
+    for index, window_digest in zip(windows, digests, strict=True):
+        digest.update(_U64.pack(index))
+        digest.update(window_digest)
+    return digest.hexdigest()
+
+
+def _sha256_chunk(fd: int, offset: int, length: int) -> bytes:
     digest = hashlib.sha256()
     end = offset + length
     while offset < end:
@@ -32,23 +215,17 @@ def _hash_chunk(fd: int, offset: int, length: int) -> bytes:
     return digest.digest()
 
 
-def hash_fd(fd: int, *, threads: int | None = None) -> tuple[str, int]:
-    """Digest of the whole file open as ``fd`` (read with pread, the offset is untouched).
-
-    Returns ``(hex digest, size in bytes)``. Blocking: run it in a worker thread from async code.
-    """
-    size = os.fstat(fd).st_size
-    offsets = range(0, size, CHUNK_SIZE)
-    workers = max(1, min(threads or os.cpu_count() or 1, len(offsets) or 1))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="forgeqmp-hash") as pool:
-        digests = list(pool.map(lambda off: _hash_chunk(fd, off, CHUNK_SIZE), offsets))
-    return hashlib.sha256(b"".join(digests)).hexdigest(), size
+def _chunked_sha256(fd: int, size: int, workers: int) -> str:
+    offsets = list(range(0, size, CHUNK_SIZE))
+    digests = _parallel(lambda off: _sha256_chunk(fd, off, CHUNK_SIZE), offsets, workers)
+    return hashlib.sha256(b"".join(digests)).hexdigest()
 
 
-def hash_file(path: str, *, threads: int | None = None) -> tuple[str, int]:
-    """:func:`hash_fd` of the file at ``path`` (opened read-only, never following a symlink)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        return hash_fd(fd, threads=threads)
-    finally:
-        os.close(fd)
+def _parallel(fn: Callable[[_T], bytes], items: list[_T], workers: int) -> list[bytes]:
+    """``fn`` of each item, in order, on up to ``workers`` threads (hashing releases the GIL)."""
+    if len(items) <= 1 or workers <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(
+        max_workers=min(workers, len(items)), thread_name_prefix="forgeqmp-hash"
+    ) as pool:
+        return list(pool.map(fn, items))

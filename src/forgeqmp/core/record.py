@@ -35,7 +35,9 @@ from forgeqmp.errors import InvalidArgument, RecordUnreadable
 __all__ = [
     "ADDED_FIELDS",
     "BASE_FORMATS",
+    "DIGEST_ALGORITHMS",
     "FORMAT_VERSION",
+    "LEGACY_DIGEST_ALGORITHM",
     "DiskRecord",
     "MemoryRecord",
     "QemuRecord",
@@ -62,6 +64,12 @@ _DAMAGED: Final = (
     "each disk (qemu-img info --backing-chain) and only then remove the state dir"
 )
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+#: The memory file's digest algorithms a record may name, with the length of their hex digest
+#: (:mod:`forgeqmp.adapters.memhash` computes them and says exactly what each one hashes).
+DIGEST_ALGORITHMS: Final[Mapping[str, int]] = {"xxh3-128": 32, "sha256": 64}
+#: The algorithm of records written before the algorithm was recorded (their field ``sha256``).
+LEGACY_DIGEST_ALGORITHM: Final = "sha256"
 
 
 def new_session_id() -> str:
@@ -156,9 +164,9 @@ def _base_format(_: object, attribute: attrs.Attribute[Any], value: object) -> N
         _invalid(attribute, " or ".join(repr(f) for f in sorted(BASE_FORMATS)), value)
 
 
-def _opt_sha256(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value is not None and not (isinstance(value, str) and _SHA256.fullmatch(value)):
-        _invalid(attribute, "64 lowercase hex digits (a SHA-256) or null", value)
+def _digest_algorithm(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not (isinstance(value, str) and value in DIGEST_ALGORITHMS):
+        _invalid(attribute, " or ".join(repr(a) for a in DIGEST_ALGORITHMS), value)
 
 
 def _session_id(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -305,24 +313,66 @@ class DiskRecord:
             )
 
 
-@attrs.frozen(kw_only=True)
+@attrs.frozen(kw_only=True, init=False)
 class MemoryRecord:
     """The memory (device + RAM) state file saved at enable, which discard restores from.
 
-    ``sha256`` is recorded once the file is complete and hashed; discard verifies it before
-    resuming (a flipped byte loads silently and corrupts the guest). ``capabilities`` are the
-    migration capabilities enabled for the save; the restore must enable the same ones.
+    ``digest`` (hex, by ``digest_algorithm``) is recorded once the file is complete and hashed;
+    discard verifies it while QEMU loads the file (a flipped byte loads silently and corrupts the
+    guest). Records of older forgeqmp had the field ``sha256`` instead: they load with
+    ``digest_algorithm`` ``"sha256"``. ``capabilities`` are the migration capabilities enabled
+    for the save; the restore must enable the same ones.
     """
 
     path: str = attrs.field(validator=_abs_path)
     size: int | None = attrs.field(default=None, validator=_int_at_least(0, optional=True))
-    sha256: str | None = attrs.field(default=None, validator=_opt_sha256)
+    digest: str | None = attrs.field(default=None)
+    digest_algorithm: str = attrs.field(default="xxh3-128", validator=_digest_algorithm)
     transport: str = attrs.field(validator=_name)  #: "fd", "fdset-file", "file"...
     capabilities: tuple[str, ...] = attrs.field(
         default=(),
         converter=_to_str_tuple,
         validator=_str_tuple(_is_name, "capability names", unique=True),
     )
+
+    def __init__(
+        self,
+        *,
+        path: str,
+        size: int | None = None,
+        digest: str | None = None,
+        digest_algorithm: str = "xxh3-128",
+        transport: str,
+        capabilities: Sequence[str] = (),
+        sha256: str | None = None,
+    ) -> None:
+        """The fields by name; ``sha256=`` (as before the algorithm was recorded) is the same as
+        ``digest=`` with ``digest_algorithm="sha256"``."""
+        if sha256 is not None:
+            digest, digest_algorithm = sha256, LEGACY_DIGEST_ALGORITHM
+        self.__attrs_init__(
+            path=path,
+            size=size,
+            digest=digest,
+            digest_algorithm=digest_algorithm,
+            transport=transport,
+            capabilities=capabilities,
+        )
+
+    def __attrs_post_init__(self) -> None:
+        length = DIGEST_ALGORITHMS[self.digest_algorithm]
+        if self.digest is not None and not (
+            isinstance(self.digest, str) and re.fullmatch(f"[0-9a-f]{{{length}}}", self.digest)
+        ):
+            raise InvalidArgument(
+                f"digest must be {length} lowercase hex digits (a {self.digest_algorithm} digest) "
+                f"or null, got {_show(self.digest)}"
+            )
+
+    @property
+    def sha256(self) -> str | None:
+        """The digest if it is a (chunked) SHA-256 one, as records of older forgeqmp had it."""
+        return self.digest if self.digest_algorithm == LEGACY_DIGEST_ALGORITHM else None
 
 
 @attrs.frozen(kw_only=True)
@@ -734,10 +784,29 @@ def _decode_disks(value: object, where: str) -> object:
 def _decode_memory(value: object, where: str) -> object:
     if value is None:
         return None
-    fields = _Fields(value, where + ".", "the memory file")
+    fields = _Fields(_upgrade_memory(value, where), where + ".", "the memory file")
     return fields.build(
         MemoryRecord, _field_names(MemoryRecord), {"capabilities": _decode_str_list}
     )
+
+
+def _upgrade_memory(value: object, where: str) -> object:
+    """A memory record of an older forgeqmp (its digest in ``sha256``, no algorithm named) in
+    today's form: ``digest`` with ``digest_algorithm`` ``"sha256"``."""
+    if not (isinstance(value, dict) and "sha256" in value):
+        return value
+    clash = sorted({"digest", "digest_algorithm"} & set(value))
+    if clash:
+        raise _Invalid(f"{where}.sha256 and {where}.{clash[0]} cannot both be set")
+    legacy = value["sha256"]
+    if legacy is not None and not (isinstance(legacy, str) and _SHA256.fullmatch(legacy)):
+        raise _Invalid(
+            f"{where}.sha256 must be 64 lowercase hex digits or null, got {_show(legacy)}"
+        )
+    upgraded = {k: v for k, v in value.items() if k != "sha256"}
+    upgraded["digest"] = legacy
+    upgraded["digest_algorithm"] = LEGACY_DIGEST_ALGORITHM
+    return upgraded
 
 
 def _decode_qemu(value: object, where: str) -> object:

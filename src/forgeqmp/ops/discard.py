@@ -215,12 +215,40 @@ class DiscardDriver(DriverBase):
         cold: bool = False,
     ) -> SessionRecord:
         memory = record.memory
+        # Opened once: the digest is computed from this open file and QEMU is handed the same one,
+        # so what verifies is what loads (a file put in its place meanwhile is neither).
+        memory_fd, unopened = _open_memory(memory)
+        try:
+            return await self._run_discard_with(
+                record, launch, timeout, report, started, memory_fd, unopened, cold=cold
+            )
+        finally:
+            if memory_fd is not None:
+                os.close(memory_fd)
+
+    async def _run_discard_with(
+        self,
+        record: SessionRecord,
+        launch: Launcher,
+        timeout: float,
+        report: ProgressCallback,
+        started: float,
+        memory_fd: int | None,
+        unopened: str | None,
+        *,
+        cold: bool,
+    ) -> SessionRecord:
+        """:meth:`_run_discard` with the memory file open as ``memory_fd`` (None: it could not
+        be opened, ``unopened`` says why): its digest is verified while QEMU loads it."""
+        memory = record.memory
         verdict: dict[str, str | None] = {}
         verified = anyio.Event()
 
         async def verify() -> None:
             try:
-                verdict["problem"] = await anyio.to_thread.run_sync(_memory_problem, memory)
+                verdict["problem"] = unopened or await anyio.to_thread.run_sync(
+                    _memory_problem, memory, memory_fd
+                )
             finally:
                 verified.set()
 
@@ -235,13 +263,13 @@ class DiscardDriver(DriverBase):
                     self._crash_point("discard", "qemu-stopped")
                     if cold:
                         problem = "a cold start was asked for"
-                    elif memory is not None and os.path.exists(memory.path):
+                    elif memory_fd is not None:
                         report(ProgressEvent("discard", "restoring-memory"))
                         problem, unstarted = await self._restore_retrying(
-                            record, launch, report, verified, verdict
+                            record, launch, report, verified, verdict, memory_fd
                         )
                     else:
-                        problem = "the memory file is missing"
+                        problem = unopened or "the memory file is missing"
                 if unstarted is not None:  # raised here, not as the task group's ExceptionGroup
                     raise unstarted
                 # The digest check says exactly what is wrong with the file; prefer it to the
@@ -331,8 +359,9 @@ class DiscardDriver(DriverBase):
             if not await anyio.to_thread.run_sync(wait_gone, pid, 10.0):
                 raise ForgeFailed(f"QEMU (pid {pid}) does not exit, even after SIGKILL")
 
-    async def _restore(self, record: SessionRecord, launch: Launcher) -> str | None:
-        """Start QEMU waiting for the memory state and load it; the guest stays paused.
+    async def _restore(self, record: SessionRecord, launch: Launcher, memory_fd: int) -> str | None:
+        """Start QEMU waiting for the memory state and load it from ``memory_fd`` (the open file
+        being verified); the guest stays paused.
 
         Returns None when loaded, else why not (then QEMU is stopped again)."""
         memory = record.memory
@@ -354,17 +383,7 @@ class DiscardDriver(DriverBase):
                 return {"capabilities": [{"capability": c, "state": state} for c in caps]}
 
             await conn.execute("migrate-set-capabilities", set_caps(True))
-            fdset_id: int | None = None
-            fd = os.open(memory.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:
-                if memory.transport == Transport.FDSET_FILE.value:
-                    fdset_id, _ = await conn.add_fd(fd, opaque=f"forgeqmp {record.session_id}")
-                    uri = f"file:/dev/fdset/{fdset_id}"
-                else:
-                    await conn.pass_fd(fd, "forgeqmp-restore")
-                    uri = "fd:forgeqmp-restore"
-            finally:
-                os.close(fd)
+            fdset_id, uri = await self._hand_memory_file(record, memory, memory_fd)
             with conn.subscribe("MIGRATION") as migration:
                 await conn.execute("migrate-incoming", {"uri": uri})
                 ev = await migration.wait(
@@ -389,6 +408,23 @@ class DiscardDriver(DriverBase):
         except (QMPError, ForgeFailed) as exc:
             return f"loading the memory state failed: {exc}"
 
+    async def _hand_memory_file(
+        self, record: SessionRecord, memory: MemoryRecord, memory_fd: int
+    ) -> tuple[int | None, str]:
+        """Pass the open memory file to QEMU (a duplicate of ``memory_fd``: the same open file,
+        whose digest is being verified) and return (its fdset id if any, the incoming URI).
+
+        Both transports bind the load to that file: ``file:/dev/fdset/N`` (mapped-ram, QEMU
+        reads with pread) and ``fd:NAME`` (a stream read from the shared file offset, which is
+        put back to the start for each attempt; the digest reads with pread and never moves it).
+        """
+        os.lseek(memory_fd, 0, os.SEEK_SET)
+        if memory.transport == Transport.FDSET_FILE.value:
+            fdset_id, _ = await self.conn.add_fd(memory_fd, opaque=f"forgeqmp {record.session_id}")
+            return fdset_id, f"file:/dev/fdset/{fdset_id}"
+        await self.conn.pass_fd(memory_fd, "forgeqmp-restore")
+        return None, "fd:forgeqmp-restore"
+
     async def _restore_retrying(
         self,
         record: SessionRecord,
@@ -396,6 +432,7 @@ class DiscardDriver(DriverBase):
         report: ProgressCallback,
         verified: anyio.Event,
         verdict: dict[str, str | None],
+        memory_fd: int,
     ) -> tuple[str | None, ForgeFailed | QMPError | None]:
         """:meth:`_restore`, tried again (up to RESTORE_ATTEMPTS in all) when QEMU died or
         failed while starting or loading, as long as the memory file matches its digest.
@@ -407,7 +444,7 @@ class DiscardDriver(DriverBase):
             if attempt > 1:
                 await self._stop_restoring_qemu()
             try:
-                problem = await self._restore(record, launch)
+                problem = await self._restore(record, launch, memory_fd)
             except (ForgeFailed, QMPError) as exc:  # the launch, or QMP of the new QEMU
                 start_failure: ForgeFailed | QMPError | None = exc
                 problem = f"starting QEMU for the memory restore failed: {exc}"
@@ -455,19 +492,32 @@ class DiscardDriver(DriverBase):
             await self.conn.execute("cont")
 
 
-def _memory_problem(memory: MemoryRecord | None) -> str | None:
-    """Why the memory file cannot be trusted, or None when it matches the digest of enable."""
-    if memory is None or memory.sha256 is None:
-        return "no verified memory state was recorded at enable"
+def _open_memory(memory: MemoryRecord | None) -> tuple[int | None, str | None]:
+    """The memory file opened read-only (never through a symlink), or None and why not."""
+    if memory is None:
+        return None, None
     try:
-        digest, size = memhash.hash_file(memory.path)
+        return os.open(memory.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), None
     except FileNotFoundError:
+        return None, "the memory file is missing"
+    except OSError as exc:
+        return None, f"the memory file cannot be opened: {exc}"
+
+
+def _memory_problem(memory: MemoryRecord | None, memory_fd: int | None) -> str | None:
+    """Why the memory file open as ``memory_fd`` cannot be trusted, or None when it matches the
+    digest recorded at enable (by the algorithm recorded with it: old records' SHA-256 too)."""
+    if memory is None or memory.digest is None:
+        return "no verified memory state was recorded at enable"
+    if memory_fd is None:
         return "the memory file is missing"
+    try:
+        digest, size = memhash.hash_fd(memory_fd, algorithm=memory.digest_algorithm)
     except OSError as exc:
         return f"the memory file cannot be read: {exc}"
     if memory.size is not None and size != memory.size:
         return f"the memory file has {size} bytes, not {memory.size} as saved: it was truncated"
-    if digest != memory.sha256:
+    if digest != memory.digest:
         return "the memory file does not match the digest recorded at enable: it was altered"
     return None
 

@@ -387,7 +387,9 @@ class EnableDriver(DriverBase):
             step="active",
             paused_by_forgeqmp=False,
             activated_at=_now(),
-            memory=attrs.evolve(record.memory, size=size, sha256=digest),
+            memory=attrs.evolve(
+                record.memory, size=size, digest=digest, digest_algorithm=memhash.ALGORITHM
+            ),
         )
         self._crash_point("enable", "active")
         report(

@@ -331,7 +331,14 @@ def _final_record(
 ) -> SessionRecord:
     new = plan.record
     if digest is not None and new.memory is not None:
-        new = new.evolve(memory=attrs.evolve(new.memory, sha256=digest[0], size=digest[1]))
+        new = new.evolve(
+            memory=attrs.evolve(
+                new.memory,
+                digest=digest[0],
+                digest_algorithm=memhash.ALGORITHM,
+                size=digest[1],
+            )
+        )
     if new.state is State.ACTIVE and new.activated_at is None:
         new = new.evolve(activated_at=_now())
     finished = new.state in TERMINAL or (new.state is State.FAILED and new.rolled_back)
