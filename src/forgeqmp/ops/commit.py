@@ -15,6 +15,14 @@ import anyio.to_thread
 import attrs
 
 from forgeqmp.adapters.statedir import InstanceLock
+from forgeqmp.core.plans.commit import (
+    attached_nodes,
+    commit_job_id,
+    disk_commit,
+    is_commit_job,
+    plan_commit,
+)
+from forgeqmp.core.plans.common import QUERY_BLOCK, QUERY_JOBS
 from forgeqmp.core.progress import ProgressCallback, ProgressEvent
 from forgeqmp.core.record import (
     DiskRecord,
@@ -31,7 +39,6 @@ from forgeqmp.ops.context import (
     DEFAULT_COMMIT_TIMEOUT,
     PROGRESS_INTERVAL,
     DriverBase,
-    _attached_nodes,
     _check_timeout,
     _now,
     _overlay_gone,
@@ -99,9 +106,8 @@ class CommitDriver(DriverBase):
                 return await self._commit_offline(record, timeout, report)
             await self._check_no_task()
             pid, since = self.conn.peer.pid, self._started()
-            blocks = await self.conn.execute("query-block")
-            attached = _attached_nodes(blocks)
-            pending = [d for d in record.disks if attached.get(d.qdev) == d.overlay_node]
+            plan = plan_commit(record, await self._send(QUERY_BLOCK))
+            pending = [record.disk(job.disk) for job in plan.disks]
             record = self._begin_commit(record, status.state)
             saver = anyio.Lock()
             no_return = anyio.Event()
@@ -142,24 +148,16 @@ class CommitDriver(DriverBase):
         no_return: anyio.Event,
         jobs: _JobsSent,
     ) -> None:
-        assert disk.overlay_node is not None
         conn = self.conn
-        job_id = _job_id(disk)
+        job = disk_commit(disk)
+        job_id = job.job_id
         await self._mark_merged(disk, saver)
         with conn.subscribe(
             "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == job_id
         ) as sub:
             jobs.sent.add(disk.name)
             try:
-                await conn.execute(
-                    "block-commit",
-                    {
-                        "job-id": job_id,
-                        "device": disk.overlay_node,
-                        "base-node": disk.device_node,
-                        "auto-dismiss": False,
-                    },
-                )
+                await self._send(job.start())
             except QMPCommandError:
                 jobs.sent.discard(disk.name)  # refused: QEMU created no job
                 raise
@@ -200,7 +198,7 @@ class CommitDriver(DriverBase):
     async def _report_job_progress(self, job_id: str, disk: str, report: ProgressCallback) -> None:
         last: tuple[int, int] | None = None
         while True:
-            jobs = await self.conn.execute("query-jobs")
+            jobs = await self._send(QUERY_JOBS)
             job = next((j for j in jobs if j["id"] == job_id), None)
             if job is not None:
                 now = (int(job["current-progress"]), int(job["total-progress"]))
@@ -230,19 +228,18 @@ class CommitDriver(DriverBase):
         was sent and accepted; a disk marked at its point of no return whose job QEMU never
         created is unmarked, its original untouched (so discard stays possible if no disk's
         original received data)."""
-        conn = self.conn
         existing: set[str] | None = None  # ids of the commit jobs QEMU has; None: unknown
         with contextlib.suppress(Exception), anyio.fail_after(_UNDO_TIMEOUT):
-            listed = await conn.execute("query-jobs")
+            listed = await self._send(QUERY_JOBS)
             existing = {str(job["id"]) for job in listed}
             for job in listed:
-                if job["type"] == "commit" and job["id"].endswith("-commit"):
+                if is_commit_job(job):
                     await self._drop_job(job["id"])
         record = self.store.load()
         assert record is not None
         attached: dict[str, str] = {}
         with contextlib.suppress(Exception), anyio.fail_after(_UNDO_TIMEOUT):
-            attached = _attached_nodes(await conn.execute("query-block"))
+            attached = attached_nodes(await self._send(QUERY_BLOCK))
         done = [d for d in record.disks if attached.get(d.qdev) == d.device_node]
         originals = {d.name: d for d in started}
         for disk in done:
@@ -372,11 +369,6 @@ class CommitDriver(DriverBase):
         await anyio.to_thread.run_sync(self._remove_memory_file, record)
 
 
-def _job_id(disk: DiskRecord) -> str:
-    assert disk.overlay_node is not None
-    return f"{disk.overlay_node.removesuffix('-fmt')}-commit"
-
-
 def _job_never_created(disk: DiskRecord, jobs: _JobsSent, existing: set[str] | None) -> bool:
     """Whether QEMU certainly never created ``disk``'s commit job (so nothing was written into
     its original): its ``block-commit`` was never sent or was refused, or it was sent without an
@@ -385,4 +377,5 @@ def _job_never_created(disk: DiskRecord, jobs: _JobsSent, existing: set[str] | N
         return True
     if disk.name in jobs.accepted or existing is None:
         return False
-    return _job_id(disk) not in existing
+    assert disk.overlay_node is not None
+    return commit_job_id(disk.overlay_node) not in existing
