@@ -37,12 +37,15 @@ from __future__ import annotations
 import enum
 import shlex
 from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import attrs
 
 from forgeqmp.core.argv import cold_argv
+from forgeqmp.core.plans.command import Command
+from forgeqmp.core.plans.common import close_fd, remove_fdset
 from forgeqmp.core.plans.enable import DOWNTIME_LIMIT_MS, MAX_BANDWIDTH
+from forgeqmp.core.plans.recover import Order, remove_node, reset_migration
 from forgeqmp.core.record import DiskRecord, SessionRecord
 from forgeqmp.core.states import FORGE_BYPASSED, Event, State
 
@@ -220,6 +223,9 @@ def where_is(disk: DiskRecord, qemu: QemuView | None) -> Where:
 class CancelMigration:
     """Cancel the memory save an interrupted enable left running (letting go of its pause)."""
 
+    order: ClassVar[Order] = Order.STOP_MIGRATION
+    tidying: ClassVar[bool] = False
+
     def describe(self) -> str:
         return "cancel the interrupted memory save"
 
@@ -227,6 +233,9 @@ class CancelMigration:
 @attrs.frozen
 class FinishJob:
     """Finish a commit job QEMU is running for us: wait until ready, complete, dismiss."""
+
+    order: ClassVar[Order] = Order.MERGE
+    tidying: ClassVar[bool] = False
 
     job_id: str
     disk: str
@@ -239,6 +248,9 @@ class FinishJob:
 class DropJob:
     """Cancel (unless concluded) and dismiss a job of ours nobody waits for any more."""
 
+    order: ClassVar[Order] = Order.MERGE
+    tidying: ClassVar[bool] = False
+
     job_id: str
 
     def describe(self) -> str:
@@ -249,6 +261,9 @@ class DropJob:
 class CommitBack:
     """Move a disk back onto its original (live): commit its overlay into it, keeping every write
     the guest made on the overlay."""
+
+    order: ClassVar[Order] = Order.MERGE
+    tidying: ClassVar[bool] = False
 
     disk: str
     top_node: str
@@ -263,6 +278,9 @@ class CommitBack:
 class CommitOffline:
     """``qemu-img commit`` an overlay into its original (QEMU not running)."""
 
+    order: ClassVar[Order] = Order.MERGE
+    tidying: ClassVar[bool] = False
+
     disk: str
     overlay_file: str
 
@@ -274,15 +292,26 @@ class CommitOffline:
 class RemoveNode:
     """``blockdev-del`` a node of ours nothing uses any more."""
 
+    order: ClassVar[Order] = Order.REMOVE_NODES
+    #: QMP only; a failure is logged and does not change the session's state.
+    tidying: ClassVar[bool] = True
+
     node: str
 
     def describe(self) -> str:
         return f"remove the block node {self.node}"
 
+    def commands(self) -> tuple[Command, ...]:
+        """What this action sends."""
+        return remove_node(self.node)
+
 
 @attrs.frozen
 class ResumeGuest:
     """``cont`` a guest an interrupted operation of ours left paused."""
+
+    order: ClassVar[Order] = Order.RESUME
+    tidying: ClassVar[bool] = False
 
     def describe(self) -> str:
         return "resume the guest"
@@ -293,36 +322,63 @@ class ResetMigration:
     """Turn off the migration capabilities and reset the parameters enable set (and nobody
     changed since), so a later migration of the VM behaves as before."""
 
+    order: ClassVar[Order] = Order.TIDY_MIGRATION
+    #: QMP only; a failure is logged and does not change the session's state.
+    tidying: ClassVar[bool] = True
+
     capabilities: tuple[str, ...] = ()
     parameters: Mapping[str, int] = attrs.field(factory=dict)
 
     def describe(self) -> str:
         return "reset the migration settings the interrupted enable changed"
 
+    def commands(self) -> tuple[Command, ...]:
+        """What this action sends."""
+        return reset_migration(self.capabilities, self.parameters)
+
 
 @attrs.frozen
 class RemoveFdset:
     """``remove-fd`` the fdset holding the memory file open in QEMU."""
+
+    order: ClassVar[Order] = Order.TIDY_MIGRATION
+    #: QMP only; a failure is logged and does not change the session's state.
+    tidying: ClassVar[bool] = True
 
     fdset_id: int
 
     def describe(self) -> str:
         return f"remove fdset {self.fdset_id} (the memory file passed to QEMU)"
 
+    def commands(self) -> tuple[Command, ...]:
+        """What this action sends."""
+        return (remove_fdset(self.fdset_id),)
+
 
 @attrs.frozen
 class CloseFd:
     """``closefd`` the memory file passed by name (``fd:`` transport); it may be gone already."""
+
+    order: ClassVar[Order] = Order.TIDY_MIGRATION
+    #: QMP only; a failure is logged and does not change the session's state.
+    tidying: ClassVar[bool] = True
 
     name: str
 
     def describe(self) -> str:
         return f"close the file descriptor {self.name} in QEMU, if still open"
 
+    def commands(self) -> tuple[Command, ...]:
+        """What this action sends."""
+        return (close_fd(self.name),)
+
 
 @attrs.frozen
 class DeleteFile:
     """Delete a file the session created (an overlay or the memory file) that is now useless."""
+
+    order: ClassVar[Order] = Order.DELETE_FILES
+    tidying: ClassVar[bool] = False
 
     path: str
     why: str
@@ -335,6 +391,9 @@ class DeleteFile:
 class HashMemory:
     """fsync the complete memory file and record its size and SHA-256 (finishes an enable)."""
 
+    order: ClassVar[Order] = Order.FINGERPRINT
+    tidying: ClassVar[bool] = False
+
     path: str
 
     def describe(self) -> str:
@@ -345,6 +404,9 @@ class HashMemory:
 class FinishDiscard:
     """Stop any QEMU that has not run the guest yet, start QEMU on the originals and restore the
     memory state (or cold-start when it cannot be trusted). Always the last action."""
+
+    order: ClassVar[Order] = Order.FINISH_DISCARD
+    tidying: ClassVar[bool] = False
 
     def describe(self) -> str:
         return "finish the discard: start QEMU on the originals from the memory state"
@@ -365,25 +427,8 @@ Action = (
     | HashMemory
     | FinishDiscard
 )
-
-
-#: The order actions run in: stop the migration, merge, resume, fingerprint, tidy QEMU up, delete
-#: files (only once whatever they held is merged), and finish a discard last.
-_ORDER: Final[Mapping[type, int]] = {
-    CancelMigration: 0,
-    FinishJob: 1,
-    DropJob: 1,
-    CommitBack: 1,
-    CommitOffline: 1,
-    ResumeGuest: 2,
-    HashMemory: 3,
-    RemoveNode: 4,
-    ResetMigration: 5,
-    RemoveFdset: 5,
-    CloseFd: 5,
-    DeleteFile: 6,
-    FinishDiscard: 7,
-}
+# Each action type says when it runs (``order``) and whether it only tidies QEMU up (``tidying``:
+# QMP only, its ``commands()``); see :mod:`forgeqmp.core.plans.recover`.
 
 
 @attrs.frozen
@@ -564,7 +609,7 @@ class _Planner:
         return RecoveryPlan(
             event=event,
             record=record,
-            actions=tuple(sorted(self.actions, key=lambda a: _ORDER[type(a)])),
+            actions=tuple(sorted(self.actions, key=lambda a: a.order)),
             findings=tuple(self.findings),
             next_step=next_step,
             vm_running=vm_running,

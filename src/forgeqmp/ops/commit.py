@@ -21,6 +21,14 @@ from forgeqmp.adapters.qemuimg import (
     find_qemu_img,
 )
 from forgeqmp.adapters.statedir import InstanceLock
+from forgeqmp.core.plans.commit import (
+    attached_nodes,
+    commit_job_id,
+    disk_commit,
+    is_commit_job,
+    plan_commit,
+)
+from forgeqmp.core.plans.common import QUERY_BLOCK, QUERY_JOBS, job_resume
 from forgeqmp.core.progress import JobProgress, ProgressCallback, ProgressEvent, RateEstimate
 from forgeqmp.core.record import (
     DiskRecord,
@@ -38,7 +46,6 @@ from forgeqmp.ops.context import (
     DEFAULT_COMMIT_TIMEOUT,
     PROGRESS_INTERVAL,
     DriverBase,
-    _attached_nodes,
     _check_timeout,
     _now,
     _overlay_gone,
@@ -105,9 +112,8 @@ class CommitDriver(DriverBase):
                 return await self._commit_offline(record, timeout, report)
             await self._check_no_task(_left_running(record))
             pid, since = self.conn.peer.pid, self._started()
-            blocks = await self.conn.execute("query-block")
-            attached = _attached_nodes(blocks)
-            pending = [d for d in record.disks if attached.get(d.qdev) == d.overlay_node]
+            plan = plan_commit(record, await self._send(QUERY_BLOCK))
+            pending = [record.disk(job.disk) for job in plan.disks]
             record = self._begin_commit(record, status.state)
             saver = anyio.Lock()
             no_return = anyio.Event()
@@ -150,9 +156,8 @@ class CommitDriver(DriverBase):
         no_return: anyio.Event,
         jobs: _JobsSent,
     ) -> None:
-        assert disk.overlay_node is not None
         conn = self.conn
-        job_id = _job_id(disk)
+        job_id = disk_commit(disk).job_id
         with conn.subscribe(
             "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == job_id
         ) as sub:
@@ -205,7 +210,7 @@ class CommitDriver(DriverBase):
         there is none, start one."""
         if disk.commit_job != job_id:
             return None
-        listed = await self.conn.execute("query-jobs")
+        listed = await self._send(QUERY_JOBS)
         job = next((j for j in listed if j["id"] == job_id), None)
         if job is None:
             return None
@@ -213,7 +218,7 @@ class CommitDriver(DriverBase):
             await self._drop_job(job_id)  # it failed: a new job starts over from the overlay
             return None
         if job["status"] == "paused":
-            await self.conn.execute("job-resume", {"id": job_id})
+            await self._send(job_resume(job_id))
         progress = JobProgress.from_job(job)
         log.info(
             "commit: disk %s: reattaching to its commit job %s (%s, %s)",
@@ -232,15 +237,7 @@ class CommitDriver(DriverBase):
         await self._mark_merged(disk, saver, job_id)
         jobs.sent.add(disk.name)
         try:
-            await self.conn.execute(
-                "block-commit",
-                {
-                    "job-id": job_id,
-                    "device": disk.overlay_node,
-                    "base-node": disk.device_node,
-                    "auto-dismiss": False,
-                },
-            )
+            await self._send(disk_commit(disk).start())
         except QMPCommandError:
             jobs.sent.discard(disk.name)  # refused: QEMU created no job
             raise
@@ -251,7 +248,7 @@ class CommitDriver(DriverBase):
         """Report the job's bytes done/total and ETA every :data:`PROGRESS_INTERVAL` until
         cancelled (once the job is ready)."""
         while True:
-            jobs = await self.conn.execute("query-jobs")
+            jobs = await self._send(QUERY_JOBS)
             job = next((j for j in jobs if j["id"] == job_id), None)
             if job is not None:
                 meter.sample(JobProgress.from_job(job))
@@ -261,7 +258,7 @@ class CommitDriver(DriverBase):
         """The final ``done == total`` progress of a job that is ready (or ended), also when it
         got there between two polls or before the first (a small disk): a ``disk-merged`` event
         alone says nothing of the bytes."""
-        jobs = await self.conn.execute("query-jobs")
+        jobs = await self._send(QUERY_JOBS)
         job = next((j for j in jobs if j["id"] == job_id), None)
         if job is None or job.get("error"):
             return
@@ -293,15 +290,14 @@ class CommitDriver(DriverBase):
         original received data). ``keep_running``: the commit was stopped from outside (its
         deadline, a cancellation), not by a failure: the recorded jobs still copying are left
         running in QEMU, so that the next commit continues them instead of starting over."""
-        conn = self.conn
         existing: set[str] | None = None  # ids of the commit jobs QEMU has; None: unknown
         running: dict[str, JobProgress] = {}  # disk name → its job, left running
         recorded = {d.commit_job: d.name for d in self._current().disks if d.commit_job}
         with contextlib.suppress(Exception), anyio.fail_after(_UNDO_TIMEOUT):
-            listed = await conn.execute("query-jobs")
+            listed = await self._send(QUERY_JOBS)
             existing = {str(job["id"]) for job in listed}
             for job in listed:
-                if not (job["type"] == "commit" and job["id"].endswith("-commit")):
+                if not is_commit_job(job):
                     continue
                 progress = JobProgress.from_job(job)
                 if keep_running and job["id"] in recorded and _still_copying(job):
@@ -312,7 +308,7 @@ class CommitDriver(DriverBase):
         assert record is not None
         attached: dict[str, str] = {}
         with contextlib.suppress(Exception), anyio.fail_after(_UNDO_TIMEOUT):
-            attached = _attached_nodes(await conn.execute("query-block"))
+            attached = attached_nodes(await self._send(QUERY_BLOCK))
         done = [d for d in record.disks if attached.get(d.qdev) == d.device_node]
         originals = {d.name: d for d in started}
         for disk in done:
@@ -511,11 +507,6 @@ def _running_text(running: Mapping[str, JobProgress]) -> str:
     return ", ".join(f"{name}: {job.describe()}" for name, job in sorted(running.items()))
 
 
-def _job_id(disk: DiskRecord) -> str:
-    assert disk.overlay_node is not None
-    return f"{disk.overlay_node.removesuffix('-fmt')}-commit"
-
-
 def _job_never_created(disk: DiskRecord, jobs: _JobsSent, existing: set[str] | None) -> bool:
     """Whether QEMU certainly never created ``disk``'s commit job (so nothing was written into
     its original): its ``block-commit`` was never sent or was refused, or it was sent without an
@@ -524,4 +515,5 @@ def _job_never_created(disk: DiskRecord, jobs: _JobsSent, existing: set[str] | N
         return True
     if disk.name in jobs.accepted or existing is None:
         return False
-    return _job_id(disk) not in existing
+    assert disk.overlay_node is not None
+    return commit_job_id(disk.overlay_node) not in existing

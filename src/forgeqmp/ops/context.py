@@ -36,6 +36,22 @@ from forgeqmp.core.disks import Disk, disks_from_query, qom_path_of
 from forgeqmp.core.features import Features
 from forgeqmp.core.graphsession import GraphSession, sessions_in_graph
 from forgeqmp.core.plans.command import Command
+from forgeqmp.core.plans.commit import DiskCommit, attached_nodes, remove_overlay_nodes
+from forgeqmp.core.plans.common import (
+    CONT,
+    MIGRATE_CANCEL,
+    QUERY_BLOCK,
+    QUERY_JOBS,
+    QUERY_MIGRATE,
+    QUERY_NAMED_BLOCK_NODES,
+    QUERY_STATUS,
+    STOP,
+    continue_from_pre_switchover,
+    job_cancel,
+    job_complete,
+    job_dismiss,
+    qom_get,
+)
 from forgeqmp.core.progress import StateListener
 from forgeqmp.core.reconcile import MIGRATION_RUNNING
 from forgeqmp.core.record import (
@@ -66,6 +82,7 @@ __all__ = [
     "DEFAULT_DISCARD_TIMEOUT",
     "DEFAULT_ENABLE_TIMEOUT",
     "DriverBase",
+    "send",
 ]
 
 #: Seconds enable may take in all (the memory save dominates: ~3 GB/s here, far less under load).
@@ -85,6 +102,16 @@ _MIGRATION_ENDED = frozenset({"completed", "failed", "cancelled"})
 # The logger names are part of the documented interface (docs/embedding.md, "Logs"): they
 # stay what they were before the modules moved.
 log = logging.getLogger("forgeqmp.driver_base")
+
+
+async def send(conn: QMPConnection, command: Command, *, timeout: float | None = None) -> Any:
+    """Send one planned command (a :class:`~forgeqmp.core.plans.command.Command`) and return
+    QEMU's answer: the one way the operations talk QMP (see :mod:`forgeqmp.core.plans`).
+    ``timeout``: seconds to wait for the answer (default: the connection's)."""
+    arguments = command.arguments or None
+    if timeout is None:
+        return await conn.execute(command.name, arguments)
+    return await conn.execute(command.name, arguments, timeout=timeout)
 
 
 def _now() -> datetime:
@@ -125,15 +152,6 @@ def _log_tail(path: str, since: float, size: int = 1500) -> str | None:
     return " / ".join(line.strip() for line in text.splitlines() if line.strip()) or None
 
 
-def _attached_nodes(query_block: Sequence[Mapping[str, Any]]) -> dict[str, str]:
-    """qdev path → node-name attached to it now."""
-    return {
-        str(b.get("qdev")): str(b["inserted"]["node-name"])
-        for b in query_block
-        if b.get("qdev") and b.get("inserted")
-    }
-
-
 class DriverBase:
     """The state and plumbing shared by the operations (see the module's docstring)."""
 
@@ -167,6 +185,10 @@ class DriverBase:
 
         return stop
 
+    async def _send(self, command: Command, *, timeout: float | None = None) -> Any:
+        """Send one planned command (see :mod:`forgeqmp.core.plans`); returns QEMU's answer."""
+        return await send(self.conn, command, timeout=timeout)
+
     # --- queries ---------------------------------------------------------------------------------
 
     async def features(self) -> Features:
@@ -182,16 +204,14 @@ class DriverBase:
 
     async def disks(self) -> tuple[Disk, ...]:
         """The VM's disk devices, with their attached nodes and boot order."""
-        blocks = await self.conn.execute("query-block")
+        blocks = await self._send(QUERY_BLOCK)
         bootindexes: dict[str, int] = {}
         for entry in blocks:
             qdev = entry.get("qdev")
             if not qdev or entry.get("removable"):
                 continue
             try:
-                value = await self.conn.execute(
-                    "qom-get", {"path": qom_path_of(qdev), "property": "bootindex"}
-                )
+                value = await self._send(qom_get(qom_path_of(qdev), "bootindex"))
             except QMPCommandError:
                 continue  # a device without a bootindex property
             if isinstance(value, int):
@@ -200,7 +220,7 @@ class DriverBase:
 
     async def runstate(self) -> str:
         """QEMU's runstate (``running``, ``paused``, ``suspended``...)."""
-        reply = await self.conn.execute("query-status")
+        reply = await self._send(QUERY_STATUS)
         return str(reply["status"])
 
     # --- prerequisites (each a typed error, nothing changed) -------------------------------------
@@ -208,13 +228,13 @@ class DriverBase:
     async def _check_no_task(self, ours: frozenset[str] = frozenset()) -> None:
         """Refuse while QEMU runs a block job or a migration; ``ours``: ids of jobs this
         session left running (a commit stopped by its deadline), which are not in the way."""
-        jobs = [j for j in await self.conn.execute("query-jobs") if j["id"] not in ours]
+        jobs = [j for j in await self._send(QUERY_JOBS) if j["id"] not in ours]
         if jobs:
             names = ", ".join(f"{j['id']} ({j['type']}, {j['status']})" for j in jobs)
             raise TaskRunning(
                 f"a block job is running on this VM: {names}; wait for it to finish or cancel it"
             )
-        migration = await self.conn.execute("query-migrate")
+        migration = await self._send(QUERY_MIGRATE)
         status = migration.get("status")
         if status in MIGRATION_RUNNING:
             raise TaskRunning(
@@ -230,7 +250,7 @@ class DriverBase:
     async def sessions_in_graph(self) -> tuple[GraphSession, ...]:
         """Forge sessions QEMU's block graph shows (whatever state dir enabled them), with the
         records of them found on this host (see :mod:`forgeqmp.core.graphsession`)."""
-        nodes = await self.conn.execute("query-named-block-nodes")
+        nodes = await self._send(QUERY_NAMED_BLOCK_NODES)
         try:
             base: Path | None = default_state_dir(self.conn.socket_path).parent
         except ForgeError:
@@ -371,7 +391,7 @@ class DriverBase:
         )
         status = ev["data"]["status"]
         if status != wanted:
-            info = await self.conn.execute("query-migrate")
+            info = await self._send(QUERY_MIGRATE)
             desc = info.get("error-desc", "no detail from QEMU")
             raise ForgeFailed(f"saving the memory state {status}: {desc}")
 
@@ -380,18 +400,18 @@ class DriverBase:
         with self.conn.subscribe(
             "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == job_id
         ) as sub:
-            await self.conn.execute(command.name, command.arguments)
+            await self._send(command)
             await sub.wait(lambda ev: ev["data"]["status"] == "concluded", timeout, what)
-        jobs = await self.conn.execute("query-jobs")
+        jobs = await self._send(QUERY_JOBS)
         error = next((j.get("error") for j in jobs if j["id"] == job_id), None)
-        await self.conn.execute("job-dismiss", {"id": job_id})
+        await self._send(job_dismiss(job_id))
         if error:
             raise ForgeFailed(f"{what} failed: {error}")
 
     async def _flush_before_pause(self) -> None:
         """Write the host's cached data of every image to storage while the guest still runs, so
         that the flush QEMU does when it pauses the guest is short (see hostflush)."""
-        await flush_host_images(image_files(await self.conn.execute("query-block")))
+        await flush_host_images(image_files(await self._send(QUERY_BLOCK)))
 
     async def _resume(self) -> None:
         """``cont`` once the runstate left ``finish-migrate`` (before, cont is refused)."""
@@ -400,21 +420,21 @@ class DriverBase:
             if status == "running":
                 return
             if status != "finish-migrate":
-                await self.conn.execute("cont")
+                await self._send(CONT)
                 return
             await anyio.sleep(0.001)
 
     async def _cancel_migration(self) -> None:
         conn = self.conn
         with conn.subscribe("MIGRATION") as migration:
-            info = await conn.execute("query-migrate")
+            info = await self._send(QUERY_MIGRATE)
             if info.get("status") in _MIGRATION_ENDED or info.get("status") in (None, "none"):
                 return
-            await conn.execute("migrate_cancel")
+            await self._send(MIGRATE_CANCEL)
             if info.get("status") == "pre-switchover":
                 # Cancelling at the pause needs the migration to be let go on.
                 with contextlib.suppress(QMPCommandError):
-                    await conn.execute("migrate-continue", {"state": "pre-switchover"})
+                    await self._send(continue_from_pre_switchover())
             await migration.wait(
                 lambda e: e["data"]["status"] in _MIGRATION_ENDED, _UNDO_TIMEOUT, "cancelled"
             )
@@ -425,7 +445,7 @@ class DriverBase:
             await self._resume()
 
     async def _drop_job(self, job_id: str) -> None:
-        jobs = await self.conn.execute("query-jobs")
+        jobs = await self._send(QUERY_JOBS)
         job = next((j for j in jobs if j["id"] == job_id), None)
         if job is None:
             return
@@ -434,11 +454,11 @@ class DriverBase:
                 "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == job_id
             ) as sub:
                 with contextlib.suppress(QMPCommandError):
-                    await self.conn.execute("job-cancel", {"id": job_id})
+                    await self._send(job_cancel(job_id))
                 await sub.wait(
                     lambda ev: ev["data"]["status"] == "concluded", _UNDO_TIMEOUT, "job end"
                 )
-        await self.conn.execute("job-dismiss", {"id": job_id})
+        await self._send(job_dismiss(job_id))
 
     async def _commit_back(
         self,
@@ -452,18 +472,13 @@ class DriverBase:
         may write into the original) that the disk left its overlay, so that a crash can never
         make recover merge the then stale overlay over newer writes."""
         conn = self.conn
+        job = DiskCommit(
+            disk=disk, qdev=qdev, top_node=top_node, base_node=base_node, job_id=job_id
+        )
         with conn.subscribe(
             "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == job_id
         ) as sub:
-            await conn.execute(
-                "block-commit",
-                {
-                    "job-id": job_id,
-                    "device": top_node,
-                    "base-node": base_node,
-                    "auto-dismiss": False,
-                },
-            )
+            await self._send(job.start())
             await sub.wait(
                 lambda e: e["data"]["status"] in ("ready", "concluded"),
                 _UNDO_TIMEOUT,
@@ -509,14 +524,14 @@ class DriverBase:
                     # the resume below knows the pause is ours, and resumes the guest.
                     marks: dict[str, Any] = {"step": f"pivoting:{disk}"} if mark_step else {}
                     self._save(self._current(), paused_by_forgeqmp=True, **marks)
-                    await conn.execute("stop")
+                    await self._send(STOP)
                     self._crash_point(operation, "pivoting")
                 resumed = False
                 try:
                     with conn.subscribe(
                         "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == job_id
                     ) as sub:
-                        jobs = await conn.execute("query-jobs")
+                        jobs = await self._send(QUERY_JOBS)
                         status = next((j["status"] for j in jobs if j["id"] == job_id), None)
                         if status is None:
                             raise ForgeFailed(f"the commit job {job_id} of disk {disk} disappeared")
@@ -530,12 +545,12 @@ class DriverBase:
                                 _UNDO_TIMEOUT,
                                 f"the commit of {disk} to end",
                             )
-                    jobs = await conn.execute("query-jobs")
+                    jobs = await self._send(QUERY_JOBS)
                     error = next((j.get("error") for j in jobs if j["id"] == job_id), None)
-                    await conn.execute("job-dismiss", {"id": job_id})
+                    await self._send(job_dismiss(job_id))
                     if error:
                         raise ForgeFailed(f"committing disk {disk} failed: {error}")
-                    attached = _attached_nodes(await conn.execute("query-block"))
+                    attached = attached_nodes(await self._send(QUERY_BLOCK))
                     if attached.get(qdev) != base_node:
                         raise ForgeFailed(
                             f"after its commit, disk {disk} is on node {attached.get(qdev)!r}, "
@@ -548,7 +563,7 @@ class DriverBase:
                 finally:
                     if paused:
                         with anyio.CancelScope(shield=True), contextlib.suppress(QMPError):
-                            await conn.execute("cont")
+                            await self._send(CONT)
                             resumed = True
                     if resumed or not paused:
                         with contextlib.suppress(ForgeError, OSError):
@@ -565,7 +580,7 @@ class DriverBase:
         """``job-complete``, retried while QEMU says the job is not ready yet (transient)."""
         while True:
             try:
-                await self.conn.execute("job-complete", {"id": job_id})
+                await self._send(job_complete(job_id))
                 return
             except QMPCommandError as exc:
                 if "cannot accept command verb" not in exc.desc and "not ready" not in exc.desc:
@@ -574,11 +589,9 @@ class DriverBase:
 
     async def _drop_overlay(self, disk: DiskRecord) -> None:
         """Remove a merged disk's overlay nodes from the graph and its file from the disk."""
-        for node in (disk.overlay_node, disk.overlay_file_node):
-            if node is None:
-                continue
+        for command in remove_overlay_nodes(disk):
             try:
-                await self.conn.execute("blockdev-del", {"node-name": node})
+                await self._send(command)
             except QMPCommandError as exc:
                 if "not found" not in exc.desc.lower() and "cannot find" not in exc.desc.lower():
                     raise
@@ -608,7 +621,7 @@ class DriverBase:
         if wanted is None:
             return None
         node = disk.device_node
-        nodes = await self.conn.execute("query-named-block-nodes")
+        nodes = await self._send(QUERY_NAMED_BLOCK_NODES)
         now = next((n for n in nodes if n.get("node-name") == node), None)
         if now is None or options_restored(wanted, now):
             return None
@@ -618,10 +631,10 @@ class DriverBase:
             problem = f"{node!r} cannot be named in a reopen command"
         elif reopen.name in (await self.features()).commands:
             try:
-                reply = await self.conn.execute(reopen.name, reopen.arguments)
+                reply = await self._send(reopen)
             except QMPCommandError as exc:
                 reply = exc.desc
-            nodes = await self.conn.execute("query-named-block-nodes")
+            nodes = await self._send(QUERY_NAMED_BLOCK_NODES)
             now = next((n for n in nodes if n.get("node-name") == node), now)
             if options_restored(wanted, now):
                 return None

@@ -15,7 +15,6 @@ import shlex
 import signal
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -26,7 +25,8 @@ from forgeqmp.adapters.process import describe_process, wait_gone
 from forgeqmp.adapters.qemuproc import recorded_qemu_alive
 from forgeqmp.adapters.statedir import InstanceLock
 from forgeqmp.core.argv import active_argv
-from forgeqmp.core.plans.enable import Transport
+from forgeqmp.core.plans.common import CONT, QUERY_MACHINE_TYPE, QUERY_MIGRATE, QUIT
+from forgeqmp.core.plans.discard import RestorePlan, plan_restore
 from forgeqmp.core.progress import ProgressCallback, ProgressEvent
 from forgeqmp.core.record import (
     MemoryRecord,
@@ -57,8 +57,6 @@ log = logging.getLogger("forgeqmp.discard_driver")
 
 __all__ = ["DiscardDriver"]
 
-#: Capabilities of the save that the restoring QEMU must also have.
-_RESTORE_CAPABILITIES = frozenset({"mapped-ram", "multifd"})
 #: How many times a memory restore is tried while the memory file verifies (a QEMU that died
 #: while loading is started again) before the VM falls back to a cold start.
 RESTORE_ATTEMPTS = 3
@@ -175,7 +173,7 @@ class DiscardDriver(DriverBase):
                 "may not fit it; restart it with the recorded one (forgeqmp status shows it) "
                 "or commit instead"
             )
-        machine = await self.conn.execute("qom-get", {"path": "/machine", "property": "type"})
+        machine = await self._send(QUERY_MACHINE_TYPE)
         if str(machine).removesuffix("-machine") != record.qemu.machine:
             raise PrerequisiteError(
                 f"the machine type is {machine}, not {record.qemu.machine} as at enable; "
@@ -277,7 +275,7 @@ class DiscardDriver(DriverBase):
                 if not cold:
                     problem = verdict.get("problem") or problem
                 if problem is None:
-                    await self.conn.execute("cont")
+                    await self._send(CONT)
                     restored = True
                 else:
                     restored = False
@@ -348,7 +346,7 @@ class DiscardDriver(DriverBase):
         if self.conn.connected:
             pid = self.conn.peer.pid
             with contextlib.suppress(QMPError):
-                await self.conn.execute("quit", timeout=10)
+                await self._send(QUIT, timeout=10)
         elif not recorded_qemu_alive(record):
             return  # QEMU is not running (the recorded pid is gone or now another program's)
         await self.conn.close()
@@ -364,66 +362,59 @@ class DiscardDriver(DriverBase):
         being verified); the guest stays paused.
 
         Returns None when loaded, else why not (then QEMU is stopped again)."""
-        memory = record.memory
-        assert memory is not None
+        plan = plan_restore(record)
         await launch(self._spec(record, incoming=True))
         await self.conn.reconnect()
         log.info(
             "discard %s: QEMU relaunched waiting for the memory state, pid %d; restoring %s",
             record.session_id,
             self.conn.peer.pid,
-            memory.path,
+            plan.memory_file,
         )
         self._crash_point("discard", "qemu-launched")
         conn = self.conn
         try:
-            caps = ("events", *(c for c in memory.capabilities if c in _RESTORE_CAPABILITIES))
-
-            def set_caps(state: bool) -> dict[str, Any]:
-                return {"capabilities": [{"capability": c, "state": state} for c in caps]}
-
-            await conn.execute("migrate-set-capabilities", set_caps(True))
-            fdset_id, uri = await self._hand_memory_file(record, memory, memory_fd)
+            await self._send(plan.set_capabilities())
+            fdset_id = await self._hand_memory_file(plan, memory_fd)
             with conn.subscribe("MIGRATION") as migration:
-                await conn.execute("migrate-incoming", {"uri": uri})
+                await self._send(plan.migrate_incoming(fdset_id))
                 ev = await migration.wait(
                     lambda e: e["data"]["status"] in _MIGRATION_ENDED,
                     DEFAULT_DISCARD_TIMEOUT * 10,  # bounded by the caller's deadline
                     "the memory state to load",
                 )
-            if fdset_id is not None:
+            release = plan.release(fdset_id)
+            if release is not None:
                 # QEMU keeps an fdset's descriptor open until it is removed: without this the
                 # deleted memory file (guest RAM) stays allocated, and readable through
                 # /proc/<pid>/fd, for as long as the VM runs.
                 with contextlib.suppress(QMPCommandError):
-                    await conn.execute("remove-fd", {"fdset-id": fdset_id})
+                    await self._send(release)
             if ev["data"]["status"] == "completed":
                 # The relaunched QEMU is the platform's VM again: leave its migration settings
                 # at their defaults (multifd/mapped-ram would change its next migration).
-                await conn.execute("migrate-set-capabilities", set_caps(False))
+                await self._send(plan.reset_capabilities())
                 self._crash_point("discard", "memory-loaded")
                 return None
-            info = await conn.execute("query-migrate")
+            info = await self._send(QUERY_MIGRATE)
             return f"loading the memory state failed: {info.get('error-desc', 'no detail')}"
         except (QMPError, ForgeFailed) as exc:
             return f"loading the memory state failed: {exc}"
 
-    async def _hand_memory_file(
-        self, record: SessionRecord, memory: MemoryRecord, memory_fd: int
-    ) -> tuple[int | None, str]:
+    async def _hand_memory_file(self, plan: RestorePlan, memory_fd: int) -> int | None:
         """Pass the open memory file to QEMU (a duplicate of ``memory_fd``: the same open file,
-        whose digest is being verified) and return (its fdset id if any, the incoming URI).
+        whose digest is being verified) as the plan says; returns its fdset id, if any.
 
         Both transports bind the load to that file: ``file:/dev/fdset/N`` (mapped-ram, QEMU
         reads with pread) and ``fd:NAME`` (a stream read from the shared file offset, which is
         put back to the start for each attempt; the digest reads with pread and never moves it).
         """
         os.lseek(memory_fd, 0, os.SEEK_SET)
-        if memory.transport == Transport.FDSET_FILE.value:
-            fdset_id, _ = await self.conn.add_fd(memory_fd, opaque=f"forgeqmp {record.session_id}")
-            return fdset_id, f"file:/dev/fdset/{fdset_id}"
-        await self.conn.pass_fd(memory_fd, "forgeqmp-restore")
-        return None, "fd:forgeqmp-restore"
+        if plan.uses_fdset:
+            fdset_id, _ = await self.conn.add_fd(memory_fd, opaque=plan.fdset_opaque)
+            return fdset_id
+        await self.conn.pass_fd(memory_fd, plan.fd_name)
+        return None
 
     async def _restore_retrying(
         self,
@@ -469,7 +460,7 @@ class DiscardDriver(DriverBase):
         peer = self.conn._peer  # the QEMU launched for the restore, if it was reached
         if self.conn.connected:
             with contextlib.suppress(QMPError):
-                await self.conn.execute("quit", timeout=10)
+                await self._send(QUIT, timeout=10)
         await self.conn.close()
         if peer is not None and not await anyio.to_thread.run_sync(wait_gone, peer.pid, 30.0):
             with contextlib.suppress(ProcessLookupError):
@@ -482,14 +473,14 @@ class DiscardDriver(DriverBase):
         if self.conn.connected:
             pid = self.conn.peer.pid
             with contextlib.suppress(QMPError):
-                await self.conn.execute("quit", timeout=10)
+                await self._send(QUIT, timeout=10)
             await self.conn.close()
             await anyio.to_thread.run_sync(wait_gone, pid, 30.0)
         await launch(self._spec(record, incoming=False))
         await self.conn.reconnect()
         log.info("discard %s: QEMU started cold, pid %d", record.session_id, self.conn.peer.pid)
         if await self.runstate() != "running":
-            await self.conn.execute("cont")
+            await self._send(CONT)
 
 
 def _open_memory(memory: MemoryRecord | None) -> tuple[int | None, str | None]:

@@ -24,6 +24,18 @@ from forgeqmp.adapters.statedir import InstanceLock
 from forgeqmp.core.blockopts import argv_block_options
 from forgeqmp.core.disks import Disk, select_disks
 from forgeqmp.core.features import Features
+from forgeqmp.core.plans.common import (
+    CONT,
+    QUERY_BLOCK,
+    QUERY_MACHINE_TYPE,
+    QUERY_MIGRATE,
+    QUERY_MIGRATE_CAPABILITIES,
+    QUERY_MIGRATE_PARAMETERS,
+    STOP,
+    close_fd,
+    continue_from_pre_switchover,
+    remove_fdset,
+)
 from forgeqmp.core.plans.enable import (
     ConvergenceStep,
     EnablePlan,
@@ -234,7 +246,7 @@ class EnableDriver(DriverBase):
     ) -> SessionRecord:
         peer = self.conn.peer
         process = describe_process(peer.pid)
-        machine = await self.conn.execute("qom-get", {"path": "/machine", "property": "type"})
+        machine = await self._send(QUERY_MACHINE_TYPE)
         now = _now()
         disks = []
         for o in plan.overlays:
@@ -294,7 +306,7 @@ class EnableDriver(DriverBase):
         os.close(os.open(overlay.overlay_file, flags, 0o600))
         undo.files.append(overlay.overlay_file)
         add_file = overlay.add_file_node()
-        await self.conn.execute(add_file.name, add_file.arguments)
+        await self._send(add_file)
         undo.nodes.append(overlay.file_node)
         undo.jobs.append(overlay.create_job)
         await self._run_job(
@@ -305,7 +317,7 @@ class EnableDriver(DriverBase):
         )
         undo.jobs.remove(overlay.create_job)
         add_format = overlay.add_format_node()
-        await self.conn.execute(add_format.name, add_format.arguments)
+        await self._send(add_format)
         undo.nodes.append(overlay.format_node)
 
     async def _run_enable(
@@ -338,13 +350,13 @@ class EnableDriver(DriverBase):
             else:
                 await conn.pass_fd(mem_fd, plan.fd_name)
                 undo.fd_name = plan.fd_name
-            caps = await conn.execute("query-migrate-capabilities")
+            caps = await self._send(QUERY_MIGRATE_CAPABILITIES)
             undo.previous_capabilities = {c["capability"]: bool(c["state"]) for c in caps}
             set_caps = plan.set_capabilities()
-            await conn.execute(set_caps.name, set_caps.arguments)
-            undo.previous_parameters = dict(await conn.execute("query-migrate-parameters"))
+            await self._send(set_caps)
+            undo.previous_parameters = dict(await self._send(QUERY_MIGRATE_PARAMETERS))
             set_params = plan.set_parameters()
-            await conn.execute(set_params.name, set_params.arguments)
+            await self._send(set_params)
             # Before the save, which pauses the guest (at its switchover, or a stop first):
             # recover resumes a guest it finds paused while this is recorded.
             record = self._save(record, step="migration-started", paused_by_forgeqmp=True)
@@ -429,7 +441,7 @@ class EnableDriver(DriverBase):
     async def _report_memory_progress(self, report: ProgressCallback) -> None:
         with contextlib.suppress(QMPError):  # progress is informative: never fail the save
             while True:
-                info = await self.conn.execute("query-migrate")
+                info = await self._send(QUERY_MIGRATE)
                 ram = info.get("ram")
                 if info.get("status") == "active" and isinstance(ram, Mapping):
                     total = int(ram.get("total", 0))
@@ -452,7 +464,7 @@ class EnableDriver(DriverBase):
         if not steps:
             return
         while True:
-            info = await self.conn.execute("query-migrate")
+            info = await self._send(QUERY_MIGRATE)
             if info.get("status") not in ("setup", "active"):
                 return  # at the pause already, or ended (the wait reports how)
             ram = info.get("ram")
@@ -462,22 +474,21 @@ class EnableDriver(DriverBase):
         iterating = anyio.current_time()
         for step in steps:
             await anyio.sleep_until(iterating + step.after_s)
-            info = await self.conn.execute("query-migrate")
+            info = await self._send(QUERY_MIGRATE)
             if info.get("status") != "active":
                 return
             command = step.command()
             if step.pauses_guest:
                 undo.stopped_by_us = True  # from now on a failure must resume the guest
-            await self.conn.execute(command.name, command.arguments)
+            await self._send(command)
             report(ProgressEvent("enable", "converging", step.progress_detail()))
 
     async def _save_with_pause(
         self, plan: EnablePlan, undo: _EnableUndo, migration: Any, report: ProgressCallback
     ) -> None:
-        conn = self.conn
         migrate = plan.migrate(undo.fdset_id)
         await self._flush_before_pause()
-        await conn.execute(migrate.name, migrate.arguments)
+        await self._send(migrate)
         undo.migration_started = True
         report(ProgressEvent("enable", "saving-memory"))
         await self._with_memory_progress(
@@ -488,10 +499,10 @@ class EnableDriver(DriverBase):
         self._crash_point("enable", "pre-switchover")
         # The guest is paused: snapshot every disk or none.
         transaction = plan.transaction()
-        await conn.execute(transaction.name, transaction.arguments)
+        await self._send(transaction)
         undo.snapshotted = True
         self._crash_point("enable", "snapshot-transaction-done")
-        await conn.execute("migrate-continue", {"state": "pre-switchover"})
+        await self._send(continue_from_pre_switchover())
         await self._wait_migration(migration, "completed", "the end of the memory save")
         undo.migration_completed = True
         await self._resume()
@@ -500,17 +511,16 @@ class EnableDriver(DriverBase):
     async def _save_in_background(
         self, plan: EnablePlan, undo: _EnableUndo, migration: Any, report: ProgressCallback
     ) -> None:
-        conn = self.conn
         await self._flush_before_pause()
-        await conn.execute("stop")
+        await self._send(STOP)
         undo.stopped_by_us = True
         transaction = plan.transaction()
-        await conn.execute(transaction.name, transaction.arguments)
+        await self._send(transaction)
         undo.snapshotted = True
         migrate = plan.migrate(undo.fdset_id)
-        await conn.execute(migrate.name, migrate.arguments)
+        await self._send(migrate)
         undo.migration_started = True
-        await conn.execute("cont")
+        await self._send(CONT)
         undo.stopped_by_us = False
         report(ProgressEvent("enable", "saving-memory"))
         await self._with_memory_progress(
@@ -521,22 +531,21 @@ class EnableDriver(DriverBase):
 
     async def _release_migration_setup(self, plan: EnablePlan, undo: _EnableUndo) -> None:
         """Give back what the save borrowed: the fd/fdset and the migration settings."""
-        conn = self.conn
         if undo.fdset_id is not None:
             with contextlib.suppress(QMPCommandError):  # QEMU may have freed it already
-                await conn.execute("remove-fd", {"fdset-id": undo.fdset_id})
+                await self._send(remove_fdset(undo.fdset_id))
             undo.fdset_id = None
         if undo.fd_name is not None:
             with contextlib.suppress(QMPCommandError):  # migration closes it when done
-                await conn.execute("closefd", {"fdname": undo.fd_name})
+                await self._send(close_fd(undo.fd_name))
             undo.fd_name = None
         if undo.previous_parameters is not None:
             restore = plan.restore_parameters(undo.previous_parameters)
-            await conn.execute(restore.name, restore.arguments)
+            await self._send(restore)
             undo.previous_parameters = None
         if undo.previous_capabilities is not None:
             restore = plan.restore_capabilities(undo.previous_capabilities)
-            await conn.execute(restore.name, restore.arguments)
+            await self._send(restore)
             undo.previous_capabilities = None
 
     async def _undo_enable(
@@ -617,7 +626,7 @@ class EnableDriver(DriverBase):
 
     async def _unsnapshot(self, plan: EnablePlan) -> None:
         """Put each disk back on its original node by committing its (new, nearly empty) overlay."""
-        blocks = await self.conn.execute("query-block")
+        blocks = await self._send(QUERY_BLOCK)
         attached = {
             str(b.get("qdev")): b["inserted"]["node-name"] for b in blocks if b.get("inserted")
         }

@@ -16,7 +16,7 @@ import functools
 import logging
 import os
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,17 @@ from forgeqmp.adapters.launcher import Launcher, detached_launcher
 from forgeqmp.adapters.qemuimg import commit_overlay, find_qemu_img
 from forgeqmp.adapters.qemuproc import qemu_down
 from forgeqmp.adapters.statedir import LOCK_FILE, InstanceLock, StateDir
+from forgeqmp.core.plans.common import (
+    QUERY_BLOCK,
+    QUERY_FDSETS,
+    QUERY_JOBS,
+    QUERY_MIGRATE,
+    QUERY_MIGRATE_CAPABILITIES,
+    QUERY_MIGRATE_PARAMETERS,
+    QUERY_NAMED_BLOCK_NODES,
+    QUERY_STATUS,
+    job_resume,
+)
 from forgeqmp.core.progress import ProgressCallback, ProgressEvent
 from forgeqmp.core.reconcile import (
     Action,
@@ -65,7 +76,7 @@ from forgeqmp.errors import (
     QMPDisconnected,
 )
 from forgeqmp.forge import Instance
-from forgeqmp.ops.context import _check_timeout
+from forgeqmp.ops.context import _check_timeout, send
 
 __all__ = [
     "DEFAULT_RECOVER_TIMEOUT",
@@ -82,8 +93,6 @@ log = logging.getLogger("forgeqmp.recover_driver")
 DEFAULT_RECOVER_TIMEOUT = 600.0
 #: Observe-plan-act rounds before recover gives up and records what stands in the way.
 _MAX_ROUNDS = 4
-#: Actions whose failure does not change the session's state (they only tidy up QEMU).
-_TIDYING = (RemoveNode, ResetMigration, RemoveFdset, CloseFd)
 
 
 def recorded_files(record: SessionRecord) -> frozenset[str]:
@@ -122,7 +131,7 @@ async def _ensure_connection(instance: Instance, record: SessionRecord) -> bool:
     conn = instance.conn
     if conn.connected:
         try:
-            await conn.execute("query-status")
+            await send(conn, QUERY_STATUS)
             return True
         except QMPDisconnected:
             pass
@@ -141,8 +150,8 @@ async def observe(instance: Instance, record: SessionRecord) -> Observation:
     if not await _ensure_connection(instance, record):
         return Observation(qemu=None, files=files)
     conn = instance.conn
-    status = await conn.execute("query-status")
-    blocks = await conn.execute("query-block")
+    status = await send(conn, QUERY_STATUS)
+    blocks = await send(conn, QUERY_BLOCK)
     wanted = {d.qdev for d in record.disks}
     devices: dict[str, DeviceView] = {}
     for entry in blocks:
@@ -156,26 +165,23 @@ async def observe(instance: Instance, record: SessionRecord) -> Observation:
             else DeviceView()
         )
     nodes = frozenset(
-        str(n["node-name"])
-        for n in await conn.execute("query-named-block-nodes")
-        if n.get("node-name")
+        str(n["node-name"]) for n in await send(conn, QUERY_NAMED_BLOCK_NODES) if n.get("node-name")
     )
     jobs = tuple(
         JobView(str(j["id"]), str(j["type"]), str(j["status"]), j.get("error"))
-        for j in await conn.execute("query-jobs")
+        for j in await send(conn, QUERY_JOBS)
     )
-    migration = str((await conn.execute("query-migrate")).get("status") or "none")
+    migration = str((await send(conn, QUERY_MIGRATE)).get("status") or "none")
     opaque = fdset_opaque(record.session_id)
     fdsets = tuple(
         int(s["fdset-id"])
-        for s in await conn.execute("query-fdsets")
+        for s in await send(conn, QUERY_FDSETS)
         if any(fd.get("opaque") == opaque for fd in s.get("fds", []))
     )
     capabilities = {
-        str(c["capability"]): bool(c["state"])
-        for c in await conn.execute("query-migrate-capabilities")
+        str(c["capability"]): bool(c["state"]) for c in await send(conn, QUERY_MIGRATE_CAPABILITIES)
     }
-    parameters = dict(await conn.execute("query-migrate-parameters"))
+    parameters = dict(await send(conn, QUERY_MIGRATE_PARAMETERS))
     return Observation(
         qemu=QemuView(
             pid=conn.peer.pid,
@@ -204,19 +210,19 @@ class _ActionFailed(Exception):
         super().__init__(f"{action.describe()}: {cause}")
 
 
-async def _finish_job(instance: Instance, action: FinishJob) -> None:
+async def _finish_job(instance: Instance, _record: SessionRecord, action: FinishJob) -> None:
     conn = instance.conn
     record = instance._current()
     disk = record.disk(action.disk)
     with conn.subscribe(
         "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == action.job_id
     ) as sub:
-        jobs = await conn.execute("query-jobs")
+        jobs = await instance._send(QUERY_JOBS)
         status = next((j["status"] for j in jobs if j["id"] == action.job_id), None)
         if status is None:
             return  # gone meanwhile: the next observation tells where the disk is
         if status == "paused":
-            await conn.execute("job-resume", {"id": action.job_id})
+            await instance._send(job_resume(action.job_id))
         if status not in ("ready", "pending", "waiting", "aborting", "concluded"):
             await sub.wait(
                 lambda e: e["data"]["status"] in ("ready", "concluded"),
@@ -243,7 +249,9 @@ async def _finish_job(instance: Instance, action: FinishJob) -> None:
     )
 
 
-async def _commit_offline(instance: Instance, action: CommitOffline) -> None:
+async def _commit_offline(
+    instance: Instance, _record: SessionRecord, action: CommitOffline
+) -> None:
     record = instance._current()
     disk = record.disk(action.disk)
     try:
@@ -257,24 +265,6 @@ async def _commit_offline(instance: Instance, action: CommitOffline) -> None:
     )
 
 
-async def _tidy(instance: Instance, action: Action) -> None:
-    conn = instance.conn
-    if isinstance(action, RemoveNode):
-        await conn.execute("blockdev-del", {"node-name": action.node})
-    elif isinstance(action, ResetMigration):
-        if action.capabilities:
-            await conn.execute(
-                "migrate-set-capabilities",
-                {"capabilities": [{"capability": c, "state": False} for c in action.capabilities]},
-            )
-        if action.parameters:
-            await conn.execute("migrate-set-parameters", dict(action.parameters))
-    elif isinstance(action, RemoveFdset):
-        await conn.execute("remove-fd", {"fdset-id": action.fdset_id})
-    elif isinstance(action, CloseFd):
-        await conn.execute("closefd", {"fdname": action.name})
-
-
 async def _hash_memory(path: str) -> tuple[str, int]:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
@@ -284,35 +274,74 @@ async def _hash_memory(path: str) -> tuple[str, int]:
         os.close(fd)
 
 
+async def _send_commands(
+    instance: Instance,
+    _record: SessionRecord,
+    action: RemoveNode | ResetMigration | RemoveFdset | CloseFd,
+) -> None:
+    for command in action.commands():
+        await instance._send(command)
+
+
+async def _cancel_migration(
+    instance: Instance, _record: SessionRecord, _action: CancelMigration
+) -> None:
+    await instance._cancel_migration()
+
+
+async def _drop_job(instance: Instance, _record: SessionRecord, action: DropJob) -> None:
+    await instance._drop_job(action.job_id)
+
+
+async def _commit_back(instance: Instance, record: SessionRecord, action: CommitBack) -> None:
+    disk = record.disk(action.disk)
+    await instance._commit_back(
+        disk.name, disk.qdev, action.top_node, action.base_node, action.job_id
+    )
+
+
+async def _resume_guest(instance: Instance, _record: SessionRecord, _action: ResumeGuest) -> None:
+    await instance._resume_if_stopped()
+
+
+async def _delete_file(_instance: Instance, record: SessionRecord, action: DeleteFile) -> None:
+    if action.path not in recorded_files(record):  # reconcile never asks; never do it
+        raise ForgeFailed(f"refusing to delete {action.path}: the session did not create it")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(action.path)
+    with contextlib.suppress(OSError):
+        _fsync_dir(os.path.dirname(action.path))
+
+
+async def _fingerprint(
+    _instance: Instance, _record: SessionRecord, action: HashMemory
+) -> tuple[str, int]:
+    return await _hash_memory(action.path)
+
+
+_Runner = Callable[[Instance, SessionRecord, Any], Awaitable[Any]]
+
+#: How each action type runs (the one dispatch; each type's order is its ``order``).
+#: FinishDiscard ends the round and is run by the loop itself.
+_RUNNERS: Mapping[type, _Runner] = {
+    CancelMigration: _cancel_migration,
+    FinishJob: _finish_job,
+    DropJob: _drop_job,
+    CommitBack: _commit_back,
+    CommitOffline: _commit_offline,
+    ResumeGuest: _resume_guest,
+    DeleteFile: _delete_file,
+    HashMemory: _fingerprint,
+    RemoveNode: _send_commands,
+    ResetMigration: _send_commands,
+    RemoveFdset: _send_commands,
+    CloseFd: _send_commands,
+}
+
+
 async def _run(instance: Instance, record: SessionRecord, action: Action) -> Any:
     """Run one action; returns its result (HashMemory: digest and size)."""
-    if isinstance(action, CancelMigration):
-        await instance._cancel_migration()
-    elif isinstance(action, FinishJob):
-        await _finish_job(instance, action)
-    elif isinstance(action, DropJob):
-        await instance._drop_job(action.job_id)
-    elif isinstance(action, CommitBack):
-        disk = record.disk(action.disk)
-        await instance._commit_back(
-            disk.name, disk.qdev, action.top_node, action.base_node, action.job_id
-        )
-    elif isinstance(action, CommitOffline):
-        await _commit_offline(instance, action)
-    elif isinstance(action, ResumeGuest):
-        await instance._resume_if_stopped()
-    elif isinstance(action, DeleteFile):
-        if action.path not in recorded_files(record):  # reconcile never asks; never do it
-            raise ForgeFailed(f"refusing to delete {action.path}: the session did not create it")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(action.path)
-        with contextlib.suppress(OSError):
-            _fsync_dir(os.path.dirname(action.path))
-    elif isinstance(action, HashMemory):
-        return await _hash_memory(action.path)
-    elif isinstance(action, _TIDYING):
-        await _tidy(instance, action)
-    return None
+    return await _RUNNERS[type(action)](instance, record, action)
 
 
 def _fsync_dir(path: str) -> None:
@@ -388,14 +417,14 @@ async def run_recover(
                 digest: tuple[str, int] | None = None
                 try:
                     for action in plan.actions:
-                        if isinstance(action, FinishDiscard):
+                        if isinstance(action, FinishDiscard):  # the last action: it ends recover
                             tell(ProgressEvent("recover", "action", {"do": action.describe()}))
                             return await instance._finish_discard(record, launch, timeout, tell)
                         tell(ProgressEvent("recover", "action", {"do": action.describe()}))
                         try:
                             result = await _run(instance, record, action)
                         except (ForgeError, OSError) as exc:
-                            if isinstance(action, _TIDYING):
+                            if action.tidying:
                                 log.warning("recover: %s failed: %s", action.describe(), exc)
                                 continue
                             raise _ActionFailed(action, exc) from exc

@@ -48,6 +48,7 @@ __all__ = [
     "Strategy",
     "Transport",
     "choose_strategy",
+    "migration_uri",
     "plan_enable",
 ]
 
@@ -129,6 +130,20 @@ class Transport(enum.Enum):
     FDSET_FILE = "fdset-file"
     #: ``fd:NAME`` with the fd passed by ``getfd`` (QEMU without the file transport, e.g. 7.2).
     FD = "fd"
+
+
+def migration_uri(transport: Transport, *, fdset_id: int | None, fd_name: str) -> str:
+    """The URI of the memory file as QEMU sees it: ``file:/dev/fdset/<fdset_id>`` (the fdset
+    ``add-fd`` made) or ``fd:<fd_name>`` (the fd ``getfd`` named). The one builder of it, for the
+    save (enable) and the load (discard).
+
+    :raises ValueError: the file transport without an fdset id.
+    """
+    if transport is Transport.FDSET_FILE:
+        if fdset_id is None:
+            raise ValueError("the file transport needs the fdset id from add-fd")
+        return f"file:/dev/fdset/{fdset_id}"
+    return f"fd:{fd_name}"
 
 
 def choose_strategy(
@@ -285,11 +300,7 @@ class EnablePlan:
 
     def migration_uri(self, fdset_id: int | None) -> str:
         """The URI of the memory file as QEMU sees it."""
-        if self.transport is Transport.FDSET_FILE:
-            if fdset_id is None:
-                raise ValueError("the file transport needs the fdset id from add-fd")
-            return f"file:/dev/fdset/{fdset_id}"
-        return f"fd:{self.fd_name}"
+        return migration_uri(self.transport, fdset_id=fdset_id, fd_name=self.fd_name)
 
     def migrate(self, fdset_id: int | None) -> Command:
         """Start saving the memory state."""

@@ -1,0 +1,108 @@
+"""The QMP plan of discard's memory restore, run on the QEMU started again with ``-incoming
+defer -S`` on the original images (sans-IO).
+
+1. ``migrate-set-capabilities``: ``events`` and the capabilities of the save that the load needs
+   too (``mapped-ram``, ``multifd``);
+2. the memory file passed as an fd: by ``add-fd`` into an fdset for the ``file:`` transport, by
+   ``getfd`` for ``fd:`` (the one URI builder, :func:`forgeqmp.core.plans.enable.migration_uri`);
+3. ``migrate-incoming`` with that URI; wait for the ``MIGRATION`` event ``completed``;
+4. ``remove-fd`` of the fdset (QEMU would keep the deleted file, guest RAM, open while the VM
+   runs), and the capabilities turned off again (the relaunched QEMU is the platform's VM: its
+   next migration must not inherit ``multifd``/``mapped-ram``);
+5. ``cont`` (:data:`~forgeqmp.core.plans.common.CONT`), once the memory file verified.
+
+Before any of it the old QEMU is stopped (:data:`~forgeqmp.core.plans.common.QUIT`) and the
+machine type compared with the record (:data:`~forgeqmp.core.plans.common.QUERY_MACHINE_TYPE`).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import attrs
+
+from forgeqmp.core.plans.command import Command
+from forgeqmp.core.plans.common import remove_fdset
+from forgeqmp.core.plans.enable import Transport, migration_uri
+from forgeqmp.core.reconcile import fdset_opaque
+from forgeqmp.core.record import SessionRecord
+
+__all__ = [
+    "RESTORE_CAPABILITIES",
+    "RESTORE_FD_NAME",
+    "RestorePlan",
+    "plan_restore",
+]
+
+#: Capabilities of the save that the restoring QEMU must also have.
+RESTORE_CAPABILITIES: Final = frozenset({"mapped-ram", "multifd"})
+#: The name the memory file is passed by for the ``fd:`` transport.
+RESTORE_FD_NAME: Final = "forgeqmp-restore"
+
+
+@attrs.frozen
+class RestorePlan:
+    """Everything the memory restore sends to the relaunched QEMU."""
+
+    session_id: str
+    memory_file: str
+    transport: Transport
+    #: Turned on for the load and off after it, in this order.
+    capabilities: tuple[str, ...]
+    fd_name: str = RESTORE_FD_NAME
+
+    @property
+    def uses_fdset(self) -> bool:
+        """True when the file is passed by ``add-fd`` (``file:`` URI), False for ``getfd``."""
+        return self.transport is Transport.FDSET_FILE
+
+    @property
+    def fdset_opaque(self) -> str:
+        """The ``opaque`` text of the fdset (recover finds a session's fdsets by it)."""
+        return fdset_opaque(self.session_id)
+
+    def _capabilities(self, state: bool) -> Command:
+        return Command(
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": c, "state": state} for c in self.capabilities]},
+        )
+
+    def set_capabilities(self) -> Command:
+        """Before the load: the capabilities the save had that the load needs."""
+        return self._capabilities(True)
+
+    def reset_capabilities(self) -> Command:
+        """After the load: the same capabilities off again (QEMU's defaults)."""
+        return self._capabilities(False)
+
+    def migration_uri(self, fdset_id: int | None) -> str:
+        """The URI of the memory file as the relaunched QEMU sees it."""
+        return migration_uri(self.transport, fdset_id=fdset_id, fd_name=self.fd_name)
+
+    def migrate_incoming(self, fdset_id: int | None) -> Command:
+        """Load the memory state (the guest stays paused: QEMU runs with ``-S``)."""
+        return Command("migrate-incoming", {"uri": self.migration_uri(fdset_id)})
+
+    def release(self, fdset_id: int | None) -> Command | None:
+        """What gives the file back once loaded: ``remove-fd`` of the fdset; None for ``fd:``
+        (the load closes a ``getfd`` descriptor itself)."""
+        return remove_fdset(fdset_id) if fdset_id is not None else None
+
+
+def plan_restore(record: SessionRecord) -> RestorePlan:
+    """The restore of ``record``'s memory file, with the transport and capabilities of its save.
+
+    :raises ValueError: the record has no memory file.
+    """
+    memory = record.memory
+    if memory is None:
+        raise ValueError(f"session {record.session_id} recorded no memory file to restore")
+    transport = (
+        Transport.FDSET_FILE if memory.transport == Transport.FDSET_FILE.value else Transport.FD
+    )
+    return RestorePlan(
+        session_id=record.session_id,
+        memory_file=memory.path,
+        transport=transport,
+        capabilities=("events", *(c for c in memory.capabilities if c in RESTORE_CAPABILITIES)),
+    )
