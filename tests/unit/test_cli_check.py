@@ -42,11 +42,23 @@ ALLOWED = ["start", "stop", "restart", "kill", "console"]
 STATUS_KEYS = {"state", "activated_at", "disks", "memory_file", "memory_restored", "error"}
 
 
+#: A step each state's record may have been left at (the record's step is typed, not free text).
+STEP_OF = {
+    State.CREATING: "planned",
+    State.ACTIVE: "active",
+    State.COMMITTING: "committing",
+    State.DISCARDING: "stopping-qemu",
+    State.COMMITTED: "committed",
+    State.DISCARDED: "discarded",
+    State.FAILED: "committing",
+}
+
+
 def make_record(state: State, **changes: Any) -> SessionRecord:
     values: dict[str, Any] = {
         "session_id": SID,
         "state": state,
-        "step": state.value,
+        "step": STEP_OF[state],
         "strategy": "precopy",
         "created_at": T0,
         "activated_at": T0 + timedelta(seconds=1),

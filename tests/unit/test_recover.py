@@ -626,7 +626,8 @@ def records(draw: st.DrawFn) -> SessionRecord:
     memory = base.memory
     if effective is State.CREATING:
         memory = record(State.CREATING, n=n).memory
-    return base.evolve(
+    return attrs.evolve(  # test data of any state (the code moves a record by events only)
+        base,
         state=state,
         step=step,
         disks=tuple(disks),

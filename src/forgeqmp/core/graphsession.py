@@ -17,19 +17,19 @@ session. A record kept elsewhere cannot be found, and the message says so and wh
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 
+from forgeqmp.core import names
 from forgeqmp.errors import ForgeError
 
 __all__ = ["GraphSession", "find_records", "sessions_in_graph"]
 
-_NODE = re.compile(r"fq([0-9a-f]{8})-\d+-(?:fmt|file)")
-_FILE = re.compile(r".*\.forge-([0-9a-f]{8})\.qcow2")
+_NODE = names.NODE_PATTERN
+_FILE = names.OVERLAY_FILE_PATTERN
 
 
 @attrs.frozen

@@ -17,6 +17,7 @@ bumped whenever a change would make an older forgeqmp misread a record.
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import os
@@ -32,6 +33,15 @@ import attrs
 
 from forgeqmp.adapters.statedir import StateDir
 from forgeqmp.core.states import TERMINAL, State
+from forgeqmp.core.steps import (
+    CommitStep,
+    DiscardStep,
+    EnableStep,
+    Pivoting,
+    RecoverStep,
+    Step,
+    parse_step,
+)
 from forgeqmp.errors import InvalidArgument, RecordError, RecordUnreadable, SessionActive
 
 __all__ = [
@@ -221,6 +231,11 @@ def _state(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
         _invalid(attribute, "a forgeqmp.core.states.State", value)
 
 
+def _step(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, EnableStep | CommitStep | DiscardStep | RecoverStep | Pivoting):
+        _invalid(attribute, "a step of forgeqmp's (forgeqmp.core.steps)", value)
+
+
 def _opt_state(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if value is not None:
         _state(instance, attribute, value)
@@ -261,6 +276,15 @@ def _to_env(value: Mapping[str, str]) -> Mapping[str, str]:
     if isinstance(value, Mapping):
         return MappingProxyType(dict(value))  # a private copy: nobody else can change it
     return value
+
+
+def _to_step(value: Step | str) -> Step:
+    if isinstance(value, str) and not isinstance(value, enum.Enum):
+        try:
+            return parse_step(value)
+        except InvalidArgument:
+            pass
+    return cast(Step, value)  # a step, or garbage that the validator reports
 
 
 def _to_opt_float(value: float | None) -> float | None:
@@ -383,19 +407,21 @@ _R = TypeVar("_R")
 class SessionRecord:
     """Everything known about one forge session, as written before each irreversible step.
 
-    ``step`` is the last step reached (for example ``"overlays-created"``, ``"migration-started"``,
-    ``"snapshot-transaction-done"``); ``recover`` decides from ``state`` and ``step`` what is left
-    to undo or finish. ``next_step`` tells a human what to do when the session needs one (it is
+    ``step`` is the last step reached, a member of the operation's enum in
+    :mod:`forgeqmp.core.steps` (for example :attr:`~forgeqmp.core.steps.EnableStep.OVERLAYS_CREATED`;
+    its name, ``"overlays-created"``, is accepted too and is what the JSON holds); ``recover``
+    decides from ``state`` and ``step`` what is left to undo or finish. ``next_step`` tells a human what to do when the session needs one (it is
     shown by ``status``). ``unforged_disks`` names the VM's disks that are *not* in the forge:
     they keep the writes made after enable even when the memory is discarded.
 
     Only the shape of each field is validated here; which states, steps and timestamps may go
-    together is the business of :mod:`forgeqmp.core.states`.
+    together is the business of :mod:`forgeqmp.core.states`. The state changes only by an event
+    (:func:`forgeqmp.core.lifecycle.advance`): :meth:`evolve` refuses ``state=``.
     """
 
     session_id: str = attrs.field(validator=_session_id)
     state: State = attrs.field(validator=_state)
-    step: str = attrs.field(validator=_name)
+    step: Step = attrs.field(converter=_to_step, validator=_step)
     strategy: str = attrs.field(validator=_name)
     created_at: datetime = attrs.field(converter=_to_utc, validator=_utc)
     activated_at: datetime | None = attrs.field(
@@ -451,7 +477,16 @@ class SessionRecord:
     # --- updates ---------------------------------------------------------------------------------
 
     def evolve(self, **changes: Any) -> SessionRecord:
-        """A copy with ``changes`` applied and validated again (``attrs.evolve``)."""
+        """A copy with ``changes`` applied and validated again (``attrs.evolve``).
+
+        Any field but ``state``: a state changes only by an event applied through the transition
+        table (:func:`forgeqmp.core.lifecycle.advance`), else InvalidArgument.
+        """
+        if "state" in changes:
+            raise InvalidArgument(
+                "a record's state is not set by hand: apply an Event (forgeqmp.core.lifecycle."
+                "advance), and the transition table gives the state"
+            )
         return attrs.evolve(self, **changes)
 
     def disk(self, name: str) -> DiskRecord:
@@ -520,7 +555,7 @@ class SessionRecord:
             "memory_restored": self.memory_restored,
             "error": self.error,
             "session_id": self.session_id,
-            "step": self.step,
+            "step": self.step.value,
             "next_step": self.next_step,
             "strategy": self.strategy,
             "created_at": _iso(self.created_at),
@@ -579,7 +614,7 @@ def _encode_attrs(
 def _encode(value: object) -> object:
     if isinstance(value, DiskRecord | MemoryRecord | QemuRecord | SessionRecord):
         return _encode_attrs(value)
-    if isinstance(value, State):
+    if isinstance(value, State | EnableStep | CommitStep | DiscardStep | RecoverStep | Pivoting):
         return value.value
     if isinstance(value, datetime):
         return value.isoformat()

@@ -21,6 +21,7 @@ from forgeqmp.core.record import (
     SessionRecord,
 )
 from forgeqmp.core.states import Event, State
+from forgeqmp.core.steps import CommitStep
 from forgeqmp.errors import (
     ForgeFailed,
     PrerequisiteError,
@@ -35,7 +36,6 @@ from forgeqmp.ops.context import (
     _check_timeout,
     _now,
     _overlay_gone,
-    status_of,
 )
 from forgeqmp.ops.power import (
     commit_overlay,
@@ -93,7 +93,6 @@ class CommitDriver(DriverBase):
         self._require_session("commit", lambda st: st.can_commit)
         with InstanceLock(self.state_dir, "forgeqmp commit"):
             record = self._require_session("commit", lambda st: st.can_commit)
-            status = status_of(record).apply(Event.COMMIT)
             self.store.remove_temp_files()  # a killed operation's: never a file of another
             if not self.conn.connected:
                 return await self._commit_offline(record, timeout, report)
@@ -102,7 +101,7 @@ class CommitDriver(DriverBase):
             blocks = await self.conn.execute("query-block")
             attached = _attached_nodes(blocks)
             pending = [d for d in record.disks if attached.get(d.qdev) == d.overlay_node]
-            record = self._begin_commit(record, status.state)
+            record = self._begin_commit(record)
             saver = anyio.Lock()
             no_return = anyio.Event()
             jobs = _JobsSent()
@@ -126,11 +125,11 @@ class CommitDriver(DriverBase):
             self._remove_memory_file(record)
             record = self._save(
                 record,
-                state=State.COMMITTED,
-                step="committed",
+                Event.COMMITTED,
+                step=CommitStep.COMMITTED,
                 finished_at=_now(),
             )
-            self._crash_point("commit", "committed")
+            self._crash_point("commit", CommitStep.COMMITTED)
             report(ProgressEvent("commit", "committed"))
             return record
 
@@ -167,7 +166,7 @@ class CommitDriver(DriverBase):
             # Only now may the original receive data: the memory state is useless from here
             # (before, a job QEMU refuses leaves discard possible, with the memory).
             no_return.set()
-            self._crash_point("commit", "job-started")
+            self._crash_point("commit", CommitStep.JOB_STARTED)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._report_job_progress, job_id, disk.name, report)
                 await sub.wait(
@@ -176,7 +175,7 @@ class CommitDriver(DriverBase):
                     f"the commit of {disk.name} to be ready",
                 )
                 tg.cancel_scope.cancel()
-        self._crash_point("commit", "job-ready")
+        self._crash_point("commit", CommitStep.JOB_READY)
         pause_ms = await self._pivot(
             disk.name,
             disk.qdev,
@@ -187,7 +186,7 @@ class CommitDriver(DriverBase):
             lock=saver,
         )
         await self._drop_overlay(disk)
-        self._crash_point("commit", "disk-merged")
+        self._crash_point("commit", CommitStep.DISK_MERGED)
         log.info(
             "commit: disk %s merged into %s, overlay %s removed; guest paused %s ms to switch",
             disk.name,
@@ -289,19 +288,24 @@ class CommitDriver(DriverBase):
             detail += f"; of those, not started (originals untouched): {', '.join(untouched)}"
         return self._save(
             record,
-            state=State.FAILED,
+            Event.COMMIT_FAILED,
             failure_phase=State.COMMITTING,
             rolled_back=False,
             error=f"{reason}; {detail}",
             next_step=next_step,
         )
 
-    def _begin_commit(self, record: SessionRecord, state: State) -> SessionRecord:
+    def _begin_commit(self, record: SessionRecord) -> SessionRecord:
         """Record that the commit runs (again: a failed one's error is cleared)."""
         record = self._save(
-            record, state=state, step="committing", failure_phase=None, error=None, next_step=None
+            record,
+            Event.COMMIT,
+            step=CommitStep.COMMITTING,
+            failure_phase=None,
+            error=None,
+            next_step=None,
         )
-        self._crash_point("commit", "committing")
+        self._crash_point("commit", CommitStep.COMMITTING)
         return record
 
     async def _mark_merged(self, disk: DiskRecord, saver: anyio.Lock) -> None:
@@ -309,7 +313,7 @@ class CommitDriver(DriverBase):
         (from then on discard is refused)."""
         async with saver:
             self._save(self._current().evolve_disk(disk.name, merged=True))
-            self._crash_point("commit", "disk-marked")
+            self._crash_point("commit", CommitStep.DISK_MARKED)
 
     async def _commit_offline(
         self, record: SessionRecord, timeout: float, report: ProgressCallback
@@ -325,7 +329,7 @@ class CommitDriver(DriverBase):
                     f"the overlay {disk.overlay_file} of disk {disk.name} is missing, so its "
                     "writes cannot be merged; run 'forgeqmp recover' to see what is left"
                 )
-        record = self._begin_commit(record, State.COMMITTING)
+        record = self._begin_commit(record)
         report(ProgressEvent("commit", "offline", {"disks": [d.name for d in pending]}))
         saver = anyio.Lock()
 
@@ -337,7 +341,7 @@ class CommitDriver(DriverBase):
             if disk.overlay_file is not None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(disk.overlay_file)
-            self._crash_point("commit", "disk-merged")
+            self._crash_point("commit", CommitStep.DISK_MERGED)
             report(ProgressEvent("commit", "disk-merged", {"disk": disk.name, "pause_ms": None}))
 
         try:
@@ -355,12 +359,12 @@ class CommitDriver(DriverBase):
         self._remove_memory_file(record)
         record = self._save(
             record,
-            state=State.COMMITTED,
-            step="committed",
+            Event.COMMITTED,
+            step=CommitStep.COMMITTED,
             finished_at=_now(),
             next_step="the VM is stopped: start it with its original command line",
         )
-        self._crash_point("commit", "committed")
+        self._crash_point("commit", CommitStep.COMMITTED)
         report(ProgressEvent("commit", "committed"))
         return record
 
