@@ -34,6 +34,7 @@ from forgeqmp.adapters.livestatus import observe
 from forgeqmp.adapters.recordstore import RecordStore
 from forgeqmp.adapters.statedir import InstanceLock, StateDir, default_state_dir
 from forgeqmp.core.argv import start_argv
+from forgeqmp.core.disks import check_disk_choice
 from forgeqmp.core.graphsession import GraphSession
 from forgeqmp.core.guard import (
     ALWAYS_ALLOWED,
@@ -45,13 +46,13 @@ from forgeqmp.core.guard import (
     overlays_missing_hint,
     parse_operation,
 )
-from forgeqmp.core.plans.enable import Strategy
+from forgeqmp.core.lifecycle import advance
+from forgeqmp.core.plans.enable import DEFAULT_STRATEGY, Strategy
 from forgeqmp.core.record import SessionRecord, no_session_status
-from forgeqmp.core.states import State
+from forgeqmp.core.states import FAILED_EVENT, WORKING, State
 from forgeqmp.errors import (
     ForgeError,
     ForgeFailed,
-    InvalidArgument,
     OperationBlocked,
     QEMUUnreachable,
     RecordError,
@@ -193,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     enable.add_argument(
         "--strategy",
         choices=[s.value for s in Strategy],
-        help="how memory is saved (default: precopy, the smallest pause)",
+        help=f"how memory is saved (default: {DEFAULT_STRATEGY.value}, the smallest pause)",
     )
     enable.add_argument(
         "--overlay-dir",
@@ -559,8 +560,8 @@ def _run(args: argparse.Namespace, out: _Output) -> int:
         "discard": discard,
         "recover": recover,
     }
-    if args.command == "enable" and args.disk and args.all_disks:
-        raise InvalidArgument("give --disk or --all-disks, not both")
+    if args.command == "enable":
+        check_disk_choice(args.disk, all_disks=args.all_disks)
     record = anyio.run(_with_instance, args, actions[args.command])
     failure = _end_state_failure(args.command, record)
     status = _status_of(record)
@@ -660,9 +661,9 @@ def _interrupted(args: argparse.Namespace, out: _Output, before: bytes | None) -
         record = RecordStore(_state_dir(args)).load()
     except ForgeError:
         record = None
-    if record is not None and record.state in _WORKING:
+    if record is not None and record.state in WORKING:
         advice = (
-            f"the session was left {record.state.value} at step {record.step}: "
+            f"the session was left {record.state.value} at step {record.step.value}: "
             "'forgeqmp recover' finishes it"
         )
     elif record is not None and record.state is State.FAILED and not record.rolled_back:
@@ -783,14 +784,15 @@ def _record_unexpected(args: argparse.Namespace, cause: str) -> bool:
         with InstanceLock(state_dir, f"forgeqmp {args.command} (recording an error)"):
             store = RecordStore(state_dir)
             record = store.load()
-            if record is None or record.state not in _WORKING:
+            if record is None or record.state not in WORKING:
                 return False
             store.save(
-                record.evolve(
-                    state=State.FAILED,
+                advance(
+                    record,
+                    FAILED_EVENT[record.state],
                     failure_phase=record.state,
                     rolled_back=False,
-                    error=f"{args.command} stopped at step {record.step}: {cause}",
+                    error=f"{args.command} stopped at step {record.step.value}: {cause}",
                     next_step="run 'forgeqmp recover'",
                     updated_at=datetime.now(UTC),
                 )
@@ -798,10 +800,6 @@ def _record_unexpected(args: argparse.Namespace, cause: str) -> bool:
             return True
     except (ForgeError, OSError):
         return False
-
-
-#: States in which an operation is under way.
-_WORKING = frozenset({State.CREATING, State.COMMITTING, State.DISCARDING})
 
 
 def _with_next_step(exc: ForgeError) -> str:

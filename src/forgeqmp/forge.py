@@ -26,11 +26,9 @@ from forgeqmp.adapters.recordstore import RecordStore
 from forgeqmp.adapters.statedir import InstanceLock, StateDir, default_state_dir
 from forgeqmp.core import guard
 from forgeqmp.core.argv import start_argv
+from forgeqmp.core.lifecycle import status_of
 from forgeqmp.core.progress import ProgressCallback, ProgressEvent, StateListener
-from forgeqmp.core.record import (
-    SessionRecord,
-    status_of,
-)
+from forgeqmp.core.record import SessionRecord
 from forgeqmp.errors import (
     InstanceLocked,
     NoSession,

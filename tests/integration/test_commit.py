@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import forgeqmp
-from forgeqmp.core.record import status_of
+from forgeqmp.core.lifecycle import status_of
 from forgeqmp.core.states import State
 from forgeqmp.errors import ForgeFailed, NoSession
 from forgeqmp.testing import DiskSpec

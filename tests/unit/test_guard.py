@@ -105,7 +105,7 @@ def test_every_operation_in_every_state(subject: str, operation: str) -> None:
             check_operation(record, given_as)
     # The status alone gives the same answer as the record.
     if record is not None:
-        from forgeqmp.core.record import status_of
+        from forgeqmp.core.lifecycle import status_of
 
         if expect_blocked:
             with pytest.raises(OperationBlocked):

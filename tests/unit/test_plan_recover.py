@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import typing
 
+import attrs
 import pytest
 from forged import TAG, VERSIONS, accepted, features, forge
 
@@ -33,7 +34,7 @@ ACTIONS: tuple[type, ...] = typing.get_args(rc.Action)
 def interrupted_at_the_pause(version: str) -> rc.RecoveryPlan:
     """An enable killed in its pause on ``version``: every kind of tidying is planned."""
     _, active = forge(version)
-    record = active.evolve(state=State.CREATING, step="migration-started", activated_at=None)
+    record = attrs.evolve(active, state=State.CREATING, step="migration-started", activated_at=None)
     fdset = version != "7.2"
     qemu = rc.QemuView(
         pid=record.qemu.pid,

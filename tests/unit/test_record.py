@@ -21,6 +21,7 @@ from records import make_record as shared_record
 
 from forgeqmp.adapters.recordstore import KEEP_ARCHIVES, RECORD_FILE, RecordStore
 from forgeqmp.adapters.statedir import StateDir
+from forgeqmp.core.lifecycle import advance
 from forgeqmp.core.record import (
     ADDED_FIELDS,
     DIGEST_ALGORITHMS,
@@ -32,7 +33,8 @@ from forgeqmp.core.record import (
     new_session_id,
     no_session_status,
 )
-from forgeqmp.core.states import State
+from forgeqmp.core.states import Event, State
+from forgeqmp.core.steps import CommitStep, DiscardStep, EnableStep, Pivoting, RecoverStep
 from forgeqmp.errors import InvalidArgument, RecordError, SessionActive
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
@@ -96,6 +98,10 @@ def from_obj(obj: object) -> SessionRecord:
 # --- strategies ----------------------------------------------------------------------------------
 
 names = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\0"), min_size=1)
+#: Every step a record can hold: an operation's step, or a commit's pivot of a disk.
+steps = st.sampled_from([*EnableStep, *CommitStep, *DiscardStep, *RecoverStep]) | st.builds(
+    Pivoting, names
+)
 texts = st.text()
 abs_paths = names.map(lambda s: "/" + s)
 aware = st.datetimes(
@@ -166,7 +172,7 @@ def records(draw: st.DrawFn) -> SessionRecord:
     return SessionRecord(
         session_id=str(draw(st.uuids())),
         state=draw(st.sampled_from(State)),
-        step=draw(names),
+        step=draw(steps),
         strategy=draw(names),
         created_at=draw(aware),
         activated_at=draw(st.none() | aware),
@@ -408,7 +414,11 @@ def test_records_are_frozen_and_evolve_validates() -> None:
     record = make_record()
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         record.state = State.FAILED  # type: ignore[misc]
-    failed = record.evolve(state=State.FAILED, error="boom", next_step="run recover")
+    with pytest.raises(InvalidArgument, match="apply an Event"):
+        record.evolve(state=State.FAILED)
+    with pytest.raises(InvalidArgument, match="apply an Event"):
+        record.evolve(state=State.ACTIVE)  # even to the same state: never by hand
+    failed = advance(record, Event.RECOVERED_FAILED, error="boom", next_step="run recover")
     assert failed.state is State.FAILED
     assert record.state is State.ACTIVE
     with pytest.raises(InvalidArgument, match="disks"):
@@ -778,7 +788,7 @@ def test_store_save_and_load(store: RecordStore) -> None:
     assert store.path == store.state_dir.path / RECORD_FILE
     assert stat.S_IMODE(os.stat(store.path).st_mode) == 0o600
     assert store.load() == record
-    updated = record.evolve(step="commit-started", state=State.COMMITTING)
+    updated = advance(record, Event.COMMIT, step=CommitStep.COMMITTING)
     store.save(updated)
     assert store.load() == updated
     assert os.listdir(store.state_dir.path) == [RECORD_FILE]
@@ -821,7 +831,7 @@ def test_store_archive(store: RecordStore) -> None:
     store.save(active)
     with pytest.raises(SessionActive, match="active, not finished"):
         store.archive()
-    committed = active.evolve(state=State.COMMITTED, finished_at=T0 + timedelta(minutes=1))
+    committed = attrs.evolve(active, state=State.COMMITTED, finished_at=T0 + timedelta(minutes=1))
     store.save(committed)
     archived = store.archive()
     assert archived == store.state_dir.path / f"session-{active.session_id}.json"
@@ -832,7 +842,7 @@ def test_store_archive(store: RecordStore) -> None:
     second = make_record(session_id=new_session_id())
     store.save(second)
     assert store.load() == second
-    failed = second.evolve(state=State.FAILED)
+    failed = attrs.evolve(second, state=State.FAILED)
     store.save(failed)
     with pytest.raises(SessionActive):
         store.archive()

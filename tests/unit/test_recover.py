@@ -21,6 +21,7 @@ from records import (  # tests/unit is on sys.path (rootdir-relative)
 )
 
 from forgeqmp.core.argv import active_argv, cold_argv, start_argv
+from forgeqmp.core.lifecycle import status_of
 from forgeqmp.core.reconcile import (
     ENABLE_STEPS_AFTER_SNAPSHOT,
     MIGRATION_RUNNING,
@@ -48,7 +49,7 @@ from forgeqmp.core.reconcile import (
     stale_reason,
     where_is,
 )
-from forgeqmp.core.record import DiskRecord, SessionRecord, status_of
+from forgeqmp.core.record import DiskRecord, SessionRecord
 from forgeqmp.core.states import FORGE_BYPASSED, TERMINAL, Event, State, next_state
 from forgeqmp.errors import PrerequisiteError
 
@@ -645,7 +646,8 @@ def records(draw: st.DrawFn) -> SessionRecord:
     memory = base.memory
     if effective is State.CREATING:
         memory = record(State.CREATING, n=n).memory
-    return base.evolve(
+    return attrs.evolve(  # test data of any state (the code moves a record by events only)
+        base,
         state=state,
         step=step,
         disks=tuple(disks),

@@ -624,3 +624,97 @@ def test_discard_is_refused_once_the_originals_were_written(status: SessionStatu
 def test_without_the_mark_an_active_session_may_discard() -> None:
     assert SessionStatus(State.ACTIVE).can_discard
     assert not SessionStatus(State.ACTIVE).originals_written
+
+
+# --- the one writer: an event applied to a record (forgeqmp.core.lifecycle) ----------------------
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from test_record import make_record  # noqa: E402  (tests/unit is on sys.path)
+
+from forgeqmp.core.lifecycle import GUARDED_EVENTS, advance, begin, status_of  # noqa: E402
+from forgeqmp.core.record import SessionRecord  # noqa: E402
+
+
+def _record_in(state: State, *, failed_in: State | None, rolled_back: bool) -> SessionRecord:
+    """A record in ``state``: test data, so made with attrs.evolve (the code never does)."""
+    failed = state is S.FAILED
+    return attrs.evolve(
+        make_record(),
+        state=state,
+        failure_phase=(failed_in or S.ACTIVE) if failed else None,
+        rolled_back=rolled_back and failed,
+        error="it failed" if failed else None,
+    )
+
+
+_PHASES = [S.CREATING, S.ACTIVE, S.COMMITTING, S.DISCARDING]
+
+
+@given(
+    state=st.sampled_from(State),
+    event=st.sampled_from(Event),
+    failed_in=st.sampled_from(_PHASES),
+    rolled_back=st.booleans(),
+)
+def test_advance_makes_exactly_the_tables_moves(
+    state: State, event: Event, failed_in: State, rolled_back: bool
+) -> None:
+    record = _record_in(state, failed_in=failed_in, rolled_back=rolled_back)
+    before = record.to_json()
+    if (state, event) not in TRANSITIONS:
+        with pytest.raises(IllegalTransition):
+            advance(record, event)
+        assert record.to_json() == before
+        return
+    target = TRANSITIONS[(state, event)]
+    if event in GUARDED_EVENTS:
+        try:
+            status_of(record).apply(event)
+        except PrerequisiteError:
+            with pytest.raises(PrerequisiteError):
+                advance(record, event)
+            assert record.to_json() == before
+            return
+    moved = advance(record, event)
+    assert moved.state is target
+    assert attrs.evolve(moved, state=state) == record  # nothing else changed
+    assert record.to_json() == before  # and the record given is as it was
+
+
+@given(state=st.sampled_from(State), event=st.sampled_from(Event))
+def test_advance_applies_the_other_changes_with_the_move(state: State, event: Event) -> None:
+    record = _record_in(state, failed_in=S.COMMITTING, rolled_back=False)
+    if (state, event) not in TRANSITIONS or event in GUARDED_EVENTS:
+        return
+    moved = advance(record, event, error="why", pause_ms=1.5)
+    assert (moved.state, moved.error, moved.pause_ms) == (TRANSITIONS[(state, event)], "why", 1.5)
+
+
+def test_no_state_is_set_by_hand() -> None:
+    record = make_record()
+    for change in ({"state": S.FAILED}, {"state": S.ACTIVE}):
+        with pytest.raises(InvalidArgument, match="apply an Event"):
+            record.evolve(**change)
+        with pytest.raises(InvalidArgument, match="apply an Event"):
+            advance(record, E.RECOVERED_FAILED, **change)
+        with pytest.raises(InvalidArgument, match="apply an Event"):
+            begin(None, **change)
+    assert record.state is S.ACTIVE
+
+
+def test_begin_is_the_enable_request_of_the_table() -> None:
+    fields = {
+        f.name: getattr(make_record(), f.name)
+        for f in attrs.fields(SessionRecord)
+        if f.name != "state"
+    }
+    assert begin(None, **fields).state is next_state(None, E.ENABLE) is S.CREATING
+    done = _record_in(S.COMMITTED, failed_in=None, rolled_back=False)
+    assert begin(done, **fields).state is S.CREATING
+    undone = _record_in(S.FAILED, failed_in=S.CREATING, rolled_back=True)
+    assert begin(undone, **fields).state is S.CREATING
+    for state in UNFINISHED:
+        previous = _record_in(state, failed_in=S.COMMITTING, rolled_back=False)
+        with pytest.raises(SessionActive):
+            begin(previous, **fields)

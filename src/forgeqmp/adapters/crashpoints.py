@@ -16,7 +16,9 @@ return silently: it reports that on stderr and ends the controller with exit sta
 :data:`NOT_DONE_EXIT`, so the cell fails instead of testing nothing.
 
 Only this function reads the variables; nothing else in forgeqmp changes behaviour for tests.
-:data:`STEPS` lists the crash points of each operation in the order they are reached.
+:data:`STEPS` lists the crash points of each operation in the order they are reached (the step
+enums of :mod:`forgeqmp.core.steps`; recover, which switches disks the way commit does, passes
+commit's ``pivoting``, ``pivoted`` and ``disk-recorded`` under its own name).
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ import os
 import signal
 import sys
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Final, NoReturn
 
 from forgeqmp.adapters.process import wait_gone
+from forgeqmp.core.steps import OPERATION_STEPS
 
 __all__ = ["ENABLE_ENV", "ENV", "NOT_DONE_EXIT", "STEPS", "enabled", "reached"]
 
@@ -38,36 +42,11 @@ ENABLE_ENV: Final = "FORGEQMP_TEST_CRASH_ENABLE"
 #: The controller's exit status when a QEMU crash point was reached but could not kill QEMU.
 NOT_DONE_EXIT: Final = 86
 
-#: Every crash point, per operation, in the order the driver reaches them.
-STEPS: Final[Mapping[str, tuple[str, ...]]] = {
-    "enable": (
-        "planned",  # CREATING recorded; nothing changed yet
-        "overlays-created",  # overlay files and nodes exist; not attached
-        "migration-started",  # memory file passed to QEMU, migration settings changed
-        "pre-switchover",  # the guest is paused by the migration; disks not snapshotted
-        "snapshot-transaction-done",  # disks on the overlays; guest paused; memory not complete
-        "snapshot-done",  # memory saved, guest running; digest not recorded yet
-        "active",  # ACTIVE recorded
-    ),
-    "commit": (
-        "committing",  # COMMITTING recorded; nothing merged
-        "disk-marked",  # first disk recorded merged (point of no return); job not started
-        "job-started",  # block-commit running
-        "job-ready",  # job ready (overlay and original in sync); not completed
-        "pivoting",  # guest paused by us for the completion
-        "pivoted",  # the disk is on its original again; not recorded yet
-        "disk-recorded",  # recorded on its original (step committing); guest still paused by us
-        "disk-merged",  # recorded, overlay removed, guest running
-        "committed",  # COMMITTED recorded
-    ),
-    "discard": (
-        "stopping-qemu",  # DISCARDING recorded; QEMU still runs on the overlays
-        "qemu-stopped",  # the old QEMU is gone
-        "qemu-launched",  # a new QEMU waits for the memory state
-        "memory-loaded",  # memory state loaded, guest not resumed
-        "discarded",  # DISCARDED recorded
-    ),
-}
+#: Every crash point, per operation, in the order the driver reaches them: the steps of each
+#: operation's enum in :mod:`forgeqmp.core.steps` (what each step means is documented there).
+STEPS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
+    {operation: tuple(step.value for step in steps) for operation, steps in OPERATION_STEPS.items()}
+)
 
 _fired = False
 

@@ -19,11 +19,13 @@ from typing import Any
 import attrs
 
 from forgeqmp.core.blockopts import BlockOptions, options_of
-from forgeqmp.errors import DiskNotForgeable, NoDiskSelected, UnknownDisk
+from forgeqmp.errors import DiskNotForgeable, InvalidArgument, NoDiskSelected, UnknownDisk
 
 __all__ = [
+    "DISK_CHOICE_RULE",
     "Disk",
     "Selection",
+    "check_disk_choice",
     "disks_from_query",
     "is_generated_node_name",
     "qom_path_of",
@@ -168,6 +170,18 @@ class Selection:
         )
 
 
+#: The rule of a disk choice: name disks, or choose all of them, not both (the library's
+#: ``disks``/``all_disks``, the CLI's ``--disk``/``--all-disks``).
+DISK_CHOICE_RULE = "name disks (--disk) or choose all disks (--all-disks), not both"
+
+
+def check_disk_choice(names: object, *, all_disks: bool) -> None:
+    """Refuse a choice that both names disks (``names`` not None) and asks for all of them:
+    :class:`~forgeqmp.errors.InvalidArgument` with :data:`DISK_CHOICE_RULE`."""
+    if names is not None and all_disks:
+        raise InvalidArgument(DISK_CHOICE_RULE)
+
+
 def select_disks(
     disks: Sequence[Disk], names: Sequence[str] | None = None, *, all_disks: bool = False
 ) -> Selection:
@@ -181,8 +195,7 @@ def select_disks(
 
     :raises NoDiskSelected: the choice resolves to no disk.
     """
-    if names is not None and all_disks:
-        raise ValueError("give disk names or all_disks, not both")
+    check_disk_choice(names, all_disks=all_disks)
     if names is not None:
         chosen: list[Disk] = []
         for name in names:

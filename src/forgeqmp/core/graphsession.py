@@ -17,16 +17,17 @@ found, and the message says so and what to do.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
 
+from forgeqmp.core import names
+
 __all__ = ["GraphSession", "sessions_in_graph"]
 
-_NODE = re.compile(r"fq([0-9a-f]{8})-\d+-(?:fmt|file)")
-_FILE = re.compile(r".*\.forge-([0-9a-f]{8})\.qcow2")
+_NODE = names.NODE_PATTERN
+_FILE = names.OVERLAY_FILE_PATTERN
 
 
 @attrs.frozen

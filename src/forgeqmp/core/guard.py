@@ -30,9 +30,11 @@ from typing import Any
 
 import attrs
 
+from forgeqmp.core import names as qemu_names
 from forgeqmp.core.graphsession import GraphSession
-from forgeqmp.core.record import DiskRecord, SessionRecord, status_of
-from forgeqmp.core.states import TERMINAL, SessionStatus, State
+from forgeqmp.core.lifecycle import status_of
+from forgeqmp.core.record import DiskRecord, SessionRecord
+from forgeqmp.core.states import UNFINISHED, WORKING, SessionStatus, State
 from forgeqmp.errors import InvalidArgument, OperationBlocked, RecordError
 
 __all__ = [
@@ -147,10 +149,12 @@ ALWAYS_ALLOWED: Mapping[Operation, str] = types.MappingProxyType(
 assert set(BLOCKED_OPERATIONS) | set(ALWAYS_ALLOWED) == set(Operation)
 assert not set(BLOCKED_OPERATIONS) & set(ALWAYS_ALLOWED)
 
-#: The states of a session that is not over (a FAILED one is over once rolled back).
-UNFINISHED_STATES: frozenset[State] = frozenset(State) - TERMINAL
-#: The states in which forgeqmp is carrying out an operation on QEMU.
-WORKING_STATES: frozenset[State] = frozenset({State.CREATING, State.COMMITTING, State.DISCARDING})
+#: The states of a session that is not over (a FAILED one is over once rolled back): the
+#: transition table's :data:`forgeqmp.core.states.UNFINISHED`, under the name the rules use.
+UNFINISHED_STATES: frozenset[State] = UNFINISHED
+#: The states in which forgeqmp is carrying out an operation on QEMU
+#: (:data:`forgeqmp.core.states.WORKING`).
+WORKING_STATES: frozenset[State] = WORKING
 
 
 def parse_operation(text: str | Operation) -> Operation:
@@ -732,7 +736,8 @@ def _forged(record: SessionRecord, block_nodes: Sequence[Mapping[str, Any]] | No
         if disk.overlay_node is not None:
             names[disk.overlay_node] = f"{d}'s overlay node {disk.overlay_node!r}"
             # forgeqmp's jobs for this disk are named after its overlay ("<tag>-<i>-commit"...).
-            prefixes[disk.overlay_node.removesuffix("-fmt") + "-"] = f"forgeqmp's job for {d}"
+            prefix = qemu_names.commit_job(disk.overlay_node).removesuffix("commit")
+            prefixes[prefix] = f"forgeqmp's job for {d}"
     if record.memory is not None:
         files[os.path.normpath(record.memory.path)] = f"the memory file {record.memory.path}"
     # The graph knows nodes the record does not name: the original's protocol node, implicit

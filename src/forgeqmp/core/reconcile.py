@@ -41,13 +41,17 @@ from typing import Any, ClassVar, Final
 
 import attrs
 
+from forgeqmp.core import names
 from forgeqmp.core.argv import cold_argv
+from forgeqmp.core.lifecycle import advance
+from forgeqmp.core.names import fdset_opaque, session_tag
 from forgeqmp.core.plans.command import Command
 from forgeqmp.core.plans.common import close_fd, remove_fdset
 from forgeqmp.core.plans.enable import DOWNTIME_LIMIT_MS, MAX_BANDWIDTH
 from forgeqmp.core.plans.recover import Order, remove_node, reset_migration
 from forgeqmp.core.record import DiskRecord, SessionRecord
-from forgeqmp.core.states import FORGE_BYPASSED, Event, State
+from forgeqmp.core.states import TERMINAL, WORKING_OPERATION, Event, State, next_state
+from forgeqmp.core.steps import CommitStep, DiscardStep, EnableStep, Pivoting, RecoverStep
 
 __all__ = [
     "ENABLE_STEPS_AFTER_SNAPSHOT",
@@ -96,7 +100,9 @@ MIGRATION_RUNNING: Final = frozenset(
 )
 #: Enable steps recorded after which the snapshot transaction may have run (an overlay may hold
 #: guest writes). Before them, overlays are empty and can simply be removed.
-ENABLE_STEPS_AFTER_SNAPSHOT: Final = frozenset({"migration-started", "snapshot-done", "active"})
+ENABLE_STEPS_AFTER_SNAPSHOT: Final = frozenset(
+    {EnableStep.MIGRATION_STARTED, EnableStep.SNAPSHOT_DONE, EnableStep.ACTIVE}
+)
 #: Runstates in which the guest is held by an operation (ours during an enable or a discard).
 _HELD: Final = frozenset({"paused", "postmigrate", "finish-migrate"})
 #: Runstates of a QEMU that has not run the guest yet (waiting for or loading a memory state).
@@ -129,16 +135,6 @@ _RESETTABLE_CAPABILITIES: Final = (
 #: QEMU's defaults for the migration parameters enable changes.
 _DEFAULT_PARAMETERS: Final = {"downtime-limit": 300, "max-bandwidth": 128 << 20}
 _OUR_PARAMETERS: Final = {"downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": MAX_BANDWIDTH}
-
-
-def session_tag(session_id: str) -> str:
-    """The prefix of every node, job and fd name a session creates in QEMU (``fq<8 hex>``)."""
-    return f"fq{session_id.replace('-', '')[:8]}"
-
-
-def fdset_opaque(session_id: str) -> str:
-    """The ``opaque`` text enable gives the fdset of the memory file."""
-    return f"forgeqmp {session_id}"
 
 
 # --- the observation -----------------------------------------------------------------------------
@@ -500,13 +496,11 @@ class _Planner:
     def our_jobs(self) -> list[JobView]:
         return [j for j in self.qemu.jobs if self.ours(j.id)] if self.qemu else []
 
-    def job_prefix(self, index: int, disk: DiskRecord) -> str:
-        if disk.overlay_node is not None and disk.overlay_node.endswith("-fmt"):
-            return disk.overlay_node.removesuffix("-fmt")
-        return f"{self.tag}-{index}"
-
     def commit_job(self, index: int, disk: DiskRecord) -> JobView | None:
-        wanted = {f"{self.job_prefix(index, disk)}-commit", f"{self.tag}-{index}-create-undo"}
+        overlay = disk.overlay_node
+        if overlay is None or not overlay.endswith(names.FORMAT_NODE_SUFFIX):
+            overlay = names.format_node(self.record.session_id, index)
+        wanted = {names.commit_job(overlay), self.undo_job(index)}
         if disk.commit_job is not None and self.ours(disk.commit_job):
             wanted.add(disk.commit_job)  # recorded when the commit sent it
         return next((j for j in self.our_jobs() if j.id in wanted), None)
@@ -527,7 +521,7 @@ class _Planner:
         qemu = self.qemu
         if qemu is None or not self.same_qemu or qemu.runstate not in _HELD:
             return False
-        return self.record.paused_by_forgeqmp or self.record.step.startswith("pivoting")
+        return self.record.paused_by_forgeqmp or isinstance(self.record.step, Pivoting)
 
     def resume_ours(self) -> None:
         """Resume the guest if forgeqmp paused it; say why not if it is paused otherwise."""
@@ -584,7 +578,7 @@ class _Planner:
         for fdset in qemu.fdsets:
             self.add(RemoveFdset(fdset))
         if self.record.memory is not None and self.record.memory.transport == "fd":
-            self.add(CloseFd(f"{self.tag}-memory"))
+            self.add(CloseFd(names.memory_fd_name(self.record.session_id)))
         ours = set(self.record.memory.capabilities) if self.record.memory else set()
         caps = tuple(
             c for c in _RESETTABLE_CAPABILITIES if c in ours and qemu.capabilities.get(c) is True
@@ -615,15 +609,21 @@ class _Planner:
             vm_running=vm_running,
         )
 
-    def updated(self, **changes: Any) -> SessionRecord:
-        """The record as recover leaves it: it resumed any guest forgeqmp paused (or none is
-        left: another QEMU, or none), so ``paused_by_forgeqmp`` is cleared."""
+    def undo_job(self, index: int) -> str:
+        """The job an undone enable moves disk ``index`` back off its overlay with."""
+        return names.undo_job(names.create_job(self.record.session_id, index))
+
+    def updated(self, event: Event, **changes: Any) -> SessionRecord:
+        """The record as recover leaves it, moved by ``event`` (the true state found): it
+        resumed any guest forgeqmp paused (or none is left: another QEMU, or none), so
+        ``paused_by_forgeqmp`` is cleared."""
         record = self.record
+        target = next_state(record.state, event)
         changes.setdefault("paused_by_forgeqmp", False)
         adopted = (
             self.qemu is not None
             and not self.same_qemu
-            and changes.get("state") in (State.ACTIVE, State.COMMITTING)
+            and target in (State.ACTIVE, State.COMMITTING)
         )
         if (
             adopted
@@ -636,17 +636,9 @@ class _Planner:
         if self.warnings:
             warnings = changes.get("warnings", record.warnings)
             changes["warnings"] = tuple(dict.fromkeys([*warnings, *self.warnings]))
-        if (
-            self.qemu is not None
-            and not self.same_qemu
-            and changes.get("state")
-            in (
-                State.ACTIVE,
-                State.COMMITTING,
-            )
-        ):
+        if self.qemu is not None and adopted:
             changes["qemu"] = attrs.evolve(record.qemu, pid=self.qemu.pid)
-        return record.evolve(**changes)
+        return advance(record, event, **changes)
 
     def failed(
         self,
@@ -657,11 +649,11 @@ class _Planner:
         rolled_back: bool = False,
         disks: tuple[DiskRecord, ...] | None = None,
         vm_running: bool = False,
-        record_step: str | None = None,
+        record_step: CommitStep | RecoverStep | None = None,
     ) -> RecoveryPlan:
         record = self.updated(
+            Event.RECOVERED_FAILED,
             step=record_step or self.record.step,
-            state=State.FAILED,
             failure_phase=phase,
             rolled_back=rolled_back,
             error=reason,
@@ -697,9 +689,7 @@ def reconcile(record: SessionRecord, observation: Observation) -> RecoveryPlan:
     event is always a legal move of the transition table from the record's state.
     """
     p = _Planner(record, observation)
-    finished = record.state in (State.COMMITTED, State.DISCARDED) or (
-        record.state is State.FAILED and record.rolled_back
-    )
+    finished = record.state in TERMINAL or (record.state is State.FAILED and record.rolled_back)
     if finished:
         p.findings.append(
             f"the session is {record.state.value}: nothing to recover"
@@ -734,18 +724,18 @@ def _memory_complete(p: _Planner) -> bool:
     if not p.obs.files.get(p.memory_path or "", 0):
         return False
     if p.qemu is None:
-        return record.step == "snapshot-done" and all(
+        return record.step is EnableStep.SNAPSHOT_DONE and all(
             p.exists(d.overlay_file) for d in record.disks
         )
     on_overlays = all(w is Where.OVERLAY for w in p.where.values())
     if not (p.same_qemu and on_overlays):
         return False
-    return record.step == "snapshot-done" or p.qemu.migration == "completed"
+    return record.step is EnableStep.SNAPSHOT_DONE or p.qemu.migration == "completed"
 
 
 def _creating(p: _Planner) -> RecoveryPlan:
     record = p.record
-    p.findings.append(f"enable was interrupted at step {record.step!r}; {p.qemu_text()}")
+    p.findings.append(f"enable was interrupted at step {record.step.value!r}; {p.qemu_text()}")
     if _memory_complete(p):
         return _finish_enable(p)
     return _roll_back_enable(p)
@@ -760,9 +750,9 @@ def _finish_enable(p: _Planner) -> RecoveryPlan:
     p.add(HashMemory(record.memory.path))
     if p.qemu is None:
         step = _stopped_active_step(p)
-        new = _active_record(p, step="active", next_step=step)
+        new = _active_record(p, step=EnableStep.ACTIVE, next_step=step)
         return p.plan(Event.RECOVERED_ACTIVE, new, step, False)
-    new = _active_record(p, step="active", next_step=None)
+    new = _active_record(p, step=EnableStep.ACTIVE, next_step=None)
     return p.plan(Event.RECOVERED_ACTIVE, new, "commit or discard the session when done", True)
 
 
@@ -806,7 +796,7 @@ def _roll_back_enable(p: _Planner) -> RecoveryPlan:
         for index, disk in enumerate(record.disks):
             if p.where[disk.name] is Where.OVERLAY and disk.name not in busy:
                 top = str(qemu.devices[disk.qdev].node)
-                job_id = f"{p.tag}-{index}-create-undo"
+                job_id = p.undo_job(index)
                 p.add(CommitBack(disk.name, top, disk.device_node, job_id))
         if qemu.migration in MIGRATION_RUNNING:
             p.add(ResumeGuest())  # our save, paused at its switchover or pausing: let go
@@ -846,7 +836,7 @@ def _roll_back_enable(p: _Planner) -> RecoveryPlan:
     p.delete(p.memory_path, "the memory state of an enable that did not finish")
     if kept:
         reason = (
-            f"enable was interrupted at step {record.step!r} and QEMU was restarted meanwhile; "
+            f"enable was interrupted at step {record.step.value!r} and QEMU was restarted meanwhile; "
             "kept: " + "; ".join(kept)
         )
         step = (
@@ -854,7 +844,7 @@ def _roll_back_enable(p: _Planner) -> RecoveryPlan:
             "or remove it, then run 'forgeqmp recover' again"
         )
         return p.failed(State.CREATING, reason, step, vm_running=p.running())
-    reason = f"enable was interrupted at step {record.step!r} and recover undid it"
+    reason = f"enable was interrupted at step {record.step.value!r} and recover undid it"
     undone = tuple(attrs.evolve(d, overlay_node=None, overlay_file_node=None) for d in record.disks)
     if qemu is None:
         reason += "; QEMU is not running (it exited or was killed)"
@@ -893,7 +883,7 @@ def _active_record(p: _Planner, **changes: Any) -> SessionRecord:
             "the memory file is missing or was changed: a discard will cold-start the VM"
         )
     return p.updated(
-        state=State.ACTIVE,
+        Event.RECOVERED_ACTIVE,
         warnings=tuple(dict.fromkeys(warnings)),
         error=None,
         failure_phase=None,
@@ -925,7 +915,11 @@ def _active(p: _Planner) -> RecoveryPlan:
             "VM as it runs and remove the overlays and the memory file by hand"
         )
         return p.failed(
-            State.ACTIVE, reason, step, vm_running=p.running(), record_step=FORGE_BYPASSED
+            State.ACTIVE,
+            reason,
+            step,
+            vm_running=p.running(),
+            record_step=RecoverStep.FORGE_BYPASSED,
         )
     if missing:
         names = ", ".join(f"{d.name} ({d.overlay_file})" for d in missing)
@@ -963,7 +957,7 @@ def _committing(p: _Planner) -> RecoveryPlan:
     qemu = p.qemu
     p.findings.append(
         f"commit {'was interrupted' if record.state is State.COMMITTING else 'had failed'} "
-        f"(step {record.step!r}); {p.qemu_text()}"
+        f"(step {record.step.value!r}); {p.qemu_text()}"
     )
     disks: list[DiskRecord] = []
     pending: list[str] = []
@@ -1024,7 +1018,7 @@ def _committing(p: _Planner) -> RecoveryPlan:
             step,
             disks=tuple(disks),
             vm_running=p.running(),
-            record_step="committing",
+            record_step=CommitStep.COMMITTING,
         )
     if not pending:
         p.drop_nodes()
@@ -1035,8 +1029,8 @@ def _committing(p: _Planner) -> RecoveryPlan:
                 on_overlays=False
             )
         new = p.updated(
-            state=State.COMMITTED,
-            step="committed",
+            Event.RECOVERED_COMMITTED,
+            step=CommitStep.COMMITTED,
             disks=tuple(disks),
             error=None,
             next_step=None if qemu is not None else step,
@@ -1051,7 +1045,10 @@ def _committing(p: _Planner) -> RecoveryPlan:
         else:
             step = "run 'forgeqmp commit' again, or discard"
         new = _active_record(
-            p, step="active", disks=tuple(disks), next_step=step if qemu is None else None
+            p,
+            step=EnableStep.ACTIVE,
+            disks=tuple(disks),
+            next_step=step if qemu is None else None,
         )
         return p.plan(Event.RECOVERED_ACTIVE, new, step, p.running())
     p.drop_nodes(keep=keep)
@@ -1072,7 +1069,7 @@ def _committing(p: _Planner) -> RecoveryPlan:
         step,
         disks=tuple(disks),
         vm_running=p.running(),
-        record_step="committing",
+        record_step=CommitStep.COMMITTING,
     )
 
 
@@ -1084,7 +1081,7 @@ def _discarding(p: _Planner) -> RecoveryPlan:
     qemu = p.qemu
     interrupted = record.state is State.DISCARDING
     p.findings.append(
-        f"discard {'was interrupted' if interrupted else 'had failed'} (step {record.step!r}); "
+        f"discard {'was interrupted' if interrupted else 'had failed'} (step {record.step.value!r}); "
         + p.qemu_text()
     )
     on_overlays = qemu is not None and all(w is Where.OVERLAY for w in p.where.values())
@@ -1092,7 +1089,7 @@ def _discarding(p: _Planner) -> RecoveryPlan:
         # The old QEMU still runs the forge (or one was started on the overlays): nothing was lost.
         p.findings.append("every forged disk runs on its overlay: the forge is intact")
         p.drop_nodes(keep=_overlay_nodes(record.disks))
-        new = _active_record(p, step="active", next_step=None)
+        new = _active_record(p, step=EnableStep.ACTIVE, next_step=None)
         return p.plan(Event.RECOVERED_ACTIVE, new, "run 'forgeqmp discard' again", p.running())
     guest_ran = (
         qemu is not None
@@ -1113,8 +1110,8 @@ def _discarding(p: _Planner) -> RecoveryPlan:
             p.delete(disk.overlay_file, f"the overlay of disk {disk.name}, discarded")
         p.delete(p.memory_path, "the memory state of a discarded session")
         new = p.updated(
-            state=State.DISCARDED,
-            step="discarded",
+            Event.RECOVERED_DISCARDED,
+            step=DiscardStep.DISCARDED,
             memory_restored=restored,
             error=None
             if restored
@@ -1127,7 +1124,9 @@ def _discarding(p: _Planner) -> RecoveryPlan:
         # The old QEMU is gone (or was never stopped on the overlays): its running state is lost
         # either way, so finish what discard was asked to do.
         p.add(FinishDiscard())
-        new = p.updated(state=State.DISCARDED, step="discarded", error=None, next_step=None)
+        new = p.updated(
+            Event.RECOVERED_DISCARDED, step=DiscardStep.DISCARDED, error=None, next_step=None
+        )
         return p.plan(Event.RECOVERED_DISCARDED, new, "nothing to do", True)
     # A discard that failed and is still failed: nothing changed since; say it again.
     step = record.next_step or "run 'forgeqmp discard' again"
@@ -1147,16 +1146,12 @@ def stale_reason(
     means the controller doing the work is gone: the record is stale until ``recover`` runs.
     ``lock_held`` None means it could not be told (then nothing is claimed).
     """
-    operation = {
-        State.CREATING: "enable",
-        State.COMMITTING: "commit",
-        State.DISCARDING: "discard",
-    }.get(record.state)
+    operation = WORKING_OPERATION.get(record.state)
     if operation is None or lock_held is None or lock_held:
         return None
     qemu = "" if qemu_alive is None else (" QEMU runs." if qemu_alive else " QEMU is not running.")
     return (
-        f"the {operation} that left this session {record.state.value!r} (step {record.step!r}) is "
+        f"the {operation} that left this session {record.state.value!r} (step {record.step.value!r}) is "
         f"no longer running: no forgeqmp process holds the instance's lock, so it was "
         f"interrupted.{qemu} Run 'forgeqmp recover' to find and reach the true state"
     )

@@ -17,6 +17,7 @@ bumped whenever a change would make an older forgeqmp misread a record.
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import os
@@ -29,7 +30,16 @@ from typing import Any, Final, NoReturn, TypeVar, cast
 
 import attrs
 
-from forgeqmp.core.states import FORGE_BYPASSED, Failure, SessionStatus, State
+from forgeqmp.core.states import State
+from forgeqmp.core.steps import (
+    CommitStep,
+    DiscardStep,
+    EnableStep,
+    Pivoting,
+    RecoverStep,
+    Step,
+    parse_step,
+)
 from forgeqmp.errors import InvalidArgument, RecordUnreadable
 
 __all__ = [
@@ -44,7 +54,6 @@ __all__ = [
     "SessionRecord",
     "new_session_id",
     "no_session_status",
-    "status_of",
 ]
 
 #: Version of the JSON layout; a record with another version is refused, never half-understood.
@@ -222,6 +231,11 @@ def _state(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
         _invalid(attribute, "a forgeqmp.core.states.State", value)
 
 
+def _step(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, EnableStep | CommitStep | DiscardStep | RecoverStep | Pivoting):
+        _invalid(attribute, "a step of forgeqmp's (forgeqmp.core.steps)", value)
+
+
 def _opt_state(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if value is not None:
         _state(instance, attribute, value)
@@ -262,6 +276,15 @@ def _to_env(value: Mapping[str, str]) -> Mapping[str, str]:
     if isinstance(value, Mapping):
         return MappingProxyType(dict(value))  # a private copy: nobody else can change it
     return value
+
+
+def _to_step(value: Step | str) -> Step:
+    if isinstance(value, str) and not isinstance(value, enum.Enum):
+        try:
+            return parse_step(value)
+        except InvalidArgument:
+            pass
+    return cast(Step, value)  # a step, or garbage that the validator reports
 
 
 def _to_opt_float(value: float | None) -> float | None:
@@ -430,19 +453,21 @@ _R = TypeVar("_R")
 class SessionRecord:
     """Everything known about one forge session, as written before each irreversible step.
 
-    ``step`` is the last step reached (for example ``"overlays-created"``, ``"migration-started"``,
-    ``"snapshot-transaction-done"``); ``recover`` decides from ``state`` and ``step`` what is left
-    to undo or finish. ``next_step`` tells a human what to do when the session needs one (it is
+    ``step`` is the last step reached, a member of the operation's enum in
+    :mod:`forgeqmp.core.steps` (for example :attr:`~forgeqmp.core.steps.EnableStep.OVERLAYS_CREATED`;
+    its name, ``"overlays-created"``, is accepted too and is what the JSON holds); ``recover``
+    decides from ``state`` and ``step`` what is left to undo or finish. ``next_step`` tells a human what to do when the session needs one (it is
     shown by ``status``). ``unforged_disks`` names the VM's disks that are *not* in the forge:
     they keep the writes made after enable even when the memory is discarded.
 
     Only the shape of each field is validated here; which states, steps and timestamps may go
-    together is the business of :mod:`forgeqmp.core.states`.
+    together is the business of :mod:`forgeqmp.core.states`. The state changes only by an event
+    (:func:`forgeqmp.core.lifecycle.advance`): :meth:`evolve` refuses ``state=``.
     """
 
     session_id: str = attrs.field(validator=_session_id)
     state: State = attrs.field(validator=_state)
-    step: str = attrs.field(validator=_name)
+    step: Step = attrs.field(converter=_to_step, validator=_step)
     strategy: str = attrs.field(validator=_name)
     created_at: datetime = attrs.field(converter=_to_utc, validator=_utc)
     activated_at: datetime | None = attrs.field(
@@ -498,7 +523,16 @@ class SessionRecord:
     # --- updates ---------------------------------------------------------------------------------
 
     def evolve(self, **changes: Any) -> SessionRecord:
-        """A copy with ``changes`` applied and validated again (``attrs.evolve``)."""
+        """A copy with ``changes`` applied and validated again (``attrs.evolve``).
+
+        Any field but ``state``: a state changes only by an event applied through the transition
+        table (:func:`forgeqmp.core.lifecycle.advance`), else InvalidArgument.
+        """
+        if "state" in changes:
+            raise InvalidArgument(
+                "a record's state is not set by hand: apply an Event (forgeqmp.core.lifecycle."
+                "advance), and the transition table gives the state"
+            )
         return attrs.evolve(self, **changes)
 
     def disk(self, name: str) -> DiskRecord:
@@ -567,7 +601,7 @@ class SessionRecord:
             "memory_restored": self.memory_restored,
             "error": self.error,
             "session_id": self.session_id,
-            "step": self.step,
+            "step": self.step.value,
             "next_step": self.next_step,
             "strategy": self.strategy,
             "created_at": _iso(self.created_at),
@@ -610,28 +644,6 @@ def no_session_status() -> dict[str, Any]:
     }
 
 
-def status_of(record: SessionRecord) -> SessionStatus:
-    """The sans-IO status (state + failure) a record describes."""
-    bypassed = record.step == FORGE_BYPASSED  # the originals were written outside a commit
-    if record.state is not State.FAILED:
-        return SessionStatus(record.state, None, originals_written=bypassed)
-    # Fully merged: the overlay is gone. A disk whose commit started but did not finish is
-    # pending (a later commit finishes it) and also bars discard (see Instance.discard).
-    merged = tuple(d.name for d in record.disks if d.merged and d.overlay_node is None)
-    pending = tuple(d.name for d in record.disks if d.overlay_node is not None)
-    if record.rolled_back:  # everything was undone: the planned overlays never stayed
-        merged = pending = ()
-    failure = Failure(
-        phase=record.failure_phase or State.ACTIVE,
-        reason=record.error or "unknown failure",
-        next_step=record.next_step or "run 'forgeqmp recover'",
-        rolled_back=record.rolled_back,
-        merged_disks=merged,
-        pending_disks=pending,
-    )
-    return SessionStatus(State.FAILED, failure, originals_written=bypassed)
-
-
 def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
@@ -648,7 +660,7 @@ def _encode_attrs(
 def _encode(value: object) -> object:
     if isinstance(value, DiskRecord | MemoryRecord | QemuRecord | SessionRecord):
         return _encode_attrs(value)
-    if isinstance(value, State):
+    if isinstance(value, State | EnableStep | CommitStep | DiscardStep | RecoverStep | Pivoting):
         return value.value
     if isinstance(value, datetime):
         return value.isoformat()

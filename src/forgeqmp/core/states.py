@@ -4,7 +4,9 @@ A forge session is a small state machine, and this module is all of it, written 
 
 - :class:`State`: the seven states; :class:`Event`: the inputs that move a session.
 - :data:`TRANSITIONS`: the table ``(state, event) -> next state``, ``None`` meaning "no session
-  yet". A move that is not in the table is illegal; no other place allows one.
+  yet". A move that is not in the table is illegal; no other place allows one: a session record
+  changes state only through :func:`forgeqmp.core.lifecycle.advance`, which asks this table (and
+  ``SessionRecord.evolve`` refuses ``state=``).
 - :func:`next_state`: looks a move up in the table, raising
   :class:`~forgeqmp.errors.IllegalTransition` for one the table does not hold.
 - :class:`Failure` and :class:`SessionStatus`: the values a session record keeps. The status adds
@@ -13,8 +15,9 @@ A forge session is a small state machine, and this module is all of it, written 
 - :func:`render_mermaid` and :func:`render_dot`: the table as a Mermaid or Graphviz diagram, so
   the docs are generated, never redrawn (the docs draw the Graphviz one into SVG at build time).
 
-Nothing here does I/O. The driver runs the QMP steps and feeds their outcomes in as events; the
-record store writes the resulting :class:`SessionStatus` before and after each step.
+Nothing here does I/O. The operations run the QMP steps and feed their outcomes in as events
+(:mod:`forgeqmp.core.lifecycle`); the record store writes the resulting record before and after
+each step.
 """
 
 from __future__ import annotations
@@ -26,14 +29,18 @@ from typing import Any, Final
 
 import attrs
 
+from forgeqmp.core.steps import RecoverStep
 from forgeqmp.errors import IllegalTransition, InvalidArgument, PrerequisiteError, SessionActive
 
 __all__ = [
+    "FAILED_EVENT",
     "FORGE_BYPASSED",
     "RECOVER_EVENTS",
     "TERMINAL",
     "TRANSITIONS",
     "UNFINISHED",
+    "WORKING",
+    "WORKING_OPERATION",
     "Event",
     "Failure",
     "SessionStatus",
@@ -148,6 +155,24 @@ TERMINAL: frozenset[State] = frozenset({State.COMMITTED, State.DISCARDED})
 #: failure was rolled back is over nonetheless: ask :attr:`SessionStatus.finished`, not this set.
 UNFINISHED: frozenset[State] = frozenset(State) - TERMINAL
 
+#: The working states (an operation is under way, or was interrupted), with the operation's name.
+WORKING_OPERATION: Mapping[State, str] = types.MappingProxyType(
+    {State.CREATING: "enable", State.COMMITTING: "commit", State.DISCARDING: "discard"}
+)
+
+#: States in which an operation is under way: the request moved the session there, its outcome
+#: moves it out.
+WORKING: frozenset[State] = frozenset(WORKING_OPERATION)
+
+#: The failure outcome of the operation under way in each working state.
+FAILED_EVENT: Mapping[State, Event] = types.MappingProxyType(
+    {
+        State.CREATING: Event.ENABLE_FAILED,
+        State.COMMITTING: Event.COMMIT_FAILED,
+        State.DISCARDING: Event.DISCARD_FAILED,
+    }
+)
+
 #: The outcomes of ``recover``: the true state it found.
 RECOVER_EVENTS: frozenset[Event] = frozenset(
     {
@@ -195,7 +220,7 @@ def next_state(state: State | None, event: Event) -> State:
 
 #: The states work can fail in. FAILED itself is not one: when recover finds a FAILED session still
 #: failed, it reports the phase of the work that failed, which is what the operator must reconcile.
-_FAILURE_PHASES = frozenset({State.CREATING, State.ACTIVE, State.COMMITTING, State.DISCARDING})
+_FAILURE_PHASES = WORKING | {State.ACTIVE}
 
 
 def _disk_names(value: Iterable[str]) -> tuple[str, ...]:
@@ -269,8 +294,9 @@ class Failure:
 #: The record step recover writes when it finds the forge bypassed (the VM ran on its original disks
 #: since enable, e.g. QEMU restarted with its original command line). The originals may have
 #: changed since, so the memory state saved at enable no longer matches them: discard stays refused
-#: for the rest of the session (:attr:`SessionStatus.originals_written`).
-FORGE_BYPASSED: Final = "forge-bypassed"
+#: for the rest of the session (:attr:`SessionStatus.originals_written`). The step itself is
+#: :attr:`forgeqmp.core.steps.RecoverStep.FORGE_BYPASSED`; this is its name here.
+FORGE_BYPASSED: Final = RecoverStep.FORGE_BYPASSED
 
 
 def _check_status_state(_: Any, attribute: attrs.Attribute[Any], value: State) -> None:

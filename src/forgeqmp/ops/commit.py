@@ -33,9 +33,9 @@ from forgeqmp.core.progress import JobProgress, ProgressCallback, ProgressEvent,
 from forgeqmp.core.record import (
     DiskRecord,
     SessionRecord,
-    status_of,
 )
 from forgeqmp.core.states import Event, State
+from forgeqmp.core.steps import CommitStep
 from forgeqmp.errors import (
     ForgeFailed,
     PrerequisiteError,
@@ -106,7 +106,6 @@ class CommitDriver(DriverBase):
         self._require_session("commit", lambda st: st.can_commit)
         with InstanceLock(self.state_dir, "forgeqmp commit"):
             record = self._require_session("commit", lambda st: st.can_commit)
-            status = status_of(record).apply(Event.COMMIT)
             self.store.remove_temp_files()  # a killed operation's: never a file of another
             if not self.conn.connected:
                 return await self._commit_offline(record, timeout, report)
@@ -114,7 +113,7 @@ class CommitDriver(DriverBase):
             pid, since = self.conn.peer.pid, self._started()
             plan = plan_commit(record, await self._send(QUERY_BLOCK))
             pending = [record.disk(job.disk) for job in plan.disks]
-            record = self._begin_commit(record, status.state)
+            record = self._begin_commit(record)
             saver = anyio.Lock()
             no_return = anyio.Event()
             jobs = _JobsSent()
@@ -140,11 +139,11 @@ class CommitDriver(DriverBase):
             self._remove_memory_file(record)
             record = self._save(
                 record,
-                state=State.COMMITTED,
-                step="committed",
+                Event.COMMITTED,
+                step=CommitStep.COMMITTED,
                 finished_at=_now(),
             )
-            self._crash_point("commit", "committed")
+            self._crash_point("commit", CommitStep.COMMITTED)
             report(ProgressEvent("commit", "committed"))
             return record
 
@@ -183,7 +182,7 @@ class CommitDriver(DriverBase):
                     )
                     tg.cancel_scope.cancel()
             await self._report_job_done(job_id, meter)
-        self._crash_point("commit", "job-ready")
+        self._crash_point("commit", CommitStep.JOB_READY)
         pause_ms = await self._pivot(
             disk.name,
             disk.qdev,
@@ -194,7 +193,7 @@ class CommitDriver(DriverBase):
             lock=saver,
         )
         await self._drop_overlay(disk)
-        self._crash_point("commit", "disk-merged")
+        self._crash_point("commit", CommitStep.DISK_MERGED)
         log.info(
             "commit: disk %s merged into %s, overlay %s removed; guest paused %s ms to switch",
             disk.name,
@@ -242,7 +241,7 @@ class CommitDriver(DriverBase):
             jobs.sent.discard(disk.name)  # refused: QEMU created no job
             raise
         jobs.accepted.add(disk.name)
-        self._crash_point("commit", "job-started")
+        self._crash_point("commit", CommitStep.JOB_STARTED)
 
     async def _report_job_progress(self, job_id: str, meter: _ProgressMeter) -> None:
         """Report the job's bytes done/total and ETA every :data:`PROGRESS_INTERVAL` until
@@ -373,19 +372,24 @@ class CommitDriver(DriverBase):
             detail += f"; still merging in QEMU: {_running_text(running)}"
         return self._save(
             record,
-            state=State.FAILED,
+            Event.COMMIT_FAILED,
             failure_phase=State.COMMITTING,
             rolled_back=False,
             error=f"{reason}; {detail}",
             next_step=next_step,
         )
 
-    def _begin_commit(self, record: SessionRecord, state: State) -> SessionRecord:
+    def _begin_commit(self, record: SessionRecord) -> SessionRecord:
         """Record that the commit runs (again: a failed one's error is cleared)."""
         record = self._save(
-            record, state=state, step="committing", failure_phase=None, error=None, next_step=None
+            record,
+            Event.COMMIT,
+            step=CommitStep.COMMITTING,
+            failure_phase=None,
+            error=None,
+            next_step=None,
         )
-        self._crash_point("commit", "committing")
+        self._crash_point("commit", CommitStep.COMMITTING)
         return record
 
     async def _mark_merged(
@@ -395,7 +399,7 @@ class CommitDriver(DriverBase):
         (from then on discard is refused), with the id of the job about to be started."""
         async with saver:
             self._save(self._current().evolve_disk(disk.name, merged=True, commit_job=job_id))
-            self._crash_point("commit", "disk-marked")
+            self._crash_point("commit", CommitStep.DISK_MARKED)
 
     async def _commit_offline(
         self, record: SessionRecord, timeout: float, report: ProgressCallback
@@ -411,7 +415,7 @@ class CommitDriver(DriverBase):
                     f"the overlay {disk.overlay_file} of disk {disk.name} is missing, so its "
                     "writes cannot be merged; run 'forgeqmp recover' to see what is left"
                 )
-        record = self._begin_commit(record, State.COMMITTING)
+        record = self._begin_commit(record)
         report(ProgressEvent("commit", "offline", {"disks": [d.name for d in pending]}))
         saver = anyio.Lock()
 
@@ -423,7 +427,7 @@ class CommitDriver(DriverBase):
             if disk.overlay_file is not None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(disk.overlay_file)
-            self._crash_point("commit", "disk-merged")
+            self._crash_point("commit", CommitStep.DISK_MERGED)
             report(ProgressEvent("commit", "disk-merged", {"disk": disk.name, "pause_ms": None}))
 
         try:
@@ -441,12 +445,12 @@ class CommitDriver(DriverBase):
         self._remove_memory_file(record)
         record = self._save(
             record,
-            state=State.COMMITTED,
-            step="committed",
+            Event.COMMITTED,
+            step=CommitStep.COMMITTED,
             finished_at=_now(),
             next_step="the VM is stopped: start it with its original command line",
         )
-        self._crash_point("commit", "committed")
+        self._crash_point("commit", CommitStep.COMMITTED)
         report(ProgressEvent("commit", "committed"))
         return record
 

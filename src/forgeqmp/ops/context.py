@@ -35,6 +35,7 @@ from forgeqmp.core.blockopts import BlockOptions, options_restored, reopen_comma
 from forgeqmp.core.disks import Disk, disks_from_query, qom_path_of
 from forgeqmp.core.features import Features
 from forgeqmp.core.graphsession import GraphSession, sessions_in_graph
+from forgeqmp.core.lifecycle import advance, status_of
 from forgeqmp.core.plans.command import Command
 from forgeqmp.core.plans.commit import DiskCommit, attached_nodes, remove_overlay_nodes
 from forgeqmp.core.plans.common import (
@@ -54,12 +55,9 @@ from forgeqmp.core.plans.common import (
 )
 from forgeqmp.core.progress import StateListener
 from forgeqmp.core.reconcile import MIGRATION_RUNNING
-from forgeqmp.core.record import (
-    DiskRecord,
-    SessionRecord,
-    status_of,
-)
-from forgeqmp.core.states import SessionStatus
+from forgeqmp.core.record import DiskRecord, SessionRecord
+from forgeqmp.core.states import Event, SessionStatus, next_state
+from forgeqmp.core.steps import CommitStep, Pivoting
 from forgeqmp.errors import (
     ForgeError,
     ForgeFailed,
@@ -278,7 +276,7 @@ class DriverBase:
             return None
         if not status_of(record).finished:
             raise SessionActive(
-                f"session {record.session_id} is {record.state.value} (step {record.step}); "
+                f"session {record.session_id} is {record.state.value} (step {record.step.value}); "
                 + (record.next_step or "commit or discard it first")
             )
         return record
@@ -293,14 +291,21 @@ class DriverBase:
             return record
         return saved if saved is not None and saved.session_id == record.session_id else record
 
-    def _save(self, record: SessionRecord, **changes: Any) -> SessionRecord:
-        """Save ``record`` with ``changes``. A change of state drops the ``next_step`` of the
-        state left (it told what to do *there*: "the session is Active..." on a discarded session
+    def _save(
+        self, record: SessionRecord, event: Event | None = None, **changes: Any
+    ) -> SessionRecord:
+        """Save ``record`` with ``changes``, and moved by ``event`` if given: the one way an
+        operation changes a session's state (:func:`forgeqmp.core.lifecycle.advance`; a
+        ``state=`` change is refused). A change of state drops the ``next_step`` of the state
+        left (it told what to do *there*: "the session is Active..." on a discarded session
         would mislead) unless ``changes`` gives the new state's own."""
         previous, previous_step = record.state, record.step
-        if changes.get("state", previous) is not previous:
-            changes.setdefault("next_step", None)
-        record = record.evolve(updated_at=_now(), **changes)
+        if event is not None:
+            if next_state(previous, event) is not previous:
+                changes.setdefault("next_step", None)
+            record = advance(record, event, updated_at=_now(), **changes)
+        else:
+            record = record.evolve(updated_at=_now(), **changes)
         self.store.save(record)
         if record.state is not previous or record.step != previous_step:
             # Every step of every operation is saved here first: one INFO line each.
@@ -308,7 +313,7 @@ class DriverBase:
                 "session %s: %s, step %s%s",
                 record.session_id,
                 record.state.value,
-                record.step,
+                record.step.value,
                 f" (error: {record.error})" if "error" in changes and record.error else "",
             )
         if record.state is not previous:
@@ -522,10 +527,10 @@ class DriverBase:
                     await self._flush_before_pause()
                     # On disk before the pause: a recover after a kill anywhere from here to
                     # the resume below knows the pause is ours, and resumes the guest.
-                    marks: dict[str, Any] = {"step": f"pivoting:{disk}"} if mark_step else {}
+                    marks: dict[str, Any] = {"step": Pivoting(disk)} if mark_step else {}
                     self._save(self._current(), paused_by_forgeqmp=True, **marks)
                     await self._send(STOP)
-                    self._crash_point(operation, "pivoting")
+                    self._crash_point(operation, CommitStep.PIVOTING)
                 resumed = False
                 try:
                     with conn.subscribe(
@@ -556,10 +561,10 @@ class DriverBase:
                             f"after its commit, disk {disk} is on node {attached.get(qdev)!r}, "
                             f"not its original {base_node!r}"
                         )
-                    self._crash_point(operation, "pivoted")
-                    changes: dict[str, Any] = {"step": "committing"} if mark_step else {}
+                    self._crash_point(operation, CommitStep.PIVOTED)
+                    changes: dict[str, Any] = {"step": CommitStep.COMMITTING} if mark_step else {}
                     self._save(update(self._current()), **changes)
-                    self._crash_point(operation, "disk-recorded")
+                    self._crash_point(operation, CommitStep.DISK_RECORDED)
                 finally:
                     if paused:
                         with anyio.CancelScope(shield=True), contextlib.suppress(QMPError):
@@ -569,8 +574,8 @@ class DriverBase:
                         with contextlib.suppress(ForgeError, OSError):
                             record = self._current()
                             done: dict[str, Any] = {"paused_by_forgeqmp": False} if resumed else {}
-                            if mark_step and record.step == f"pivoting:{disk}":
-                                done["step"] = "committing"
+                            if mark_step and record.step == Pivoting(disk):
+                                done["step"] = CommitStep.COMMITTING
                             if any(getattr(record, k) != v for k, v in done.items()):
                                 self._save(record, **done)
                 await self._restore_after_pivot(disk)

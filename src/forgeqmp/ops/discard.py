@@ -25,16 +25,17 @@ from forgeqmp.adapters.process import describe_process, wait_gone
 from forgeqmp.adapters.qemuproc import recorded_qemu_alive
 from forgeqmp.adapters.statedir import InstanceLock
 from forgeqmp.core.argv import active_argv
+from forgeqmp.core.lifecycle import status_of
 from forgeqmp.core.plans.common import CONT, QUERY_MACHINE_TYPE, QUERY_MIGRATE, QUIT
 from forgeqmp.core.plans.discard import RestorePlan, plan_restore
 from forgeqmp.core.progress import ProgressCallback, ProgressEvent
 from forgeqmp.core.record import (
     MemoryRecord,
     SessionRecord,
-    status_of,
 )
 from forgeqmp.core.relaunch import describe_findings, relaunch_findings
 from forgeqmp.core.states import Event, State
+from forgeqmp.core.steps import DiscardStep
 from forgeqmp.errors import (
     ForgeFailed,
     NoSession,
@@ -109,7 +110,6 @@ class DiscardDriver(DriverBase):
                     "original image(s), so the memory state no longer matches them; run "
                     "'forgeqmp commit' to finish the commit"
                 )
-            status_of(record).apply(Event.DISCARD)
             if launcher is None and self.launcher is None:
                 findings = relaunch_findings(record.qemu.argv)
                 if findings:
@@ -123,8 +123,8 @@ class DiscardDriver(DriverBase):
             if self.conn.connected:
                 await self._check_recorded_configuration(record)
             self.store.remove_temp_files()  # a killed operation's: never a file of another
-            record = self._save(record, state=State.DISCARDING, step="stopping-qemu")
-            self._crash_point("discard", "stopping-qemu")
+            record = self._save(record, Event.DISCARD, step=DiscardStep.STOPPING_QEMU)
+            self._crash_point("discard", DiscardStep.STOPPING_QEMU)
             report(ProgressEvent("discard", "stopping-qemu"))
             with anyio.CancelScope(shield=True):
                 record = await self._run_discard(
@@ -257,8 +257,8 @@ class DiscardDriver(DriverBase):
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(verify)
                     await self._stop_qemu(record)
-                    record = self._save(record, step="qemu-stopped")
-                    self._crash_point("discard", "qemu-stopped")
+                    record = self._save(record, step=DiscardStep.QEMU_STOPPED)
+                    self._crash_point("discard", DiscardStep.QEMU_STOPPED)
                     if cold:
                         problem = "a cold start was asked for"
                     elif memory_fd is not None:
@@ -305,7 +305,7 @@ class DiscardDriver(DriverBase):
                 )
             return self._save(
                 record,
-                state=State.FAILED,
+                Event.DISCARD_FAILED,
                 failure_phase=State.DISCARDING,
                 rolled_back=False,
                 error=f"discard could not start the VM: {reason}",
@@ -319,14 +319,14 @@ class DiscardDriver(DriverBase):
         self._remove_memory_file(record)
         record = self._save(
             record,
-            state=State.DISCARDED,
-            step="discarded",
+            Event.DISCARDED,
+            step=DiscardStep.DISCARDED,
             memory_restored=restored,
             resume_seconds=seconds,
             error=None if restored else f"memory not restored, VM cold-started: {problem}",
             finished_at=_now(),
         )
-        self._crash_point("discard", "discarded")
+        self._crash_point("discard", DiscardStep.DISCARDED)
         log.info(
             "discard %s: VM running %s, %.2f s after discard began",
             record.session_id,
@@ -371,7 +371,7 @@ class DiscardDriver(DriverBase):
             self.conn.peer.pid,
             plan.memory_file,
         )
-        self._crash_point("discard", "qemu-launched")
+        self._crash_point("discard", DiscardStep.QEMU_LAUNCHED)
         conn = self.conn
         try:
             await self._send(plan.set_capabilities())
@@ -394,7 +394,7 @@ class DiscardDriver(DriverBase):
                 # The relaunched QEMU is the platform's VM again: leave its migration settings
                 # at their defaults (multifd/mapped-ram would change its next migration).
                 await self._send(plan.reset_capabilities())
-                self._crash_point("discard", "memory-loaded")
+                self._crash_point("discard", DiscardStep.MEMORY_LOADED)
                 return None
             info = await self._send(QUERY_MIGRATE)
             return f"loading the memory state failed: {info.get('error-desc', 'no detail')}"

@@ -21,9 +21,11 @@ import attrs
 from forgeqmp.adapters import memhash, preflight
 from forgeqmp.adapters.process import describe_process
 from forgeqmp.adapters.statedir import InstanceLock
+from forgeqmp.core import names
 from forgeqmp.core.blockopts import argv_block_options
-from forgeqmp.core.disks import Disk, select_disks
+from forgeqmp.core.disks import Selection, check_disk_choice, select_disks
 from forgeqmp.core.features import Features
+from forgeqmp.core.lifecycle import begin
 from forgeqmp.core.plans.common import (
     CONT,
     QUERY_BLOCK,
@@ -53,7 +55,8 @@ from forgeqmp.core.record import (
     new_session_id,
 )
 from forgeqmp.core.relaunch import describe_findings, relaunch_findings
-from forgeqmp.core.states import State
+from forgeqmp.core.states import Event, State
+from forgeqmp.core.steps import EnableStep
 from forgeqmp.errors import (
     ForgeError,
     ForgeFailed,
@@ -141,8 +144,7 @@ class EnableDriver(DriverBase):
             disks = list(disks)
             if not all(isinstance(name, str) for name in disks):
                 raise InvalidArgument(f"disk names must be strings, not {disks!r}")
-        if disks is not None and all_disks:
-            raise InvalidArgument("name disks or choose all disks, not both")
+        check_disk_choice(disks, all_disks=all_disks)
         if overlay_dir is not None:
             if not isinstance(overlay_dir, str | os.PathLike) or not os.fspath(overlay_dir):
                 raise InvalidArgument(f"overlay_dir must be a directory path, not {overlay_dir!r}")
@@ -172,7 +174,7 @@ class EnableDriver(DriverBase):
                 if d.options is not None
             }
             session_id = new_session_id()
-            memory_name = f"memory-{session_id}.bin"
+            memory_name = names.memory_file_name(session_id)
             plan = plan_enable(
                 session_id=session_id,
                 selection=selection,
@@ -189,7 +191,7 @@ class EnableDriver(DriverBase):
                         "did not create: remove it if it is stale, or choose another overlay_dir"
                     )
             await preflight.check_enable(self.conn, plan)
-            record = await self._new_record(plan, selection.unforged, features)
+            record = await self._new_record(plan, selection, features, previous)
             report(
                 ProgressEvent("enable", "planned", {"disks": [o.disk.name for o in plan.overlays]})
             )
@@ -201,11 +203,11 @@ class EnableDriver(DriverBase):
                 "session %s: %s, step %s (disks %s)",
                 record.session_id,
                 record.state.value,
-                record.step,
+                record.step.value,
                 ", ".join(o.disk.name for o in plan.overlays),
             )
             self._state_changed(record)
-            self._crash_point("enable", "planned")
+            self._crash_point("enable", EnableStep.PLANNED)
             undo = _EnableUndo()
             try:
                 with anyio.fail_after(timeout):
@@ -242,7 +244,11 @@ class EnableDriver(DriverBase):
             )
 
     async def _new_record(
-        self, plan: EnablePlan, unforged: Sequence[Disk], features: Features
+        self,
+        plan: EnablePlan,
+        selection: Selection,
+        features: Features,
+        previous: SessionRecord | None,
     ) -> SessionRecord:
         peer = self.conn.peer
         process = describe_process(peer.pid)
@@ -268,22 +274,15 @@ class EnableDriver(DriverBase):
                     options=o.options.to_json() if o.options is not None else None,
                 )
             )
-        warnings: tuple[str, ...] = ()
-        if unforged:
-            names = ", ".join(d.name for d in unforged)
-            warnings = (
-                f"disks not in the forge keep their writes on discard while memory goes back to "
-                f"the moment of enable, so the guest may see them inconsistent: {names}",
-            )
-        return SessionRecord(
+        return begin(
+            previous,
             session_id=plan.session_id,
-            state=State.CREATING,
-            step="planned",
+            step=EnableStep.PLANNED,
             strategy=plan.strategy.value,
             created_at=now,
             updated_at=now,
             disks=tuple(disks),
-            unforged_disks=tuple(d.name for d in unforged),
+            unforged_disks=tuple(d.name for d in selection.unforged),
             memory=MemoryRecord(
                 path=plan.memory_file,
                 transport=plan.transport.value,
@@ -298,7 +297,7 @@ class EnableDriver(DriverBase):
                 machine=str(machine).removesuffix("-machine"),
                 qmp_socket=os.path.abspath(self.conn.socket_path),
             ),
-            warnings=warnings,
+            warnings=selection.warnings,
         )
 
     async def _create_overlay(self, overlay: OverlayPlan, undo: _EnableUndo) -> None:
@@ -330,8 +329,8 @@ class EnableDriver(DriverBase):
         conn = self.conn
         for overlay in plan.overlays:
             await self._create_overlay(overlay, undo)
-        record = self._save(record, step="overlays-created")
-        self._crash_point("enable", "overlays-created")
+        record = self._save(record, step=EnableStep.OVERLAYS_CREATED)
+        self._crash_point("enable", EnableStep.OVERLAYS_CREATED)
         report(ProgressEvent("enable", "overlays-created"))
 
         memory_name = os.path.basename(plan.memory_file)
@@ -359,8 +358,8 @@ class EnableDriver(DriverBase):
             await self._send(set_params)
             # Before the save, which pauses the guest (at its switchover, or a stop first):
             # recover resumes a guest it finds paused while this is recorded.
-            record = self._save(record, step="migration-started", paused_by_forgeqmp=True)
-            self._crash_point("enable", "migration-started")
+            record = self._save(record, step=EnableStep.MIGRATION_STARTED, paused_by_forgeqmp=True)
+            self._crash_point("enable", EnableStep.MIGRATION_STARTED)
 
             with (
                 conn.subscribe("MIGRATION") as migration,
@@ -374,8 +373,8 @@ class EnableDriver(DriverBase):
                 pause_ms = self._pause_ms(runstate_events.history)
                 saved_s = time.monotonic() - started
 
-            record = self._save(record, step="snapshot-done", pause_ms=pause_ms)
-            self._crash_point("enable", "snapshot-done")
+            record = self._save(record, step=EnableStep.SNAPSHOT_DONE, pause_ms=pause_ms)
+            self._crash_point("enable", EnableStep.SNAPSHOT_DONE)
             log.info(
                 "enable %s: disks %s on their overlays, memory saved to %s; guest paused %s ms",
                 record.session_id,
@@ -395,15 +394,15 @@ class EnableDriver(DriverBase):
         assert record.memory is not None
         record = self._save(
             record,
-            state=State.ACTIVE,
-            step="active",
+            Event.ENABLED,
+            step=EnableStep.ACTIVE,
             paused_by_forgeqmp=False,
             activated_at=_now(),
             memory=attrs.evolve(
                 record.memory, size=size, digest=digest, digest_algorithm=memhash.ALGORITHM
             ),
         )
-        self._crash_point("enable", "active")
+        self._crash_point("enable", EnableStep.ACTIVE)
         report(
             ProgressEvent(
                 "enable",
@@ -496,12 +495,12 @@ class EnableDriver(DriverBase):
             lambda: self._wait_migration(migration, "pre-switchover", "the pre-switchover pause"),
             lambda: self._converge(plan.convergence, undo, report),
         )
-        self._crash_point("enable", "pre-switchover")
+        self._crash_point("enable", EnableStep.PRE_SWITCHOVER)
         # The guest is paused: snapshot every disk or none.
         transaction = plan.transaction()
         await self._send(transaction)
         undo.snapshotted = True
-        self._crash_point("enable", "snapshot-transaction-done")
+        self._crash_point("enable", EnableStep.SNAPSHOT_TRANSACTION_DONE)
         await self._send(continue_from_pre_switchover())
         await self._wait_migration(migration, "completed", "the end of the memory save")
         undo.migration_completed = True
@@ -612,11 +611,11 @@ class EnableDriver(DriverBase):
         try:
             return self._save(
                 record,
-                state=State.FAILED,
+                Event.ENABLE_FAILED,
                 failure_phase=State.CREATING,
                 rolled_back=rolled_back,
                 paused_by_forgeqmp=record.paused_by_forgeqmp and not resumed,
-                error=f"enable failed at step {record.step}: {reason}",
+                error=f"enable failed at step {record.step.value}: {reason}",
                 next_step=next_step,
                 finished_at=_now() if rolled_back else None,
             )

@@ -67,7 +67,7 @@ from forgeqmp.core.reconcile import (
     stale_reason,
 )
 from forgeqmp.core.record import SessionRecord
-from forgeqmp.core.states import TERMINAL, State, next_state
+from forgeqmp.core.states import TERMINAL, WORKING, Event, State, next_state
 from forgeqmp.errors import (
     ForgeError,
     ForgeFailed,
@@ -454,7 +454,7 @@ def _give_up(instance: Instance, record: SessionRecord, problems: Sequence[str])
     reason = "recover could not finish: " + ("; ".join(problems) or "QEMU kept changing")
     record = instance._save(
         record,
-        state=State.FAILED,
+        Event.RECOVERED_FAILED,
         failure_phase=phase,
         rolled_back=False,
         error=reason,
@@ -513,6 +513,6 @@ def _probe_lock(path: Path) -> bool | None:
 def stale(state_dir: StateDir, record: SessionRecord) -> str | None:
     """Why the record of ``state_dir`` is stale (an interrupted operation), or None."""
     qemu_alive: bool | None = None
-    if record.state in (State.CREATING, State.COMMITTING, State.DISCARDING):
+    if record.state in WORKING:
         qemu_alive = not qemu_down(record.qemu.qmp_socket, record)
     return stale_reason(record, lock_held=lock_held(state_dir), qemu_alive=qemu_alive)

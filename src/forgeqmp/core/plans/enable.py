@@ -26,12 +26,12 @@ background migration and resumes at once; the migration then completes while the
 from __future__ import annotations
 
 import enum
-import os
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 import attrs
 
+from forgeqmp.core import names
 from forgeqmp.core.blockopts import BlockOptions
 from forgeqmp.core.disks import Disk, Selection
 from forgeqmp.core.features import Features
@@ -40,6 +40,7 @@ from forgeqmp.errors import FeatureMissing
 
 __all__ = [
     "CONVERGENCE_STEPS",
+    "DEFAULT_STRATEGY",
     "DOWNTIME_LIMIT_MS",
     "MAX_BANDWIDTH",
     "ConvergenceStep",
@@ -115,6 +116,9 @@ class Strategy(enum.Enum):
     BACKGROUND_SNAPSHOT = "background-snapshot"
 
 
+#: The strategy enable uses when none is asked for: the one that pauses the guest least here.
+DEFAULT_STRATEGY: Final = Strategy.PRECOPY
+
 #: The migration capabilities each strategy turns on (everything else is turned off).
 _STRATEGY_CAPABILITIES: Mapping[Strategy, frozenset[str]] = {
     Strategy.PRECOPY: frozenset({"pause-before-switchover"}),
@@ -153,7 +157,7 @@ def choose_strategy(
 
     :raises FeatureMissing: this QEMU cannot do what the strategy needs (the message says what).
     """
-    strategy = requested or Strategy.PRECOPY
+    strategy = requested or DEFAULT_STRATEGY
     missing: list[str] = []
     if not features.blockdev_snapshot_transaction:
         missing.append("transaction with blockdev-snapshot and blockdev-add")
@@ -318,9 +322,7 @@ class EnablePlan:
 
 def _overlay_path(disk: Disk, session_id: str, overlay_dir: str | None) -> str:
     assert disk.file is not None
-    base_dir, base_name = os.path.split(disk.file)
-    directory = overlay_dir if overlay_dir is not None else base_dir
-    return os.path.join(os.path.abspath(directory), f"{base_name}.forge-{session_id[:8]}.qcow2")
+    return names.overlay_file(disk.file, session_id, overlay_dir)
 
 
 def save_capabilities(strategy: Strategy, known: Iterable[str]) -> dict[str, bool]:
@@ -356,14 +358,13 @@ def plan_enable(
     :raises FeatureMissing: see :func:`choose_strategy`.
     """
     chosen, transport = choose_strategy(features, strategy)
-    tag = f"fq{session_id.replace('-', '')[:8]}"
     overlays = tuple(
         OverlayPlan(
             disk=disk,
             overlay_file=_overlay_path(disk, session_id, overlay_dir),
-            file_node=f"{tag}-{i}-file",
-            format_node=f"{tag}-{i}-fmt",
-            create_job=f"{tag}-{i}-create",
+            file_node=names.file_node(session_id, i),
+            format_node=names.format_node(session_id, i),
+            create_job=names.create_job(session_id, i),
             options=(options or {}).get(disk.qdev),
         )
         for i, disk in enumerate(selection.forged)
@@ -380,7 +381,7 @@ def plan_enable(
         memory_file=memory_file,
         capabilities=capabilities,
         parameters=parameters,
-        fd_name=f"{tag}-memory",
+        fd_name=names.memory_fd_name(session_id),
         convergence=() if chosen is Strategy.BACKGROUND_SNAPSHOT else CONVERGENCE_STEPS,
     )
 
