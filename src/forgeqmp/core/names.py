@@ -10,7 +10,8 @@ here (``fq<8 hex>-<n>-create-undo``) stays well under.
 - job ids: ``<tag>-<n>-create`` (formatting the overlay), ``<tag>-<n>-create-undo`` (an undone
   enable's commit back), ``<tag>-<n>-commit`` (commit's merge);
 - the memory file's fd name ``<tag>-memory`` and its fdset's opaque text
-  ``forgeqmp <session id>``;
+  ``forgeqmp <session id>``; the fd name ``forgeqmp-restore`` discard passes the memory file to
+  the relaunched QEMU under;
 - files: the overlay ``<base name>.forge-<8 hex>.qcow2`` and the memory file
   ``memory-<session id>.bin`` in the state dir.
 """
@@ -22,9 +23,11 @@ import re
 from typing import Final
 
 __all__ = [
+    "COMMIT_JOB_SUFFIX",
     "FORMAT_NODE_SUFFIX",
     "NODE_PATTERN",
     "OVERLAY_FILE_PATTERN",
+    "RESTORE_FD_NAME",
     "commit_job",
     "create_job",
     "fdset_opaque",
@@ -41,6 +44,10 @@ __all__ = [
 #: The suffix of an overlay's format node (the node attached to the device).
 FORMAT_NODE_SUFFIX: Final = "-fmt"
 _FILE_NODE_SUFFIX: Final = "-file"
+#: The end of every commit job id forgeqmp makes (``<tag>-<n>-commit``).
+COMMIT_JOB_SUFFIX: Final = "-commit"
+#: The name discard passes the memory file under to the relaunched QEMU (``fd:`` transport).
+RESTORE_FD_NAME: Final = "forgeqmp-restore"
 
 #: An overlay node of any session; group 1 is the session's 8 hex digits.
 NODE_PATTERN: Final = re.compile(r"fq([0-9a-f]{8})-\d+-(?:fmt|file)")
@@ -81,7 +88,7 @@ def undo_job(create: str) -> str:
 def commit_job(overlay_node: str) -> str:
     """The commit job of the disk whose overlay's format node is ``overlay_node``: named after
     the overlay, so a record's node names give it (``<tag>-<n>-commit``)."""
-    return f"{overlay_node.removesuffix(FORMAT_NODE_SUFFIX)}-commit"
+    return f"{overlay_node.removesuffix(FORMAT_NODE_SUFFIX)}{COMMIT_JOB_SUFFIX}"
 
 
 def memory_fd_name(session_id: str) -> str:

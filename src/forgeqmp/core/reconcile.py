@@ -565,7 +565,7 @@ class _Planner:
         if self.qemu is None:
             return
         ours = sorted(n for n in self.qemu.nodes if self.ours(n) and n not in keep)
-        for node in sorted(ours, key=lambda n: (not n.endswith("-fmt"), n)):
+        for node in sorted(ours, key=lambda n: (not n.endswith(names.FORMAT_NODE_SUFFIX), n)):
             self.add(RemoveNode(node))
 
     def release_migration_setup(self) -> None:

@@ -342,7 +342,7 @@ class EnableDriver(DriverBase):
                 write_fd = os.open(f"/proc/self/fd/{mem_fd}", os.O_WRONLY | os.O_CLOEXEC)
                 try:
                     undo.fdset_id, _ = await conn.add_fd(
-                        write_fd, opaque=f"forgeqmp {plan.session_id}"
+                        write_fd, opaque=names.fdset_opaque(plan.session_id)
                     )
                 finally:
                     os.close(write_fd)

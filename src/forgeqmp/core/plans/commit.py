@@ -22,6 +22,7 @@ from typing import Any, Final
 
 import attrs
 
+from forgeqmp.core import names
 from forgeqmp.core.plans.command import Command
 from forgeqmp.core.plans.common import blockdev_del, job_cancel, job_complete, job_dismiss
 from forgeqmp.core.record import DiskRecord, SessionRecord
@@ -38,13 +39,10 @@ __all__ = [
     "remove_overlay_nodes",
 ]
 
-#: The end of every commit job id forgeqmp makes (``fq<8 hex>-<n>-commit``).
-COMMIT_JOB_SUFFIX: Final = "-commit"
-
-
-def commit_job_id(overlay_node: str) -> str:
-    """The id of the job that commits the overlay whose format node is ``overlay_node``."""
-    return f"{overlay_node.removesuffix('-fmt')}{COMMIT_JOB_SUFFIX}"
+#: The end of every commit job id forgeqmp makes (see :mod:`forgeqmp.core.names`).
+COMMIT_JOB_SUFFIX: Final = names.COMMIT_JOB_SUFFIX
+#: The id of the job that commits the overlay whose format node is the argument.
+commit_job_id = names.commit_job
 
 
 def is_commit_job(job: Mapping[str, Any]) -> bool:

@@ -21,10 +21,10 @@ from typing import Final
 
 import attrs
 
+from forgeqmp.core import names
 from forgeqmp.core.plans.command import Command
 from forgeqmp.core.plans.common import remove_fdset
 from forgeqmp.core.plans.enable import Transport, migration_uri
-from forgeqmp.core.reconcile import fdset_opaque
 from forgeqmp.core.record import SessionRecord
 
 __all__ = [
@@ -37,7 +37,7 @@ __all__ = [
 #: Capabilities of the save that the restoring QEMU must also have.
 RESTORE_CAPABILITIES: Final = frozenset({"mapped-ram", "multifd"})
 #: The name the memory file is passed by for the ``fd:`` transport.
-RESTORE_FD_NAME: Final = "forgeqmp-restore"
+RESTORE_FD_NAME: Final = names.RESTORE_FD_NAME
 
 
 @attrs.frozen
@@ -59,7 +59,7 @@ class RestorePlan:
     @property
     def fdset_opaque(self) -> str:
         """The ``opaque`` text of the fdset (recover finds a session's fdsets by it)."""
-        return fdset_opaque(self.session_id)
+        return names.fdset_opaque(self.session_id)
 
     def _capabilities(self, state: bool) -> Command:
         return Command(
