@@ -97,7 +97,7 @@ async def forge_once(vm: QemuInstance, state_dir: Path, variant: Variant) -> dic
         features = await instance.features()  # probed once per QEMU process: not timed
         if variant.forced:
             # forgeqmp has no public transport option: make its probe see no file transport.
-            instance._features = (instance.conn.peer.pid, _without_file_transport(features))
+            instance._ctx._features = (instance.conn.peer.pid, _without_file_transport(features))
         t0 = time.monotonic()
         record = await instance.enable(strategy=variant.strategy, on_progress=on_progress)
         t1 = time.monotonic()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -26,7 +26,11 @@ from forgeqmp.adapters.recordstore import RecordStore
 from forgeqmp.adapters.statedir import InstanceLock, StateDir, default_state_dir
 from forgeqmp.core import guard
 from forgeqmp.core.argv import start_argv
+from forgeqmp.core.disks import Disk
+from forgeqmp.core.features import Features
+from forgeqmp.core.graphsession import GraphSession
 from forgeqmp.core.lifecycle import status_of
+from forgeqmp.core.plans.enable import Strategy
 from forgeqmp.core.progress import ProgressCallback, ProgressEvent, StateListener
 from forgeqmp.core.record import SessionRecord
 from forgeqmp.errors import (
@@ -37,15 +41,17 @@ from forgeqmp.errors import (
     QEMUUnreachable,
     RecordError,
 )
-from forgeqmp.ops.commit import CommitDriver
+from forgeqmp.ops.commit import Commit
 from forgeqmp.ops.context import (
     DEFAULT_COMMIT_TIMEOUT,
     DEFAULT_DISCARD_TIMEOUT,
     DEFAULT_ENABLE_TIMEOUT,
+    Context,
     _check_timeout,
 )
-from forgeqmp.ops.discard import DiscardDriver
-from forgeqmp.ops.enable import EnableDriver
+from forgeqmp.ops.discard import Discard
+from forgeqmp.ops.enable import Enable
+from forgeqmp.ops.recover import DEFAULT_RECOVER_TIMEOUT, run_recover, stale
 
 log = logging.getLogger(__name__)
 
@@ -62,21 +68,129 @@ __all__ = [
 ]
 
 
-class Instance(EnableDriver, CommitDriver, DiscardDriver):
+class Instance:
     """One QEMU instance: its QMP connection, its state directory and its session.
 
     Create it with :func:`connect`. All methods are coroutines to run under anyio's asyncio backend.
-    Its operations are in :mod:`forgeqmp.ops.enable`, :mod:`forgeqmp.ops.commit` and
-    :mod:`forgeqmp.ops.discard` (their shared plumbing in :mod:`forgeqmp.ops.context`); this
-    class adds the guard, recovery and how to start the VM during a session.
+    The instance holds one :class:`~forgeqmp.ops.context.Context` (connection, state directory,
+    record store, launcher) and runs each operation over it: :class:`~forgeqmp.ops.enable.Enable`,
+    :class:`~forgeqmp.ops.commit.Commit`, :class:`~forgeqmp.ops.discard.Discard` and
+    :mod:`forgeqmp.ops.recover`, peers of one shape that share nothing but the context; this class
+    adds the guard and how to start the VM during a session.
     """
+
+    def __init__(self, conn: QMPConnection, state_dir: StateDir) -> None:
+        self._ctx = Context(conn, state_dir)
+
+    # --- what the operations share: the context's --------------------------------------------
+
+    @property
+    def conn(self) -> QMPConnection:
+        """The QMP connection to this QEMU (reconnected by discard and recover to the QEMU they
+        start)."""
+        return self._ctx.conn
+
+    @property
+    def state_dir(self) -> StateDir:
+        """The instance's private state directory."""
+        return self._ctx.state_dir
+
+    @property
+    def store(self) -> RecordStore:
+        """The session record in the state directory."""
+        return self._ctx.store
+
+    @property
+    def launcher(self) -> Launcher | None:
+        """The platform's launcher (``connect(..., launcher=)``), used by discard and recover when
+        none is passed per call; None: the recorded command line is run again."""
+        return self._ctx.launcher
+
+    @launcher.setter
+    def launcher(self, launcher: Launcher | None) -> None:
+        self._ctx.launcher = launcher
+
+    def follow(self, listener: StateListener) -> Callable[[], None]:
+        return self._ctx.follow(listener)
+
+    follow.__doc__ = Context.follow.__doc__
+
+    async def features(self) -> Features:
+        return await self._ctx.features()
+
+    features.__doc__ = Context.features.__doc__
+
+    def session(self) -> SessionRecord | None:
+        return self._ctx.session()
+
+    session.__doc__ = Context.session.__doc__
+
+    async def disks(self) -> tuple[Disk, ...]:
+        return await self._ctx.disks()
+
+    disks.__doc__ = Context.disks.__doc__
+
+    async def runstate(self) -> str:
+        return await self._ctx.runstate()
+
+    runstate.__doc__ = Context.runstate.__doc__
+
+    async def sessions_in_graph(self) -> tuple[GraphSession, ...]:
+        return await self._ctx.sessions_in_graph()
+
+    sessions_in_graph.__doc__ = Context.sessions_in_graph.__doc__
+
+    # --- the operations ----------------------------------------------------------------------
+
+    async def enable(
+        self,
+        disks: Sequence[str] | None = None,
+        *,
+        all_disks: bool = False,
+        strategy: Strategy | str | None = None,
+        overlay_dir: str | os.PathLike[str] | None = None,
+        timeout: float = DEFAULT_ENABLE_TIMEOUT,
+        on_progress: ProgressCallback | None = None,
+    ) -> SessionRecord:
+        return await Enable(self._ctx).run(
+            disks,
+            all_disks=all_disks,
+            strategy=strategy,
+            overlay_dir=overlay_dir,
+            timeout=timeout,
+            on_progress=on_progress,
+        )
+
+    enable.__doc__ = Enable.run.__doc__
+
+    async def commit(
+        self,
+        *,
+        timeout: float = DEFAULT_COMMIT_TIMEOUT,
+        on_progress: ProgressCallback | None = None,
+    ) -> SessionRecord:
+        return await Commit(self._ctx).run(timeout=timeout, on_progress=on_progress)
+
+    commit.__doc__ = Commit.run.__doc__
+
+    async def discard(
+        self,
+        *,
+        launcher: Launcher | None = None,
+        timeout: float = DEFAULT_DISCARD_TIMEOUT,
+        on_progress: ProgressCallback | None = None,
+        cold: bool = False,
+    ) -> SessionRecord:
+        return await Discard(self._ctx).run(
+            launcher=launcher, timeout=timeout, on_progress=on_progress, cold=cold
+        )
+
+    discard.__doc__ = Discard.run.__doc__
 
     def stale(self) -> str | None:
         """Why the session record cannot be trusted as it reads, or None: it shows an operation
         (creating, committing, discarding) that no process is running any more (nobody holds the
         instance's lock), so it was interrupted. Run :meth:`recover` then."""
-        from forgeqmp.ops.recover import stale
-
         record = self.store.load()
         return None if record is None else stale(self.state_dir, record)
 
@@ -101,7 +215,7 @@ class Instance(EnableDriver, CommitDriver, DiscardDriver):
         record = self.store.load()
         if record is None:
             raise NoSession("there is no forge session: start the VM with its own command line")
-        return attrs.evolve(self._spec(record, incoming=False), argv=start_argv(record))
+        return attrs.evolve(self._ctx.spec(record, incoming=False), argv=start_argv(record))
 
     async def recover(
         self,
@@ -124,10 +238,8 @@ class Instance(EnableDriver, CommitDriver, DiscardDriver):
         :raises QEMUUnreachable: QEMU runs but does not answer: nothing was changed.
         :raises ForgeFailed: recover could not finish; the record says why and what to do.
         """
-        from forgeqmp.ops.recover import DEFAULT_RECOVER_TIMEOUT, run_recover
-
         return await run_recover(
-            self,
+            self._ctx,
             launcher=launcher,
             timeout=DEFAULT_RECOVER_TIMEOUT if timeout is None else timeout,
             report=on_progress,

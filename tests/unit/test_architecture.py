@@ -10,9 +10,7 @@ Two rules (issue 13):
    every ``os.`` attribute it uses); reading files, directories or their metadata belongs in
    ``forgeqmp.adapters``.
 2. **No import cycles** among forgeqmp's modules, imports deferred into functions included (an
-   import on use hides a cycle from the reader, not from the design). The single exception is
-   :data:`KNOWN_CYCLE_EDGE`, to be removed when the recovery operation stops calling private
-   methods of ``Instance``.
+   import on use hides a cycle from the reader, not from the design). No exception.
 
 What counts as an import: every ``import`` and ``from ... import`` statement anywhere in a module
 (at top level, in functions, in ``try`` blocks), relative ones resolved. ``from pkg import name``
@@ -99,12 +97,6 @@ OS_PATH_TEXT = frozenset(
         "os.path.splitext",
     }
 )
-
-#: The one import cycle left, as the edge that closes it (importer, imported): ``ops.recover``
-#: imports ``forge`` for ``Instance`` and calls its private methods, while ``forge`` imports
-#: ``ops.recover`` on use for ``Instance.recover``. It goes when the operations become
-#: components of ``Instance`` instead of its mixins; then delete this and its test.
-KNOWN_CYCLE_EDGE = ("forgeqmp.ops.recover", "forgeqmp.forge")
 
 
 @attrs.frozen
@@ -320,19 +312,8 @@ def test_the_core_is_pure(package: dict[str, Module]) -> None:
 
 def test_no_import_cycles(package: dict[str, Module]) -> None:
     graph = runtime_graph(package)
-    importer, imported = KNOWN_CYCLE_EDGE
-    graph[importer].pop(imported, None)
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + _describe(cycle, graph)
-
-
-def test_the_known_cycle_still_exists(package: dict[str, Module]) -> None:
-    """When the exception is no longer needed, this fails: remove KNOWN_CYCLE_EDGE then."""
-    graph = runtime_graph(package)
-    importer, imported = KNOWN_CYCLE_EDGE
-    assert imported in graph[importer]
-    graph[importer] = {imported: graph[importer][imported]}
-    assert find_cycle(graph) is not None
 
 
 # --- the checks themselves, on made-up packages --------------------------------------------------

@@ -41,11 +41,12 @@ from forgeqmp.errors import (
     PrerequisiteError,
     QMPCommandError,
 )
+from forgeqmp.ops.blockjobs import BlockJobs
 from forgeqmp.ops.context import (
     _UNDO_TIMEOUT,
     DEFAULT_COMMIT_TIMEOUT,
     PROGRESS_INTERVAL,
-    DriverBase,
+    Context,
     _check_timeout,
     _now,
     _overlay_gone,
@@ -55,7 +56,7 @@ from forgeqmp.ops.context import (
 # stay what they were before the modules moved.
 log = logging.getLogger("forgeqmp.commit_driver")
 
-__all__ = ["CommitDriver"]
+__all__ = ["Commit"]
 
 #: What a stopped commit's next step is when the original's file system is full.
 _NO_SPACE = "No space left on device"
@@ -70,10 +71,15 @@ class _JobsSent:
     accepted: set[str] = attrs.field(factory=set)
 
 
-class CommitDriver(DriverBase):
-    """The commit operation of an :class:`~forgeqmp.forge.Instance`."""
+class Commit:
+    """The commit operation, over the shared :class:`~forgeqmp.ops.context.Context` of an
+    :class:`~forgeqmp.forge.Instance` (its entry point: :meth:`run`)."""
 
-    async def commit(
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.jobs = BlockJobs(ctx)
+
+    async def run(
         self,
         *,
         timeout: float = DEFAULT_COMMIT_TIMEOUT,
@@ -103,15 +109,15 @@ class CommitDriver(DriverBase):
         timeout = _check_timeout("timeout", timeout)
         report = on_progress or (lambda _event: None)
         # Refused without a session before taking the lock, which would create the state dir.
-        self._require_session("commit", lambda st: st.can_commit)
-        with InstanceLock(self.state_dir, "forgeqmp commit"):
-            record = self._require_session("commit", lambda st: st.can_commit)
-            self.store.remove_temp_files()  # a killed operation's: never a file of another
-            if not self.conn.connected:
+        self.ctx.require_session("commit", lambda st: st.can_commit)
+        with InstanceLock(self.ctx.state_dir, "forgeqmp commit"):
+            record = self.ctx.require_session("commit", lambda st: st.can_commit)
+            self.ctx.store.remove_temp_files()  # a killed operation's: never a file of another
+            if not self.ctx.conn.connected:
                 return await self._commit_offline(record, timeout, report)
-            await self._check_no_task(_left_running(record))
-            pid, since = self.conn.peer.pid, self._started()
-            plan = plan_commit(record, await self._send(QUERY_BLOCK))
+            await self.ctx.check_no_task(_left_running(record))
+            pid, since = self.ctx.conn.peer.pid, self.ctx.started()
+            plan = plan_commit(record, await self.ctx.send(QUERY_BLOCK))
             pending = [record.disk(job.disk) for job in plan.disks]
             record = self._begin_commit(record)
             saver = anyio.Lock()
@@ -135,15 +141,15 @@ class CommitDriver(DriverBase):
                         f"commit stopped: {record.error}; {record.next_step}"
                     ) from None
                 raise
-            record = self._reload(record)
-            self._remove_memory_file(record)
-            record = self._save(
+            record = self.ctx.reload(record)
+            self.ctx.remove_memory_file(record)
+            record = self.ctx.save(
                 record,
                 Event.COMMITTED,
                 step=CommitStep.COMMITTED,
                 finished_at=_now(),
             )
-            self._crash_point("commit", CommitStep.COMMITTED)
+            self.ctx.crash_point("commit", CommitStep.COMMITTED)
             report(ProgressEvent("commit", "committed"))
             return record
 
@@ -155,7 +161,7 @@ class CommitDriver(DriverBase):
         no_return: anyio.Event,
         jobs: _JobsSent,
     ) -> None:
-        conn = self.conn
+        conn = self.ctx.conn
         job_id = disk_commit(disk).job_id
         with conn.subscribe(
             "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == job_id
@@ -182,8 +188,8 @@ class CommitDriver(DriverBase):
                     )
                     tg.cancel_scope.cancel()
             await self._report_job_done(job_id, meter)
-        self._crash_point("commit", CommitStep.JOB_READY)
-        pause_ms = await self._pivot(
+        self.ctx.crash_point("commit", CommitStep.JOB_READY)
+        pause_ms = await self.jobs.pivot(
             disk.name,
             disk.qdev,
             disk.device_node,
@@ -192,8 +198,8 @@ class CommitDriver(DriverBase):
             mark_step=True,
             lock=saver,
         )
-        await self._drop_overlay(disk)
-        self._crash_point("commit", CommitStep.DISK_MERGED)
+        await self.jobs.drop_overlay(disk)
+        self.ctx.crash_point("commit", CommitStep.DISK_MERGED)
         log.info(
             "commit: disk %s merged into %s, overlay %s removed; guest paused %s ms to switch",
             disk.name,
@@ -209,15 +215,15 @@ class CommitDriver(DriverBase):
         there is none, start one."""
         if disk.commit_job != job_id:
             return None
-        listed = await self._send(QUERY_JOBS)
+        listed = await self.ctx.send(QUERY_JOBS)
         job = next((j for j in listed if j["id"] == job_id), None)
         if job is None:
             return None
         if job["status"] == "concluded" and job.get("error"):
-            await self._drop_job(job_id)  # it failed: a new job starts over from the overlay
+            await self.jobs.drop_job(job_id)  # it failed: a new job starts over from the overlay
             return None
         if job["status"] == "paused":
-            await self._send(job_resume(job_id))
+            await self.ctx.send(job_resume(job_id))
         progress = JobProgress.from_job(job)
         log.info(
             "commit: disk %s: reattaching to its commit job %s (%s, %s)",
@@ -236,18 +242,18 @@ class CommitDriver(DriverBase):
         await self._mark_merged(disk, saver, job_id)
         jobs.sent.add(disk.name)
         try:
-            await self._send(disk_commit(disk).start())
+            await self.ctx.send(disk_commit(disk).start())
         except QMPCommandError:
             jobs.sent.discard(disk.name)  # refused: QEMU created no job
             raise
         jobs.accepted.add(disk.name)
-        self._crash_point("commit", CommitStep.JOB_STARTED)
+        self.ctx.crash_point("commit", CommitStep.JOB_STARTED)
 
     async def _report_job_progress(self, job_id: str, meter: _ProgressMeter) -> None:
         """Report the job's bytes done/total and ETA every :data:`PROGRESS_INTERVAL` until
         cancelled (once the job is ready)."""
         while True:
-            jobs = await self._send(QUERY_JOBS)
+            jobs = await self.ctx.send(QUERY_JOBS)
             job = next((j for j in jobs if j["id"] == job_id), None)
             if job is not None:
                 meter.sample(JobProgress.from_job(job))
@@ -257,7 +263,7 @@ class CommitDriver(DriverBase):
         """The final ``done == total`` progress of a job that is ready (or ended), also when it
         got there between two polls or before the first (a small disk): a ``disk-merged`` event
         alone says nothing of the bytes."""
-        jobs = await self._send(QUERY_JOBS)
+        jobs = await self.ctx.send(QUERY_JOBS)
         job = next((j for j in jobs if j["id"] == job_id), None)
         if job is None or job.get("error"):
             return
@@ -270,7 +276,7 @@ class CommitDriver(DriverBase):
     ) -> str:
         if isinstance(cause, TimeoutError):
             return f"the commit deadline ({timeout:g} s) passed"
-        return self._failure_reason(cause, pid=pid, since=since)
+        return self.ctx.failure_reason(cause, pid=pid, since=since)
 
     async def _commit_failed(
         self,
@@ -291,9 +297,9 @@ class CommitDriver(DriverBase):
         running in QEMU, so that the next commit continues them instead of starting over."""
         existing: set[str] | None = None  # ids of the commit jobs QEMU has; None: unknown
         running: dict[str, JobProgress] = {}  # disk name → its job, left running
-        recorded = {d.commit_job: d.name for d in self._current().disks if d.commit_job}
+        recorded = {d.commit_job: d.name for d in self.ctx.current().disks if d.commit_job}
         with contextlib.suppress(Exception), anyio.fail_after(_UNDO_TIMEOUT):
-            listed = await self._send(QUERY_JOBS)
+            listed = await self.ctx.send(QUERY_JOBS)
             existing = {str(job["id"]) for job in listed}
             for job in listed:
                 if not is_commit_job(job):
@@ -302,17 +308,17 @@ class CommitDriver(DriverBase):
                 if keep_running and job["id"] in recorded and _still_copying(job):
                     running[recorded[job["id"]]] = progress
                     continue
-                await self._drop_job(job["id"])
-        record = self.store.load()
+                await self.jobs.drop_job(job["id"])
+        record = self.ctx.store.load()
         assert record is not None
         attached: dict[str, str] = {}
         with contextlib.suppress(Exception), anyio.fail_after(_UNDO_TIMEOUT):
-            attached = attached_nodes(await self._send(QUERY_BLOCK))
+            attached = attached_nodes(await self.ctx.send(QUERY_BLOCK))
         done = [d for d in record.disks if attached.get(d.qdev) == d.device_node]
         originals = {d.name: d for d in started}
         for disk in done:
             with contextlib.suppress(Exception), anyio.fail_after(_UNDO_TIMEOUT):
-                await self._drop_overlay(originals.get(disk.name, disk))
+                await self.jobs.drop_overlay(originals.get(disk.name, disk))
             record = _overlay_gone(record, disk.name)
         if jobs is not None:
             for disk in record.disks:
@@ -370,7 +376,7 @@ class CommitDriver(DriverBase):
             detail += f"; of those, not started (originals untouched): {', '.join(untouched)}"
         if running:
             detail += f"; still merging in QEMU: {_running_text(running)}"
-        return self._save(
+        return self.ctx.save(
             record,
             Event.COMMIT_FAILED,
             failure_phase=State.COMMITTING,
@@ -381,7 +387,7 @@ class CommitDriver(DriverBase):
 
     def _begin_commit(self, record: SessionRecord) -> SessionRecord:
         """Record that the commit runs (again: a failed one's error is cleared)."""
-        record = self._save(
+        record = self.ctx.save(
             record,
             Event.COMMIT,
             step=CommitStep.COMMITTING,
@@ -389,7 +395,7 @@ class CommitDriver(DriverBase):
             error=None,
             next_step=None,
         )
-        self._crash_point("commit", CommitStep.COMMITTING)
+        self.ctx.crash_point("commit", CommitStep.COMMITTING)
         return record
 
     async def _mark_merged(
@@ -398,8 +404,8 @@ class CommitDriver(DriverBase):
         """The point of no return of ``disk``: recorded before its original receives any data
         (from then on discard is refused), with the id of the job about to be started."""
         async with saver:
-            self._save(self._current().evolve_disk(disk.name, merged=True, commit_job=job_id))
-            self._crash_point("commit", CommitStep.DISK_MARKED)
+            self.ctx.save(self.ctx.current().evolve_disk(disk.name, merged=True, commit_job=job_id))
+            self.ctx.crash_point("commit", CommitStep.DISK_MARKED)
 
     async def _commit_offline(
         self, record: SessionRecord, timeout: float, report: ProgressCallback
@@ -423,11 +429,11 @@ class CommitDriver(DriverBase):
             await self._mark_merged(disk, saver)
             await commit_overlay(qemu_img, disk, record.qemu.env)
             async with saver:
-                self._save(_overlay_gone(self._current(), disk.name))
+                self.ctx.save(_overlay_gone(self.ctx.current(), disk.name))
             if disk.overlay_file is not None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(disk.overlay_file)
-            self._crash_point("commit", CommitStep.DISK_MERGED)
+            self.ctx.crash_point("commit", CommitStep.DISK_MERGED)
             report(ProgressEvent("commit", "disk-merged", {"disk": disk.name, "pause_ms": None}))
 
         try:
@@ -437,20 +443,20 @@ class CommitDriver(DriverBase):
                         tg.start_soon(merge, disk)
         except BaseException as exc:
             reason = self._commit_reason(exc, timeout, pid=None, since=0.0)
-            record = self._save_commit_failure(self._current(), reason)
+            record = self._save_commit_failure(self.ctx.current(), reason)
             if isinstance(exc, Exception):  # an interrupt (Ctrl-C) stays one
                 raise ForgeFailed(f"commit stopped: {record.error}; {record.next_step}") from None
             raise
-        record = self._current()
-        self._remove_memory_file(record)
-        record = self._save(
+        record = self.ctx.current()
+        self.ctx.remove_memory_file(record)
+        record = self.ctx.save(
             record,
             Event.COMMITTED,
             step=CommitStep.COMMITTED,
             finished_at=_now(),
             next_step="the VM is stopped: start it with its original command line",
         )
-        self._crash_point("commit", CommitStep.COMMITTED)
+        self.ctx.crash_point("commit", CommitStep.COMMITTED)
         report(ProgressEvent("commit", "committed"))
         return record
 
@@ -459,7 +465,7 @@ class CommitDriver(DriverBase):
         file again), remove the file while the disks merge; removing gigabytes of page cache
         takes a while."""
         await event.wait()
-        await anyio.to_thread.run_sync(self._remove_memory_file, record)
+        await anyio.to_thread.run_sync(self.ctx.remove_memory_file, record)
 
 
 @attrs.define

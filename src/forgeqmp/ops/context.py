@@ -31,13 +31,11 @@ from forgeqmp.adapters.qmp import QMPConnection
 from forgeqmp.adapters.recordstore import RecordStore, find_records
 from forgeqmp.adapters.statedir import StateDir, default_state_dir
 from forgeqmp.core.argv import cold_argv, incoming_argv
-from forgeqmp.core.blockopts import BlockOptions, options_restored, reopen_command
 from forgeqmp.core.disks import Disk, disks_from_query, qom_path_of
 from forgeqmp.core.features import Features
 from forgeqmp.core.graphsession import GraphSession, sessions_in_graph
 from forgeqmp.core.lifecycle import advance, status_of
 from forgeqmp.core.plans.command import Command
-from forgeqmp.core.plans.commit import DiskCommit, attached_nodes, remove_overlay_nodes
 from forgeqmp.core.plans.common import (
     CONT,
     MIGRATE_CANCEL,
@@ -46,25 +44,19 @@ from forgeqmp.core.plans.common import (
     QUERY_MIGRATE,
     QUERY_NAMED_BLOCK_NODES,
     QUERY_STATUS,
-    STOP,
     continue_from_pre_switchover,
-    job_cancel,
-    job_complete,
-    job_dismiss,
     qom_get,
 )
 from forgeqmp.core.progress import StateListener
 from forgeqmp.core.reconcile import MIGRATION_RUNNING
-from forgeqmp.core.record import DiskRecord, SessionRecord
+from forgeqmp.core.record import SessionRecord
 from forgeqmp.core.states import Event, SessionStatus, next_state
-from forgeqmp.core.steps import CommitStep, Pivoting
 from forgeqmp.errors import (
     ForgeError,
     ForgeFailed,
     InvalidArgument,
     NoSession,
     QMPCommandError,
-    QMPError,
     SessionActive,
     TaskRunning,
     VMNotRunning,
@@ -79,7 +71,7 @@ __all__ = [
     "DEFAULT_COMMIT_TIMEOUT",
     "DEFAULT_DISCARD_TIMEOUT",
     "DEFAULT_ENABLE_TIMEOUT",
-    "DriverBase",
+    "Context",
     "send",
 ]
 
@@ -95,11 +87,6 @@ PROGRESS_INTERVAL = 0.2
 _UNDO_TIMEOUT = 60.0
 #: Migration statuses that end a migration.
 _MIGRATION_ENDED = frozenset({"completed", "failed", "cancelled"})
-
-
-# The logger names are part of the documented interface (docs/embedding.md, "Logs"): they
-# stay what they were before the modules moved.
-log = logging.getLogger("forgeqmp.driver_base")
 
 
 async def send(conn: QMPConnection, command: Command, *, timeout: float | None = None) -> Any:
@@ -150,7 +137,7 @@ def _log_tail(path: str, since: float, size: int = 1500) -> str | None:
     return " / ".join(line.strip() for line in text.splitlines() if line.strip()) or None
 
 
-class DriverBase:
+class Context:
     """The state and plumbing shared by the operations (see the module's docstring)."""
 
     #: The platform's launcher, set by :func:`forgeqmp.connect` (``launcher=``): used by discard
@@ -183,7 +170,7 @@ class DriverBase:
 
         return stop
 
-    async def _send(self, command: Command, *, timeout: float | None = None) -> Any:
+    async def send(self, command: Command, *, timeout: float | None = None) -> Any:
         """Send one planned command (see :mod:`forgeqmp.core.plans`); returns QEMU's answer."""
         return await send(self.conn, command, timeout=timeout)
 
@@ -202,14 +189,14 @@ class DriverBase:
 
     async def disks(self) -> tuple[Disk, ...]:
         """The VM's disk devices, with their attached nodes and boot order."""
-        blocks = await self._send(QUERY_BLOCK)
+        blocks = await self.send(QUERY_BLOCK)
         bootindexes: dict[str, int] = {}
         for entry in blocks:
             qdev = entry.get("qdev")
             if not qdev or entry.get("removable"):
                 continue
             try:
-                value = await self._send(qom_get(qom_path_of(qdev), "bootindex"))
+                value = await self.send(qom_get(qom_path_of(qdev), "bootindex"))
             except QMPCommandError:
                 continue  # a device without a bootindex property
             if isinstance(value, int):
@@ -218,21 +205,21 @@ class DriverBase:
 
     async def runstate(self) -> str:
         """QEMU's runstate (``running``, ``paused``, ``suspended``...)."""
-        reply = await self._send(QUERY_STATUS)
+        reply = await self.send(QUERY_STATUS)
         return str(reply["status"])
 
     # --- prerequisites (each a typed error, nothing changed) -------------------------------------
 
-    async def _check_no_task(self, ours: frozenset[str] = frozenset()) -> None:
+    async def check_no_task(self, ours: frozenset[str] = frozenset()) -> None:
         """Refuse while QEMU runs a block job or a migration; ``ours``: ids of jobs this
         session left running (a commit stopped by its deadline), which are not in the way."""
-        jobs = [j for j in await self._send(QUERY_JOBS) if j["id"] not in ours]
+        jobs = [j for j in await self.send(QUERY_JOBS) if j["id"] not in ours]
         if jobs:
             names = ", ".join(f"{j['id']} ({j['type']}, {j['status']})" for j in jobs)
             raise TaskRunning(
                 f"a block job is running on this VM: {names}; wait for it to finish or cancel it"
             )
-        migration = await self._send(QUERY_MIGRATE)
+        migration = await self.send(QUERY_MIGRATE)
         status = migration.get("status")
         if status in MIGRATION_RUNNING:
             raise TaskRunning(
@@ -240,7 +227,7 @@ class DriverBase:
                 "cancel it (QMP migrate_cancel)"
             )
 
-    async def _check_running(self) -> None:
+    async def check_running(self) -> None:
         status = await self.runstate()
         if status != "running":
             raise VMNotRunning(status)
@@ -248,7 +235,7 @@ class DriverBase:
     async def sessions_in_graph(self) -> tuple[GraphSession, ...]:
         """Forge sessions QEMU's block graph shows (whatever state dir enabled them), with the
         records of them found on this host (see :mod:`forgeqmp.core.graphsession`)."""
-        nodes = await self._send(QUERY_NAMED_BLOCK_NODES)
+        nodes = await self.send(QUERY_NAMED_BLOCK_NODES)
         try:
             base: Path | None = default_state_dir(self.conn.socket_path).parent
         except ForgeError:
@@ -258,7 +245,7 @@ class DriverBase:
             for s in sessions_in_graph(nodes)
         )
 
-    async def _check_no_session_in_graph(self) -> None:
+    async def check_no_session_in_graph(self) -> None:
         """Refuse when QEMU shows a forge session this state dir's record does not account for
         (enabled through another state dir, or its record deleted): stacking a second session on
         it would make a later discard restore memory onto disks from another moment."""
@@ -270,7 +257,7 @@ class DriverBase:
                 "restore memory onto disks from another moment"
             )
 
-    def _check_no_unfinished_session(self) -> SessionRecord | None:
+    def check_no_unfinished_session(self) -> SessionRecord | None:
         record = self.store.load()
         if record is None:
             return None
@@ -283,7 +270,7 @@ class DriverBase:
 
     # --- the session record (written before every irreversible step) -----------------------------
 
-    def _reload(self, record: SessionRecord) -> SessionRecord:
+    def reload(self, record: SessionRecord) -> SessionRecord:
         """The latest saved version of ``record`` (steps save as they go)."""
         try:
             saved = self.store.load()
@@ -291,7 +278,7 @@ class DriverBase:
             return record
         return saved if saved is not None and saved.session_id == record.session_id else record
 
-    def _save(
+    def save(
         self, record: SessionRecord, event: Event | None = None, **changes: Any
     ) -> SessionRecord:
         """Save ``record`` with ``changes``, and moved by ``event`` if given: the one way an
@@ -317,14 +304,14 @@ class DriverBase:
                 f" (error: {record.error})" if "error" in changes and record.error else "",
             )
         if record.state is not previous:
-            self._state_changed(record)
+            self.state_changed(record)
         return record
 
-    def _state_changed(self, record: SessionRecord) -> None:
+    def state_changed(self, record: SessionRecord) -> None:
         for listener in list(self._state_listeners):
             listener(record)
 
-    def _failure_reason(self, cause: BaseException, *, pid: int | None, since: float) -> str:
+    def failure_reason(self, cause: BaseException, *, pid: int | None, since: float) -> str:
         """Why an operation stopped, for its record: the inner error(s) of ``cause`` (never a task
         group's "unhandled errors"), and, when the QEMU it talked to (``pid``) is gone, that it
         exited, with QEMU's own last words from the state dir's ``qemu.log`` if it wrote any since
@@ -339,16 +326,16 @@ class DriverBase:
         return reason
 
     @staticmethod
-    def _started() -> float:
+    def started() -> float:
         """The wall-clock time an operation starts at (to tell QEMU's log lines about it)."""
         return time.time()
 
-    def _crash_point(self, operation: str, step: str) -> None:
+    def crash_point(self, operation: str, step: str) -> None:
         """A step boundary: the fault-matrix tests crash here (see :mod:`forgeqmp.adapters.crashpoints`)."""
         peer = self.conn._peer  # the QEMU talked to now, if any
         crashpoints.reached(operation, step, peer.pid if peer is not None else None)
 
-    def _current(self) -> SessionRecord:
+    def current(self) -> SessionRecord:
         """The session record as saved now (there must be one: callers hold the lock)."""
         record = self.store.load()
         if record is None:
@@ -358,7 +345,7 @@ class DriverBase:
             )
         return record
 
-    def _require_session(
+    def require_session(
         self, operation: str, allowed: Callable[[SessionStatus], bool]
     ) -> SessionRecord:
         record = self.store.load()
@@ -379,7 +366,7 @@ class DriverBase:
     # --- QMP steps more than one operation takes -------------------------------------------------
 
     @staticmethod
-    def _pause_ms(events: Sequence[Mapping[str, Any]]) -> float | None:
+    def pause_ms(events: Sequence[Mapping[str, Any]]) -> float | None:
         """Guest pause from QEMU's own STOP→RESUME event timestamps (first STOP, last RESUME)."""
         stops = [_event_time(e) for e in events if e["event"] == "STOP"]
         resumes = [_event_time(e) for e in events if e["event"] == "RESUME"]
@@ -387,7 +374,7 @@ class DriverBase:
             return None
         return round(max(0.0, resumes[-1] - stops[0]) * 1000, 3)
 
-    async def _wait_migration(self, migration: Any, wanted: str, what: str) -> None:
+    async def wait_migration(self, migration: Any, wanted: str, what: str) -> None:
         """Wait until the MIGRATION status is ``wanted``; a failed or cancelled migration raises."""
         ev = await migration.wait(
             lambda e: e["data"]["status"] in ({wanted} | _MIGRATION_ENDED),
@@ -396,267 +383,53 @@ class DriverBase:
         )
         status = ev["data"]["status"]
         if status != wanted:
-            info = await self._send(QUERY_MIGRATE)
+            info = await self.send(QUERY_MIGRATE)
             desc = info.get("error-desc", "no detail from QEMU")
             raise ForgeFailed(f"saving the memory state {status}: {desc}")
 
-    async def _run_job(self, command: Command, job_id: str, what: str, timeout: float) -> None:
-        """Run a job-creating command to its conclusion, check its error, dismiss it."""
-        with self.conn.subscribe(
-            "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == job_id
-        ) as sub:
-            await self._send(command)
-            await sub.wait(lambda ev: ev["data"]["status"] == "concluded", timeout, what)
-        jobs = await self._send(QUERY_JOBS)
-        error = next((j.get("error") for j in jobs if j["id"] == job_id), None)
-        await self._send(job_dismiss(job_id))
-        if error:
-            raise ForgeFailed(f"{what} failed: {error}")
-
-    async def _flush_before_pause(self) -> None:
+    async def flush_before_pause(self) -> None:
         """Write the host's cached data of every image to storage while the guest still runs, so
         that the flush QEMU does when it pauses the guest is short (see hostflush)."""
-        await flush_host_images(image_files(await self._send(QUERY_BLOCK)))
+        await flush_host_images(image_files(await self.send(QUERY_BLOCK)))
 
-    async def _resume(self) -> None:
+    async def resume(self) -> None:
         """``cont`` once the runstate left ``finish-migrate`` (before, cont is refused)."""
         while True:
             status = await self.runstate()
             if status == "running":
                 return
             if status != "finish-migrate":
-                await self._send(CONT)
+                await self.send(CONT)
                 return
             await anyio.sleep(0.001)
 
-    async def _cancel_migration(self) -> None:
+    async def cancel_migration(self) -> None:
         conn = self.conn
         with conn.subscribe("MIGRATION") as migration:
-            info = await self._send(QUERY_MIGRATE)
+            info = await self.send(QUERY_MIGRATE)
             if info.get("status") in _MIGRATION_ENDED or info.get("status") in (None, "none"):
                 return
-            await self._send(MIGRATE_CANCEL)
+            await self.send(MIGRATE_CANCEL)
             if info.get("status") == "pre-switchover":
                 # Cancelling at the pause needs the migration to be let go on.
                 with contextlib.suppress(QMPCommandError):
-                    await self._send(continue_from_pre_switchover())
+                    await self.send(continue_from_pre_switchover())
             await migration.wait(
                 lambda e: e["data"]["status"] in _MIGRATION_ENDED, _UNDO_TIMEOUT, "cancelled"
             )
 
-    async def _resume_if_stopped(self) -> None:
+    async def resume_if_stopped(self) -> None:
         status = await self.runstate()
         if status in ("paused", "postmigrate", "finish-migrate"):
-            await self._resume()
+            await self.resume()
 
-    async def _drop_job(self, job_id: str) -> None:
-        jobs = await self._send(QUERY_JOBS)
-        job = next((j for j in jobs if j["id"] == job_id), None)
-        if job is None:
-            return
-        if job["status"] != "concluded":
-            with self.conn.subscribe(
-                "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == job_id
-            ) as sub:
-                with contextlib.suppress(QMPCommandError):
-                    await self._send(job_cancel(job_id))
-                await sub.wait(
-                    lambda ev: ev["data"]["status"] == "concluded", _UNDO_TIMEOUT, "job end"
-                )
-        await self._send(job_dismiss(job_id))
-
-    async def _commit_back(
-        self,
-        disk: str,
-        qdev: str,
-        top_node: str,
-        base_node: str,
-        job_id: str,
-    ) -> None:
-        """Undo a snapshot: commit the overlay into the original, then record (before the guest
-        may write into the original) that the disk left its overlay, so that a crash can never
-        make recover merge the then stale overlay over newer writes."""
-        conn = self.conn
-        job = DiskCommit(
-            disk=disk, qdev=qdev, top_node=top_node, base_node=base_node, job_id=job_id
-        )
-        with conn.subscribe(
-            "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == job_id
-        ) as sub:
-            await self._send(job.start())
-            await sub.wait(
-                lambda e: e["data"]["status"] in ("ready", "concluded"),
-                _UNDO_TIMEOUT,
-                "commit ready",
-            )
-
-        def left_overlay(record: SessionRecord) -> SessionRecord:
-            return record.evolve_disk(disk, overlay_node=None, overlay_file_node=None)
-
-        await self._pivot(disk, qdev, base_node, job_id, left_overlay, mark_step=False)
-
-    async def _pivot(
-        self,
-        disk: str,
-        qdev: str,
-        base_node: str,
-        job_id: str,
-        update: Callable[[SessionRecord], SessionRecord],
-        *,
-        mark_step: bool,
-        lock: anyio.Lock | None = None,
-        operation: str = "commit",
-    ) -> float | None:
-        """Complete the ready commit job ``job_id`` that moves ``disk`` onto its original node,
-        with the guest paused from just before the switch until the record says so (``update``).
-
-        While the guest is paused nothing writes into the original, so wherever QEMU or this
-        process dies, either the overlay or the original holds every write and the record says
-        which: recover never merges a stale overlay over newer data. The pause lasts the final
-        sync of the job (it was in sync already) and one record write: milliseconds, once the
-        host has written the images' cached data (done before the pause; see hostflush).
-        ``mark_step`` records ``pivoting:<disk>`` while the guest is paused, so that recover
-        knows to resume it. Returns the guest pause in ms (QEMU's STOP→RESUME), None if the
-        guest was not running.
-        """
-        conn = self.conn
-        async with lock if lock is not None else contextlib.nullcontext():
-            with conn.subscribe("STOP", "RESUME") as runstate_events:
-                paused = await self.runstate() == "running"
-                if paused:
-                    await self._flush_before_pause()
-                    # On disk before the pause: a recover after a kill anywhere from here to
-                    # the resume below knows the pause is ours, and resumes the guest.
-                    marks: dict[str, Any] = {"step": Pivoting(disk)} if mark_step else {}
-                    self._save(self._current(), paused_by_forgeqmp=True, **marks)
-                    await self._send(STOP)
-                    self._crash_point(operation, CommitStep.PIVOTING)
-                resumed = False
-                try:
-                    with conn.subscribe(
-                        "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == job_id
-                    ) as sub:
-                        jobs = await self._send(QUERY_JOBS)
-                        status = next((j["status"] for j in jobs if j["id"] == job_id), None)
-                        if status is None:
-                            raise ForgeFailed(f"the commit job {job_id} of disk {disk} disappeared")
-                        if status == "ready":
-                            await self._complete_job(job_id)
-                        elif status not in ("pending", "waiting", "aborting", "concluded"):
-                            raise ForgeFailed(f"the commit job {job_id} is {status}, not ready")
-                        if status != "concluded":
-                            await sub.wait(
-                                lambda e: e["data"]["status"] == "concluded",
-                                _UNDO_TIMEOUT,
-                                f"the commit of {disk} to end",
-                            )
-                    jobs = await self._send(QUERY_JOBS)
-                    error = next((j.get("error") for j in jobs if j["id"] == job_id), None)
-                    await self._send(job_dismiss(job_id))
-                    if error:
-                        raise ForgeFailed(f"committing disk {disk} failed: {error}")
-                    attached = attached_nodes(await self._send(QUERY_BLOCK))
-                    if attached.get(qdev) != base_node:
-                        raise ForgeFailed(
-                            f"after its commit, disk {disk} is on node {attached.get(qdev)!r}, "
-                            f"not its original {base_node!r}"
-                        )
-                    self._crash_point(operation, CommitStep.PIVOTED)
-                    changes: dict[str, Any] = {"step": CommitStep.COMMITTING} if mark_step else {}
-                    self._save(update(self._current()), **changes)
-                    self._crash_point(operation, CommitStep.DISK_RECORDED)
-                finally:
-                    if paused:
-                        with anyio.CancelScope(shield=True), contextlib.suppress(QMPError):
-                            await self._send(CONT)
-                            resumed = True
-                    if resumed or not paused:
-                        with contextlib.suppress(ForgeError, OSError):
-                            record = self._current()
-                            done: dict[str, Any] = {"paused_by_forgeqmp": False} if resumed else {}
-                            if mark_step and record.step == Pivoting(disk):
-                                done["step"] = CommitStep.COMMITTING
-                            if any(getattr(record, k) != v for k, v in done.items()):
-                                self._save(record, **done)
-                await self._restore_after_pivot(disk)
-                return self._pause_ms(runstate_events.history) if paused else None
-
-    async def _complete_job(self, job_id: str) -> None:
-        """``job-complete``, retried while QEMU says the job is not ready yet (transient)."""
-        while True:
-            try:
-                await self._send(job_complete(job_id))
-                return
-            except QMPCommandError as exc:
-                if "cannot accept command verb" not in exc.desc and "not ready" not in exc.desc:
-                    raise
-            await anyio.sleep(0.05)
-
-    async def _drop_overlay(self, disk: DiskRecord) -> None:
-        """Remove a merged disk's overlay nodes from the graph and its file from the disk."""
-        for command in remove_overlay_nodes(disk):
-            try:
-                await self._send(command)
-            except QMPCommandError as exc:
-                if "not found" not in exc.desc.lower() and "cannot find" not in exc.desc.lower():
-                    raise
-        if disk.overlay_file is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(disk.overlay_file)
-
-    async def _restore_after_pivot(self, name: str) -> None:
-        """After a disk went back onto its original (commit, an undone enable, recover): give
-        the original its options back, or record a warning that says it could not. Never
-        raises: the disk's data is where the record says either way."""
-        try:
-            disk = self._current().disk(name)
-            warning = await self._restore_options(disk)
-            if warning is not None:
-                log.warning("%s", warning)
-                current = self._current()
-                self._save(current, warnings=(*current.warnings, warning))
-        except (ForgeError, OSError) as exc:
-            log.warning("the options of disk %s were not checked after its pivot: %s", name, exc)
-
-    async def _restore_options(self, disk: DiskRecord) -> str | None:
-        """Put back the original node's block options that QEMU reset when it was snapshotted
-        and pivoted back (``detect-zeroes`` of a legacy ``-drive``; see :mod:`forgeqmp.core.blockopts`).
-        Returns a warning when they could not be restored (the data is merged either way)."""
-        wanted = BlockOptions.from_json(disk.options)
-        if wanted is None:
-            return None
-        node = disk.device_node
-        nodes = await self._send(QUERY_NAMED_BLOCK_NODES)
-        now = next((n for n in nodes if n.get("node-name") == node), None)
-        if now is None or options_restored(wanted, now):
-            return None
-        problem = "this QEMU has no human-monitor-command to reopen it with"
-        reopen = reopen_command(node, wanted)
-        if reopen is None:
-            problem = f"{node!r} cannot be named in a reopen command"
-        elif reopen.name in (await self.features()).commands:
-            try:
-                reply = await self._send(reopen)
-            except QMPCommandError as exc:
-                reply = exc.desc
-            nodes = await self._send(QUERY_NAMED_BLOCK_NODES)
-            now = next((n for n in nodes if n.get("node-name") == node), now)
-            if options_restored(wanted, now):
-                return None
-            problem = f"QEMU did not reopen it: {str(reply).strip() or 'no reason given'}"
-        return (
-            f"disk {disk.name} is merged, but its options differ from before enable "
-            f"(wanted detect-zeroes={wanted.detect_zeroes}, cache.direct={wanted.cache_direct}; "
-            f"{problem}); restart the VM to get its configured options back"
-        )
-
-    def _remove_memory_file(self, record: SessionRecord) -> None:
+    def remove_memory_file(self, record: SessionRecord) -> None:
         if record.memory is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(record.memory.path)
             self.state_dir.fsync_dir()
 
-    def _spec(self, record: SessionRecord, *, incoming: bool) -> LaunchSpec:
+    def spec(self, record: SessionRecord, *, incoming: bool) -> LaunchSpec:
         argv = record.qemu.argv
         return LaunchSpec(
             argv=incoming_argv(argv) if incoming else cold_argv(argv),

@@ -44,10 +44,11 @@ from forgeqmp.errors import (
     QMPCommandError,
     QMPError,
 )
+from forgeqmp.ops.blockjobs import BlockJobs
 from forgeqmp.ops.context import (
     _MIGRATION_ENDED,
     DEFAULT_DISCARD_TIMEOUT,
-    DriverBase,
+    Context,
     _check_timeout,
     _now,
 )
@@ -56,17 +57,22 @@ from forgeqmp.ops.context import (
 # stay what they were before the modules moved.
 log = logging.getLogger("forgeqmp.discard_driver")
 
-__all__ = ["DiscardDriver"]
+__all__ = ["Discard"]
 
 #: How many times a memory restore is tried while the memory file verifies (a QEMU that died
 #: while loading is started again) before the VM falls back to a cold start.
 RESTORE_ATTEMPTS = 3
 
 
-class DiscardDriver(DriverBase):
-    """The discard operation of an :class:`~forgeqmp.forge.Instance`."""
+class Discard:
+    """The discard operation, over the shared :class:`~forgeqmp.ops.context.Context` of an
+    :class:`~forgeqmp.forge.Instance` (its entry point: :meth:`run`)."""
 
-    async def discard(
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.jobs = BlockJobs(ctx)
+
+    async def run(
         self,
         *,
         launcher: Launcher | None = None,
@@ -97,11 +103,13 @@ class DiscardDriver(DriverBase):
         """
         timeout = _check_timeout("timeout", timeout)
         report = on_progress or (lambda _event: None)
-        launch = launcher or self.launcher or functools.partial(detached_launcher, timeout=timeout)
+        launch = (
+            launcher or self.ctx.launcher or functools.partial(detached_launcher, timeout=timeout)
+        )
         started = time.monotonic()
         # Refused without a session before taking the lock, which would create the state dir.
         self._require_discardable()
-        with InstanceLock(self.state_dir, "forgeqmp discard"):
+        with InstanceLock(self.ctx.state_dir, "forgeqmp discard"):
             record = self._require_discardable()
             touched = [d.name for d in record.disks if d.merged]
             if touched:
@@ -110,7 +118,7 @@ class DiscardDriver(DriverBase):
                     "original image(s), so the memory state no longer matches them; run "
                     "'forgeqmp commit' to finish the commit"
                 )
-            if launcher is None and self.launcher is None:
+            if launcher is None and self.ctx.launcher is None:
                 findings = relaunch_findings(record.qemu.argv)
                 if findings:
                     raise NotRelaunchable(
@@ -120,11 +128,11 @@ class DiscardDriver(DriverBase):
                         + "; or run 'forgeqmp commit' to keep the changes instead",
                         findings,
                     )
-            if self.conn.connected:
+            if self.ctx.conn.connected:
                 await self._check_recorded_configuration(record)
-            self.store.remove_temp_files()  # a killed operation's: never a file of another
-            record = self._save(record, Event.DISCARD, step=DiscardStep.STOPPING_QEMU)
-            self._crash_point("discard", DiscardStep.STOPPING_QEMU)
+            self.ctx.store.remove_temp_files()  # a killed operation's: never a file of another
+            record = self.ctx.save(record, Event.DISCARD, step=DiscardStep.STOPPING_QEMU)
+            self.ctx.crash_point("discard", DiscardStep.STOPPING_QEMU)
             report(ProgressEvent("discard", "stopping-qemu"))
             with anyio.CancelScope(shield=True):
                 record = await self._run_discard(
@@ -138,7 +146,7 @@ class DiscardDriver(DriverBase):
         """The session's record if a discard may start. Refused (nothing changed) also once
         recover found the forge bypassed: the guest wrote to the originals since enable, and the
         memory state of enable would run on disks it does not match (a corrupted guest)."""
-        record = self._require_session("discard", lambda _st: True)
+        record = self.ctx.require_session("discard", lambda _st: True)
         if status_of(record).originals_written:
             why = f" ({record.error})" if record.error else ""
             raise PrerequisiteError(
@@ -151,9 +159,9 @@ class DiscardDriver(DriverBase):
                     "overlays and memory file by hand ('forgeqmp status' lists them)"
                 )
             )
-        return self._require_session("discard", lambda st: st.can_discard)
+        return self.ctx.require_session("discard", lambda st: st.can_discard)
 
-    async def _finish_discard(
+    async def finish_discard(
         self, record: SessionRecord, launch: Launcher, timeout: float, report: ProgressCallback
     ) -> SessionRecord:
         """Finish an interrupted discard (for recover): stop whatever QEMU is connected, start
@@ -165,7 +173,7 @@ class DiscardDriver(DriverBase):
     async def _check_recorded_configuration(self, record: SessionRecord) -> None:
         """Refuse to restore onto anything but the recorded configuration: swapped or resized
         disks would restore silently wrong."""
-        pid = self.conn.peer.pid
+        pid = self.ctx.conn.peer.pid
         current = describe_process(pid)
         if current.argv != record.qemu.argv and not _is_active_argv(current.argv, record):
             raise PrerequisiteError(
@@ -173,14 +181,14 @@ class DiscardDriver(DriverBase):
                 "may not fit it; restart it with the recorded one (forgeqmp status shows it) "
                 "or commit instead"
             )
-        machine = await self._send(QUERY_MACHINE_TYPE)
+        machine = await self.ctx.send(QUERY_MACHINE_TYPE)
         if str(machine).removesuffix("-machine") != record.qemu.machine:
             raise PrerequisiteError(
                 f"the machine type is {machine}, not {record.qemu.machine} as at enable; "
                 "the memory state cannot be restored onto it; start QEMU with the recorded command "
                 "line (forgeqmp status shows it), or commit instead"
             )
-        disks = {d.qdev: d for d in await self.disks()}
+        disks = {d.qdev: d for d in await self.ctx.disks()}
         for disk in record.disks:
             now = disks.get(disk.qdev)
             if (
@@ -257,8 +265,8 @@ class DiscardDriver(DriverBase):
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(verify)
                     await self._stop_qemu(record)
-                    record = self._save(record, step=DiscardStep.QEMU_STOPPED)
-                    self._crash_point("discard", DiscardStep.QEMU_STOPPED)
+                    record = self.ctx.save(record, step=DiscardStep.QEMU_STOPPED)
+                    self.ctx.crash_point("discard", DiscardStep.QEMU_STOPPED)
                     if cold:
                         problem = "a cold start was asked for"
                     elif memory_fd is not None:
@@ -275,7 +283,7 @@ class DiscardDriver(DriverBase):
                 if not cold:
                     problem = verdict.get("problem") or problem
                 if problem is None:
-                    await self._send(CONT)
+                    await self.ctx.send(CONT)
                     restored = True
                 else:
                     restored = False
@@ -285,9 +293,9 @@ class DiscardDriver(DriverBase):
             reason = (
                 "the discard deadline passed"
                 if isinstance(exc, TimeoutError)
-                else self._failure_reason(exc, pid=None, since=0.0)  # the inner error(s)
+                else self.ctx.failure_reason(exc, pid=None, since=0.0)  # the inner error(s)
             )
-            spec = self._spec(record, incoming=False)
+            spec = self.ctx.spec(record, incoming=False)
             cold_start = (
                 f"cd {shlex.quote(spec.cwd)} && {shlex.join(spec.argv)}, then run "
                 "'forgeqmp recover'"
@@ -303,7 +311,7 @@ class DiscardDriver(DriverBase):
                 next_step = (
                     "the disks are reverted but the VM is not running; start it with: " + cold_start
                 )
-            return self._save(
+            return self.ctx.save(
                 record,
                 Event.DISCARD_FAILED,
                 failure_phase=State.DISCARDING,
@@ -316,8 +324,8 @@ class DiscardDriver(DriverBase):
             if disk.overlay_file is not None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(disk.overlay_file)
-        self._remove_memory_file(record)
-        record = self._save(
+        self.ctx.remove_memory_file(record)
+        record = self.ctx.save(
             record,
             Event.DISCARDED,
             step=DiscardStep.DISCARDED,
@@ -326,7 +334,7 @@ class DiscardDriver(DriverBase):
             error=None if restored else f"memory not restored, VM cold-started: {problem}",
             finished_at=_now(),
         )
-        self._crash_point("discard", DiscardStep.DISCARDED)
+        self.ctx.crash_point("discard", DiscardStep.DISCARDED)
         log.info(
             "discard %s: VM running %s, %.2f s after discard began",
             record.session_id,
@@ -343,13 +351,13 @@ class DiscardDriver(DriverBase):
     async def _stop_qemu(self, record: SessionRecord) -> None:
         """Quit QEMU and wait until the process is really gone (by pidfd, not zombie reaping)."""
         pid = record.qemu.pid
-        if self.conn.connected:
-            pid = self.conn.peer.pid
+        if self.ctx.conn.connected:
+            pid = self.ctx.conn.peer.pid
             with contextlib.suppress(QMPError):
-                await self._send(QUIT, timeout=10)
+                await self.ctx.send(QUIT, timeout=10)
         elif not recorded_qemu_alive(record):
             return  # QEMU is not running (the recorded pid is gone or now another program's)
-        await self.conn.close()
+        await self.ctx.conn.close()
         gone = await anyio.to_thread.run_sync(wait_gone, pid, 30.0)
         if not gone:
             with contextlib.suppress(ProcessLookupError):
@@ -363,21 +371,21 @@ class DiscardDriver(DriverBase):
 
         Returns None when loaded, else why not (then QEMU is stopped again)."""
         plan = plan_restore(record)
-        await launch(self._spec(record, incoming=True))
-        await self.conn.reconnect()
+        await launch(self.ctx.spec(record, incoming=True))
+        await self.ctx.conn.reconnect()
         log.info(
             "discard %s: QEMU relaunched waiting for the memory state, pid %d; restoring %s",
             record.session_id,
-            self.conn.peer.pid,
+            self.ctx.conn.peer.pid,
             plan.memory_file,
         )
-        self._crash_point("discard", DiscardStep.QEMU_LAUNCHED)
-        conn = self.conn
+        self.ctx.crash_point("discard", DiscardStep.QEMU_LAUNCHED)
+        conn = self.ctx.conn
         try:
-            await self._send(plan.set_capabilities())
+            await self.ctx.send(plan.set_capabilities())
             fdset_id = await self._hand_memory_file(plan, memory_fd)
             with conn.subscribe("MIGRATION") as migration:
-                await self._send(plan.migrate_incoming(fdset_id))
+                await self.ctx.send(plan.migrate_incoming(fdset_id))
                 ev = await migration.wait(
                     lambda e: e["data"]["status"] in _MIGRATION_ENDED,
                     DEFAULT_DISCARD_TIMEOUT * 10,  # bounded by the caller's deadline
@@ -389,14 +397,14 @@ class DiscardDriver(DriverBase):
                 # deleted memory file (guest RAM) stays allocated, and readable through
                 # /proc/<pid>/fd, for as long as the VM runs.
                 with contextlib.suppress(QMPCommandError):
-                    await self._send(release)
+                    await self.ctx.send(release)
             if ev["data"]["status"] == "completed":
                 # The relaunched QEMU is the platform's VM again: leave its migration settings
                 # at their defaults (multifd/mapped-ram would change its next migration).
-                await self._send(plan.reset_capabilities())
-                self._crash_point("discard", DiscardStep.MEMORY_LOADED)
+                await self.ctx.send(plan.reset_capabilities())
+                self.ctx.crash_point("discard", DiscardStep.MEMORY_LOADED)
                 return None
-            info = await self._send(QUERY_MIGRATE)
+            info = await self.ctx.send(QUERY_MIGRATE)
             return f"loading the memory state failed: {info.get('error-desc', 'no detail')}"
         except (QMPError, ForgeFailed) as exc:
             return f"loading the memory state failed: {exc}"
@@ -411,9 +419,9 @@ class DiscardDriver(DriverBase):
         """
         os.lseek(memory_fd, 0, os.SEEK_SET)
         if plan.uses_fdset:
-            fdset_id, _ = await self.conn.add_fd(memory_fd, opaque=plan.fdset_opaque)
+            fdset_id, _ = await self.ctx.conn.add_fd(memory_fd, opaque=plan.fdset_opaque)
             return fdset_id
-        await self.conn.pass_fd(memory_fd, plan.fd_name)
+        await self.ctx.conn.pass_fd(memory_fd, plan.fd_name)
         return None
 
     async def _restore_retrying(
@@ -457,11 +465,11 @@ class DiscardDriver(DriverBase):
 
     async def _stop_restoring_qemu(self) -> None:
         """Stop whatever QEMU a failed restore left (it may be dead already, or still loading)."""
-        peer = self.conn._peer  # the QEMU launched for the restore, if it was reached
-        if self.conn.connected:
+        peer = self.ctx.conn._peer  # the QEMU launched for the restore, if it was reached
+        if self.ctx.conn.connected:
             with contextlib.suppress(QMPError):
-                await self._send(QUIT, timeout=10)
-        await self.conn.close()
+                await self.ctx.send(QUIT, timeout=10)
+        await self.ctx.conn.close()
         if peer is not None and not await anyio.to_thread.run_sync(wait_gone, peer.pid, 30.0):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(peer.pid, signal.SIGKILL)
@@ -470,17 +478,17 @@ class DiscardDriver(DriverBase):
 
     async def _cold_start(self, record: SessionRecord, launch: Launcher) -> None:
         """Stop whatever QEMU the restore left and boot cold on the (reverted) disks."""
-        if self.conn.connected:
-            pid = self.conn.peer.pid
+        if self.ctx.conn.connected:
+            pid = self.ctx.conn.peer.pid
             with contextlib.suppress(QMPError):
-                await self._send(QUIT, timeout=10)
-            await self.conn.close()
+                await self.ctx.send(QUIT, timeout=10)
+            await self.ctx.conn.close()
             await anyio.to_thread.run_sync(wait_gone, pid, 30.0)
-        await launch(self._spec(record, incoming=False))
-        await self.conn.reconnect()
-        log.info("discard %s: QEMU started cold, pid %d", record.session_id, self.conn.peer.pid)
-        if await self.runstate() != "running":
-            await self._send(CONT)
+        await launch(self.ctx.spec(record, incoming=False))
+        await self.ctx.conn.reconnect()
+        log.info("discard %s: QEMU started cold, pid %d", record.session_id, self.ctx.conn.peer.pid)
+        if await self.ctx.runstate() != "running":
+            await self.ctx.send(CONT)
 
 
 def _open_memory(memory: MemoryRecord | None) -> tuple[int | None, str | None]:

@@ -66,11 +66,12 @@ from forgeqmp.errors import (
     QMPError,
     describe_cause,
 )
+from forgeqmp.ops.blockjobs import BlockJobs
 from forgeqmp.ops.context import (
     _UNDO_TIMEOUT,
     DEFAULT_ENABLE_TIMEOUT,
     PROGRESS_INTERVAL,
-    DriverBase,
+    Context,
     _check_timeout,
     _now,
 )
@@ -79,7 +80,7 @@ from forgeqmp.ops.context import (
 # stay what they were before the modules moved.
 log = logging.getLogger("forgeqmp.enable_driver")
 
-__all__ = ["EnableDriver"]
+__all__ = ["Enable"]
 
 
 @attrs.define
@@ -99,10 +100,15 @@ class _EnableUndo:
     stopped_by_us: bool = False
 
 
-class EnableDriver(DriverBase):
-    """The enable operation of an :class:`~forgeqmp.forge.Instance`."""
+class Enable:
+    """The enable operation, over the shared :class:`~forgeqmp.ops.context.Context` of an
+    :class:`~forgeqmp.forge.Instance` (its entry point: :meth:`run`)."""
 
-    async def enable(
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.jobs = BlockJobs(ctx)
+
+    async def run(
         self,
         disks: Sequence[str] | None = None,
         *,
@@ -158,16 +164,18 @@ class EnableDriver(DriverBase):
         # Before the lock, which would create the state dir: a refusal leaves nothing behind.
         self._check_relaunchable()
 
-        with InstanceLock(self.state_dir, "forgeqmp enable"):
-            previous = self._check_no_unfinished_session()
-            await self._check_no_session_in_graph()
-            features = await self.features()
-            await self._check_running()
-            await self._check_no_task()
+        with InstanceLock(self.ctx.state_dir, "forgeqmp enable"):
+            previous = self.ctx.check_no_unfinished_session()
+            await self.ctx.check_no_session_in_graph()
+            features = await self.ctx.features()
+            await self.ctx.check_running()
+            await self.ctx.check_no_task()
             selection = select_disks(
-                await self.disks(), list(disks) if disks is not None else None, all_disks=all_disks
+                await self.ctx.disks(),
+                list(disks) if disks is not None else None,
+                all_disks=all_disks,
             )
-            given = argv_block_options(describe_process(self.conn.peer.pid).argv)
+            given = argv_block_options(describe_process(self.ctx.conn.peer.pid).argv)
             options = {
                 d.qdev: d.options.with_given(given.get(d.backend or "") or given.get(d.node or ""))
                 for d in selection.forged
@@ -179,7 +187,7 @@ class EnableDriver(DriverBase):
                 session_id=session_id,
                 selection=selection,
                 features=features,
-                memory_file=str(self.state_dir.path_of(memory_name)),
+                memory_file=str(self.ctx.state_dir.path_of(memory_name)),
                 strategy=strategy,
                 overlay_dir=os.fspath(overlay_dir) if overlay_dir is not None else None,
                 options=options,
@@ -190,15 +198,15 @@ class EnableDriver(DriverBase):
                         f"{overlay.overlay_file} already exists; forgeqmp never reuses a file it "
                         "did not create: remove it if it is stale, or choose another overlay_dir"
                     )
-            await preflight.check_enable(self.conn, plan)
+            await preflight.check_enable(self.ctx.conn, plan)
             record = await self._new_record(plan, selection, features, previous)
             report(
                 ProgressEvent("enable", "planned", {"disks": [o.disk.name for o in plan.overlays]})
             )
-            self.store.remove_temp_files()  # a killed operation's: never a file of another
+            self.ctx.store.remove_temp_files()  # a killed operation's: never a file of another
             if previous is not None:
-                self.store.archive(force=True)
-            self.store.save(record)
+                self.ctx.store.archive(force=True)
+            self.ctx.store.save(record)
             log.info(
                 "session %s: %s, step %s (disks %s)",
                 record.session_id,
@@ -206,15 +214,15 @@ class EnableDriver(DriverBase):
                 record.step.value,
                 ", ".join(o.disk.name for o in plan.overlays),
             )
-            self._state_changed(record)
-            self._crash_point("enable", EnableStep.PLANNED)
+            self.ctx.state_changed(record)
+            self.ctx.crash_point("enable", EnableStep.PLANNED)
             undo = _EnableUndo()
             try:
                 with anyio.fail_after(timeout):
                     record = await self._run_enable(plan, record, undo, report)
             except BaseException as exc:
                 with anyio.CancelScope(shield=True):
-                    record = self._reload(record)
+                    record = self.ctx.reload(record)
                     record = await self._undo_enable(plan, record, undo, exc)
                 undone = (
                     "was undone"
@@ -233,9 +241,9 @@ class EnableDriver(DriverBase):
     def _check_relaunchable(self) -> None:
         """Refuse a session that discard could not finish: without a launcher, discard starts
         the recorded argv again, which must then describe the whole VM."""
-        if self.launcher is not None or not self.conn.connected:
+        if self.ctx.launcher is not None or not self.ctx.conn.connected:
             return  # (not connected: the checks that follow refuse the enable)
-        findings = relaunch_findings(describe_process(self.conn.peer.pid).argv)
+        findings = relaunch_findings(describe_process(self.ctx.conn.peer.pid).argv)
         if findings:
             raise NotRelaunchable(
                 "enable refused, nothing was changed: discard would have to start this QEMU again "
@@ -250,9 +258,9 @@ class EnableDriver(DriverBase):
         features: Features,
         previous: SessionRecord | None,
     ) -> SessionRecord:
-        peer = self.conn.peer
+        peer = self.ctx.conn.peer
         process = describe_process(peer.pid)
-        machine = await self._send(QUERY_MACHINE_TYPE)
+        machine = await self.ctx.send(QUERY_MACHINE_TYPE)
         now = _now()
         disks = []
         for o in plan.overlays:
@@ -295,7 +303,7 @@ class EnableDriver(DriverBase):
                 env=dict(process.env),
                 version=str(features.version),
                 machine=str(machine).removesuffix("-machine"),
-                qmp_socket=os.path.abspath(self.conn.socket_path),
+                qmp_socket=os.path.abspath(self.ctx.conn.socket_path),
             ),
             warnings=selection.warnings,
         )
@@ -305,10 +313,10 @@ class EnableDriver(DriverBase):
         os.close(os.open(overlay.overlay_file, flags, 0o600))
         undo.files.append(overlay.overlay_file)
         add_file = overlay.add_file_node()
-        await self._send(add_file)
+        await self.ctx.send(add_file)
         undo.nodes.append(overlay.file_node)
         undo.jobs.append(overlay.create_job)
-        await self._run_job(
+        await self.jobs.run_job(
             overlay.create_image(),
             overlay.create_job,
             f"creating the overlay {overlay.overlay_file}",
@@ -316,7 +324,7 @@ class EnableDriver(DriverBase):
         )
         undo.jobs.remove(overlay.create_job)
         add_format = overlay.add_format_node()
-        await self._send(add_format)
+        await self.ctx.send(add_format)
         undo.nodes.append(overlay.format_node)
 
     async def _run_enable(
@@ -326,15 +334,15 @@ class EnableDriver(DriverBase):
         undo: _EnableUndo,
         report: ProgressCallback,
     ) -> SessionRecord:
-        conn = self.conn
+        conn = self.ctx.conn
         for overlay in plan.overlays:
             await self._create_overlay(overlay, undo)
-        record = self._save(record, step=EnableStep.OVERLAYS_CREATED)
-        self._crash_point("enable", EnableStep.OVERLAYS_CREATED)
+        record = self.ctx.save(record, step=EnableStep.OVERLAYS_CREATED)
+        self.ctx.crash_point("enable", EnableStep.OVERLAYS_CREATED)
         report(ProgressEvent("enable", "overlays-created"))
 
         memory_name = os.path.basename(plan.memory_file)
-        mem_fd = self.state_dir.create_private_file(memory_name)
+        mem_fd = self.ctx.state_dir.create_private_file(memory_name)
         undo.files.append(plan.memory_file)
         try:
             if plan.transport is Transport.FDSET_FILE:
@@ -349,17 +357,19 @@ class EnableDriver(DriverBase):
             else:
                 await conn.pass_fd(mem_fd, plan.fd_name)
                 undo.fd_name = plan.fd_name
-            caps = await self._send(QUERY_MIGRATE_CAPABILITIES)
+            caps = await self.ctx.send(QUERY_MIGRATE_CAPABILITIES)
             undo.previous_capabilities = {c["capability"]: bool(c["state"]) for c in caps}
             set_caps = plan.set_capabilities()
-            await self._send(set_caps)
-            undo.previous_parameters = dict(await self._send(QUERY_MIGRATE_PARAMETERS))
+            await self.ctx.send(set_caps)
+            undo.previous_parameters = dict(await self.ctx.send(QUERY_MIGRATE_PARAMETERS))
             set_params = plan.set_parameters()
-            await self._send(set_params)
+            await self.ctx.send(set_params)
             # Before the save, which pauses the guest (at its switchover, or a stop first):
             # recover resumes a guest it finds paused while this is recorded.
-            record = self._save(record, step=EnableStep.MIGRATION_STARTED, paused_by_forgeqmp=True)
-            self._crash_point("enable", EnableStep.MIGRATION_STARTED)
+            record = self.ctx.save(
+                record, step=EnableStep.MIGRATION_STARTED, paused_by_forgeqmp=True
+            )
+            self.ctx.crash_point("enable", EnableStep.MIGRATION_STARTED)
 
             with (
                 conn.subscribe("MIGRATION") as migration,
@@ -370,11 +380,11 @@ class EnableDriver(DriverBase):
                     await self._save_with_pause(plan, undo, migration, report)
                 else:
                     await self._save_in_background(plan, undo, migration, report)
-                pause_ms = self._pause_ms(runstate_events.history)
+                pause_ms = self.ctx.pause_ms(runstate_events.history)
                 saved_s = time.monotonic() - started
 
-            record = self._save(record, step=EnableStep.SNAPSHOT_DONE, pause_ms=pause_ms)
-            self._crash_point("enable", EnableStep.SNAPSHOT_DONE)
+            record = self.ctx.save(record, step=EnableStep.SNAPSHOT_DONE, pause_ms=pause_ms)
+            self.ctx.crash_point("enable", EnableStep.SNAPSHOT_DONE)
             log.info(
                 "enable %s: disks %s on their overlays, memory saved to %s; guest paused %s ms",
                 record.session_id,
@@ -386,13 +396,13 @@ class EnableDriver(DriverBase):
 
             # QEMU does not fsync the memory file: do it, then fingerprint it from the page cache.
             await anyio.to_thread.run_sync(os.fsync, mem_fd)
-            self.state_dir.fsync_dir()
+            self.ctx.state_dir.fsync_dir()
             digest, size = await anyio.to_thread.run_sync(memhash.hash_fd, mem_fd)
         finally:
             os.close(mem_fd)
         await self._release_migration_setup(plan, undo)
         assert record.memory is not None
-        record = self._save(
+        record = self.ctx.save(
             record,
             Event.ENABLED,
             step=EnableStep.ACTIVE,
@@ -402,7 +412,7 @@ class EnableDriver(DriverBase):
                 record.memory, size=size, digest=digest, digest_algorithm=memhash.ALGORITHM
             ),
         )
-        self._crash_point("enable", EnableStep.ACTIVE)
+        self.ctx.crash_point("enable", EnableStep.ACTIVE)
         report(
             ProgressEvent(
                 "enable",
@@ -440,7 +450,7 @@ class EnableDriver(DriverBase):
     async def _report_memory_progress(self, report: ProgressCallback) -> None:
         with contextlib.suppress(QMPError):  # progress is informative: never fail the save
             while True:
-                info = await self._send(QUERY_MIGRATE)
+                info = await self.ctx.send(QUERY_MIGRATE)
                 ram = info.get("ram")
                 if info.get("status") == "active" and isinstance(ram, Mapping):
                     total = int(ram.get("total", 0))
@@ -463,7 +473,7 @@ class EnableDriver(DriverBase):
         if not steps:
             return
         while True:
-            info = await self._send(QUERY_MIGRATE)
+            info = await self.ctx.send(QUERY_MIGRATE)
             if info.get("status") not in ("setup", "active"):
                 return  # at the pause already, or ended (the wait reports how)
             ram = info.get("ram")
@@ -473,58 +483,62 @@ class EnableDriver(DriverBase):
         iterating = anyio.current_time()
         for step in steps:
             await anyio.sleep_until(iterating + step.after_s)
-            info = await self._send(QUERY_MIGRATE)
+            info = await self.ctx.send(QUERY_MIGRATE)
             if info.get("status") != "active":
                 return
             command = step.command()
             if step.pauses_guest:
                 undo.stopped_by_us = True  # from now on a failure must resume the guest
-            await self._send(command)
+            await self.ctx.send(command)
             report(ProgressEvent("enable", "converging", step.progress_detail()))
 
     async def _save_with_pause(
         self, plan: EnablePlan, undo: _EnableUndo, migration: Any, report: ProgressCallback
     ) -> None:
         migrate = plan.migrate(undo.fdset_id)
-        await self._flush_before_pause()
-        await self._send(migrate)
+        await self.ctx.flush_before_pause()
+        await self.ctx.send(migrate)
         undo.migration_started = True
         report(ProgressEvent("enable", "saving-memory"))
         await self._with_memory_progress(
             report,
-            lambda: self._wait_migration(migration, "pre-switchover", "the pre-switchover pause"),
+            lambda: self.ctx.wait_migration(
+                migration, "pre-switchover", "the pre-switchover pause"
+            ),
             lambda: self._converge(plan.convergence, undo, report),
         )
-        self._crash_point("enable", EnableStep.PRE_SWITCHOVER)
+        self.ctx.crash_point("enable", EnableStep.PRE_SWITCHOVER)
         # The guest is paused: snapshot every disk or none.
         transaction = plan.transaction()
-        await self._send(transaction)
+        await self.ctx.send(transaction)
         undo.snapshotted = True
-        self._crash_point("enable", EnableStep.SNAPSHOT_TRANSACTION_DONE)
-        await self._send(continue_from_pre_switchover())
-        await self._wait_migration(migration, "completed", "the end of the memory save")
+        self.ctx.crash_point("enable", EnableStep.SNAPSHOT_TRANSACTION_DONE)
+        await self.ctx.send(continue_from_pre_switchover())
+        await self.ctx.wait_migration(migration, "completed", "the end of the memory save")
         undo.migration_completed = True
-        await self._resume()
+        await self.ctx.resume()
         undo.stopped_by_us = False
 
     async def _save_in_background(
         self, plan: EnablePlan, undo: _EnableUndo, migration: Any, report: ProgressCallback
     ) -> None:
-        await self._flush_before_pause()
-        await self._send(STOP)
+        await self.ctx.flush_before_pause()
+        await self.ctx.send(STOP)
         undo.stopped_by_us = True
         transaction = plan.transaction()
-        await self._send(transaction)
+        await self.ctx.send(transaction)
         undo.snapshotted = True
         migrate = plan.migrate(undo.fdset_id)
-        await self._send(migrate)
+        await self.ctx.send(migrate)
         undo.migration_started = True
-        await self._send(CONT)
+        await self.ctx.send(CONT)
         undo.stopped_by_us = False
         report(ProgressEvent("enable", "saving-memory"))
         await self._with_memory_progress(
             report,
-            lambda: self._wait_migration(migration, "completed", "the end of the background save"),
+            lambda: self.ctx.wait_migration(
+                migration, "completed", "the end of the background save"
+            ),
         )
         undo.migration_completed = True
 
@@ -532,19 +546,19 @@ class EnableDriver(DriverBase):
         """Give back what the save borrowed: the fd/fdset and the migration settings."""
         if undo.fdset_id is not None:
             with contextlib.suppress(QMPCommandError):  # QEMU may have freed it already
-                await self._send(remove_fdset(undo.fdset_id))
+                await self.ctx.send(remove_fdset(undo.fdset_id))
             undo.fdset_id = None
         if undo.fd_name is not None:
             with contextlib.suppress(QMPCommandError):  # migration closes it when done
-                await self._send(close_fd(undo.fd_name))
+                await self.ctx.send(close_fd(undo.fd_name))
             undo.fd_name = None
         if undo.previous_parameters is not None:
             restore = plan.restore_parameters(undo.previous_parameters)
-            await self._send(restore)
+            await self.ctx.send(restore)
             undo.previous_parameters = None
         if undo.previous_capabilities is not None:
             restore = plan.restore_capabilities(undo.previous_capabilities)
-            await self._send(restore)
+            await self.ctx.send(restore)
             undo.previous_capabilities = None
 
     async def _undo_enable(
@@ -561,9 +575,9 @@ class EnableDriver(DriverBase):
                 log.warning("undo step %s failed: %s", what, exc)
                 problems.append(f"{what}: {exc}")
 
-        conn = self.conn
+        conn = self.ctx.conn
         if undo.migration_started and not undo.migration_completed:
-            await attempt("cancelling the memory save", self._cancel_migration)
+            await attempt("cancelling the memory save", self.ctx.cancel_migration)
         keep_overlays = False
         if undo.snapshotted:
             before = len(problems)
@@ -574,10 +588,10 @@ class EnableDriver(DriverBase):
             # never delete it; recover merges it back (live, or offline once QEMU is gone).
             keep_overlays = len(problems) > before
         before = len(problems)
-        await attempt("resuming the guest", self._resume_if_stopped)
+        await attempt("resuming the guest", self.ctx.resume_if_stopped)
         resumed = len(problems) == before
         for job in list(undo.jobs):
-            await attempt(f"dismissing job {job}", functools.partial(self._drop_job, job))
+            await attempt(f"dismissing job {job}", functools.partial(self.jobs.drop_job, job))
         for node in reversed(undo.nodes):
             await attempt(
                 f"removing node {node}",
@@ -601,7 +615,7 @@ class EnableDriver(DriverBase):
         if isinstance(cause, TimeoutError):
             reason = "the enable deadline passed"
         rolled_back = not problems
-        record = self._reload(record)  # the undo records disks moved back off their overlays
+        record = self.ctx.reload(record)  # the undo records disks moved back off their overlays
         next_step = (
             "nothing to do: everything was undone and the VM runs as before; enable again when "
             "the cause is fixed"
@@ -609,7 +623,7 @@ class EnableDriver(DriverBase):
             else "run 'forgeqmp recover'; undo left: " + "; ".join(problems)
         )
         try:
-            return self._save(
+            return self.ctx.save(
                 record,
                 Event.ENABLE_FAILED,
                 failure_phase=State.CREATING,
@@ -625,7 +639,7 @@ class EnableDriver(DriverBase):
 
     async def _unsnapshot(self, plan: EnablePlan) -> None:
         """Put each disk back on its original node by committing its (new, nearly empty) overlay."""
-        blocks = await self._send(QUERY_BLOCK)
+        blocks = await self.ctx.send(QUERY_BLOCK)
         attached = {
             str(b.get("qdev")): b["inserted"]["node-name"] for b in blocks if b.get("inserted")
         }
@@ -633,7 +647,7 @@ class EnableDriver(DriverBase):
             if attached.get(overlay.disk.qdev) != overlay.format_node:
                 continue
             assert overlay.disk.node is not None
-            await self._commit_back(
+            await self.jobs.commit_back(
                 overlay.disk.name,
                 overlay.disk.qdev,
                 overlay.format_node,

@@ -75,8 +75,9 @@ from forgeqmp.errors import (
     QEMUUnreachable,
     QMPDisconnected,
 )
-from forgeqmp.forge import Instance
-from forgeqmp.ops.context import _check_timeout, send
+from forgeqmp.ops.blockjobs import BlockJobs
+from forgeqmp.ops.context import Context, _check_timeout, send
+from forgeqmp.ops.discard import Discard
 
 __all__ = [
     "DEFAULT_RECOVER_TIMEOUT",
@@ -123,12 +124,12 @@ def _file_sizes(record: SessionRecord) -> dict[str, int]:
     return sizes
 
 
-async def _ensure_connection(instance: Instance, record: SessionRecord) -> bool:
+async def _ensure_connection(ctx: Context, record: SessionRecord) -> bool:
     """Connect to whatever QEMU runs for the instance now; False if none runs.
 
     :raises QEMUUnreachable: a QEMU may run but does not answer (never treated as stopped).
     """
-    conn = instance.conn
+    conn = ctx.conn
     if conn.connected:
         try:
             await send(conn, QUERY_STATUS)
@@ -144,12 +145,12 @@ async def _ensure_connection(instance: Instance, record: SessionRecord) -> bool:
         raise
 
 
-async def observe(instance: Instance, record: SessionRecord) -> Observation:
+async def observe(ctx: Context, record: SessionRecord) -> Observation:
     """What is true now: the QEMU behind the instance's socket (if any) and the session's files."""
     files = _file_sizes(record)
-    if not await _ensure_connection(instance, record):
+    if not await _ensure_connection(ctx, record):
         return Observation(qemu=None, files=files)
-    conn = instance.conn
+    conn = ctx.conn
     status = await send(conn, QUERY_STATUS)
     blocks = await send(conn, QUERY_BLOCK)
     wanted = {d.qdev for d in record.disks}
@@ -210,19 +211,19 @@ class _ActionFailed(Exception):
         super().__init__(f"{action.describe()}: {cause}")
 
 
-async def _finish_job(instance: Instance, _record: SessionRecord, action: FinishJob) -> None:
-    conn = instance.conn
-    record = instance._current()
+async def _finish_job(ctx: Context, _record: SessionRecord, action: FinishJob) -> None:
+    conn = ctx.conn
+    record = ctx.current()
     disk = record.disk(action.disk)
     with conn.subscribe(
         "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == action.job_id
     ) as sub:
-        jobs = await instance._send(QUERY_JOBS)
+        jobs = await ctx.send(QUERY_JOBS)
         status = next((j["status"] for j in jobs if j["id"] == action.job_id), None)
         if status is None:
             return  # gone meanwhile: the next observation tells where the disk is
         if status == "paused":
-            await instance._send(job_resume(action.job_id))
+            await ctx.send(job_resume(action.job_id))
         if status not in ("ready", "pending", "waiting", "aborting", "concluded"):
             await sub.wait(
                 lambda e: e["data"]["status"] in ("ready", "concluded"),
@@ -238,7 +239,7 @@ async def _finish_job(instance: Instance, _record: SessionRecord, action: Finish
             )
         return current.evolve_disk(disk.name, overlay_node=None, overlay_file_node=None)
 
-    await instance._pivot(
+    await BlockJobs(ctx).pivot(
         disk.name,
         disk.qdev,
         disk.device_node,
@@ -249,10 +250,8 @@ async def _finish_job(instance: Instance, _record: SessionRecord, action: Finish
     )
 
 
-async def _commit_offline(
-    instance: Instance, _record: SessionRecord, action: CommitOffline
-) -> None:
-    record = instance._current()
+async def _commit_offline(ctx: Context, _record: SessionRecord, action: CommitOffline) -> None:
+    record = ctx.current()
     disk = record.disk(action.disk)
     try:
         empty = os.path.getsize(action.overlay_file) == 0
@@ -260,9 +259,7 @@ async def _commit_offline(
         return
     if not empty:  # an empty file was never formatted: it holds nothing to merge
         await commit_overlay(find_qemu_img(record), disk, record.qemu.env)
-    instance._save(
-        instance._current().evolve_disk(disk.name, overlay_node=None, overlay_file_node=None)
-    )
+    ctx.save(ctx.current().evolve_disk(disk.name, overlay_node=None, overlay_file_node=None))
 
 
 async def _hash_memory(path: str) -> tuple[str, int]:
@@ -275,36 +272,34 @@ async def _hash_memory(path: str) -> tuple[str, int]:
 
 
 async def _send_commands(
-    instance: Instance,
+    ctx: Context,
     _record: SessionRecord,
     action: RemoveNode | ResetMigration | RemoveFdset | CloseFd,
 ) -> None:
     for command in action.commands():
-        await instance._send(command)
+        await ctx.send(command)
 
 
-async def _cancel_migration(
-    instance: Instance, _record: SessionRecord, _action: CancelMigration
-) -> None:
-    await instance._cancel_migration()
+async def _cancel_migration(ctx: Context, _record: SessionRecord, _action: CancelMigration) -> None:
+    await ctx.cancel_migration()
 
 
-async def _drop_job(instance: Instance, _record: SessionRecord, action: DropJob) -> None:
-    await instance._drop_job(action.job_id)
+async def _drop_job(ctx: Context, _record: SessionRecord, action: DropJob) -> None:
+    await BlockJobs(ctx).drop_job(action.job_id)
 
 
-async def _commit_back(instance: Instance, record: SessionRecord, action: CommitBack) -> None:
+async def _commit_back(ctx: Context, record: SessionRecord, action: CommitBack) -> None:
     disk = record.disk(action.disk)
-    await instance._commit_back(
+    await BlockJobs(ctx).commit_back(
         disk.name, disk.qdev, action.top_node, action.base_node, action.job_id
     )
 
 
-async def _resume_guest(instance: Instance, _record: SessionRecord, _action: ResumeGuest) -> None:
-    await instance._resume_if_stopped()
+async def _resume_guest(ctx: Context, _record: SessionRecord, _action: ResumeGuest) -> None:
+    await ctx.resume_if_stopped()
 
 
-async def _delete_file(_instance: Instance, record: SessionRecord, action: DeleteFile) -> None:
+async def _delete_file(_ctx: Context, record: SessionRecord, action: DeleteFile) -> None:
     if action.path not in recorded_files(record):  # reconcile never asks; never do it
         raise ForgeFailed(f"refusing to delete {action.path}: the session did not create it")
     with contextlib.suppress(FileNotFoundError):
@@ -314,12 +309,12 @@ async def _delete_file(_instance: Instance, record: SessionRecord, action: Delet
 
 
 async def _fingerprint(
-    _instance: Instance, _record: SessionRecord, action: HashMemory
+    _ctx: Context, _record: SessionRecord, action: HashMemory
 ) -> tuple[str, int]:
     return await _hash_memory(action.path)
 
 
-_Runner = Callable[[Instance, SessionRecord, Any], Awaitable[Any]]
+_Runner = Callable[[Context, SessionRecord, Any], Awaitable[Any]]
 
 #: How each action type runs (the one dispatch; each type's order is its ``order``).
 #: FinishDiscard ends the round and is run by the loop itself.
@@ -339,9 +334,9 @@ _RUNNERS: Mapping[type, _Runner] = {
 }
 
 
-async def _run(instance: Instance, record: SessionRecord, action: Action) -> Any:
+async def _run(ctx: Context, record: SessionRecord, action: Action) -> Any:
     """Run one action; returns its result (HashMemory: digest and size)."""
-    return await _RUNNERS[type(action)](instance, record, action)
+    return await _RUNNERS[type(action)](ctx, record, action)
 
 
 def _fsync_dir(path: str) -> None:
@@ -382,27 +377,28 @@ def _final_record(
 
 
 async def run_recover(
-    instance: Instance,
+    ctx: Context,
     *,
     launcher: Launcher | None = None,
     timeout: float = DEFAULT_RECOVER_TIMEOUT,
     report: ProgressCallback | None = None,
 ) -> SessionRecord | None:
-    """Reconcile the instance's session with what is true (see :meth:`Instance.recover`)."""
+    """Reconcile the instance's session with what is true (see
+    :meth:`forgeqmp.forge.Instance.recover`)."""
     timeout = _check_timeout("timeout", timeout)
     tell: Callable[[Any], None] = report or (lambda _event: None)
-    launch = launcher or instance.launcher or functools.partial(detached_launcher, timeout=timeout)
+    launch = launcher or ctx.launcher or functools.partial(detached_launcher, timeout=timeout)
     problems: list[str] = []
-    if instance.store.load() is None:
+    if ctx.store.load() is None:
         return None  # checked before the lock too, which would create the state dir
-    with InstanceLock(instance.state_dir, "forgeqmp recover"):
-        record = instance.store.load()
+    with InstanceLock(ctx.state_dir, "forgeqmp recover"):
+        record = ctx.store.load()
         if record is None:
             return None
-        instance.store.remove_temp_files()  # a killed operation's: never a file of another
+        ctx.store.remove_temp_files()  # a killed operation's: never a file of another
         with anyio.fail_after(timeout):
             for _round in range(_MAX_ROUNDS):
-                plan = reconcile(record, await observe(instance, record))
+                plan = reconcile(record, await observe(ctx, record))
                 tell(
                     ProgressEvent(
                         "recover",
@@ -419,10 +415,10 @@ async def run_recover(
                     for action in plan.actions:
                         if isinstance(action, FinishDiscard):  # the last action: it ends recover
                             tell(ProgressEvent("recover", "action", {"do": action.describe()}))
-                            return await instance._finish_discard(record, launch, timeout, tell)
+                            return await Discard(ctx).finish_discard(record, launch, timeout, tell)
                         tell(ProgressEvent("recover", "action", {"do": action.describe()}))
                         try:
-                            result = await _run(instance, record, action)
+                            result = await _run(ctx, record, action)
                         except (ForgeError, OSError) as exc:
                             if action.tidying:
                                 log.warning("recover: %s failed: %s", action.describe(), exc)
@@ -433,26 +429,26 @@ async def run_recover(
                 except _ActionFailed as exc:
                     log.warning("recover: %s", exc)
                     problems.append(str(exc))
-                    record = instance._current()
+                    record = ctx.current()
                     continue
-                current = instance._current()
+                current = ctx.current()
                 new = _final_record(current, plan, digest)
                 if attrs.evolve(new, updated_at=current.updated_at) != current:
-                    new = instance._save(new)
+                    new = ctx.save(new)
                 record = new
                 if not plan.actions:
                     tell(ProgressEvent("recover", "done", {"state": record.state.value}))
                     return record
-        return _give_up(instance, record, problems)
+        return _give_up(ctx, record, problems)
 
 
-def _give_up(instance: Instance, record: SessionRecord, problems: Sequence[str]) -> SessionRecord:
+def _give_up(ctx: Context, record: SessionRecord, problems: Sequence[str]) -> SessionRecord:
     """Record that recover could not reach a fixed point, and why (a true state nonetheless)."""
     phase = record.failure_phase if record.state is State.FAILED else record.state
     if phase is None or phase in TERMINAL:
         raise ForgeFailed("recover could not finish: " + "; ".join(problems))
     reason = "recover could not finish: " + ("; ".join(problems) or "QEMU kept changing")
-    record = instance._save(
+    record = ctx.save(
         record,
         Event.RECOVERED_FAILED,
         failure_phase=phase,
