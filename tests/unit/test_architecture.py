@@ -316,6 +316,59 @@ def test_no_import_cycles(package: dict[str, Module]) -> None:
     assert cycle is None, "import cycle: " + _describe(cycle, graph)
 
 
+#: The layers, lowest first: a module imports only from its own layer or lower ones. The core
+#: (with the errors every layer raises) knows nothing of the others; the adapters talk to QEMU,
+#: files and processes in the core's terms; the operations run the core's plans through the
+#: adapters; the top (``forge``, ``cli``, ``sync``, ``terminal``, the package) offers them, and
+#: the test harness drives everything.
+LAYERS = (
+    ("forgeqmp.core", "forgeqmp.errors", "forgeqmp._version"),
+    ("forgeqmp.adapters",),
+    ("forgeqmp.ops",),
+    ("forgeqmp",),  # forge, cli, sync, terminal, __init__, __main__
+    ("forgeqmp.testing",),
+)
+
+
+def layer_of(module: str) -> int:
+    """The layer of ``module``: the last (most specific) prefix in :data:`LAYERS` it falls under."""
+    found = None
+    for index, prefixes in enumerate(LAYERS):
+        for prefix in prefixes:
+            under = module == prefix or module.startswith(prefix + ".")
+            if under and (found is None or len(prefix) > found[1]):
+                found = (index, len(prefix))
+    assert found is not None, module
+    return found[0]
+
+
+def layer_violations(graph: Mapping[str, Mapping[str, int]]) -> list[str]:
+    return [
+        f"{importer} (layer {layer_of(importer)}) imports {imported} (layer "
+        f"{layer_of(imported)}) at line {line}"
+        for importer, targets in sorted(graph.items())
+        for imported, line in sorted(targets.items())
+        if layer_of(imported) > layer_of(importer)
+    ]
+
+
+def test_layers_import_only_downward(package: dict[str, Module]) -> None:
+    assert layer_of("forgeqmp.core.plans.enable") == 0
+    assert layer_of("forgeqmp.adapters.qmp") == 1
+    assert layer_of("forgeqmp.ops.context") == 2
+    assert layer_of("forgeqmp.forge") == 3
+    assert layer_of("forgeqmp.testing.instance") == 4
+    problems = layer_violations(runtime_graph(package))
+    assert not problems, "an import against the layers:\n" + "\n".join(problems)
+
+
+def test_an_upward_import_is_reported() -> None:
+    graph = {"forgeqmp.adapters.qmp": {"forgeqmp.ops.context": 7}, "forgeqmp.ops.context": {}}
+    assert layer_violations(graph) == [
+        "forgeqmp.adapters.qmp (layer 1) imports forgeqmp.ops.context (layer 2) at line 7"
+    ]
+
+
 # --- the checks themselves, on made-up packages --------------------------------------------------
 
 
