@@ -372,6 +372,30 @@ def test_cancelled_enable_is_undone(vm, tmp_path: Path) -> None:  # type: ignore
     assert_undone(vm, state, before, "Cancelled")
 
 
+class _CallbackBug(Exception):
+    pass
+
+
+def test_a_callback_raising_at_active_leaves_a_true_active_session(vm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The ``active`` event comes once the session is Active on disk, with nothing left to undo:
+    a callback that raises then is the caller's error, raised as it is, and the record tells the
+    truth (Active, the disks on their overlays); discard then brings everything back."""
+    state = tmp_path / "state"
+
+    def on_progress(event: forgeqmp.ProgressEvent) -> None:
+        if event.step == "active":
+            raise _CallbackBug("the caller's bug")
+
+    with pytest.raises(_CallbackBug):
+        run(enable, vm.qmp_socket, state, all_disks=True, on_progress=on_progress)
+    record = forgeqmp.RecordStore(StateDir(state)).load()
+    assert record is not None
+    assert record.state is State.ACTIVE
+    attached, _nodes = block_graph(vm.qmp_socket)
+    assert [node for _qdev, node, _depth in attached] == [d.overlay_node for d in record.disks]
+    assert run(discard, vm.qmp_socket, state).state is State.DISCARDED
+
+
 def test_bad_arguments_are_refused_before_anything(vm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     state = tmp_path / "state"
     for kw in (

@@ -107,6 +107,8 @@ class Enable:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.jobs = BlockJobs(ctx)
+        #: What the final ``active`` progress event reports (set when the session is Active).
+        self._active_detail: dict[str, Any] = {}
 
     async def run(
         self,
@@ -236,6 +238,9 @@ class Enable:
                 if isinstance(exc, Exception):  # an interrupt (Ctrl-C) stays one
                     raise ForgeFailed(f"enable failed and {undone}: {describe_cause(exc)}") from exc
                 raise
+            # Reported once the session is Active on disk and nothing is left to undo: a
+            # callback that raises here is the caller's error, and the session stays Active.
+            report(ProgressEvent("enable", "active", self._active_detail))
             return record
 
     def _check_relaunchable(self) -> None:
@@ -413,13 +418,11 @@ class Enable:
             ),
         )
         self.ctx.crash_point("enable", EnableStep.ACTIVE)
-        report(
-            ProgressEvent(
-                "enable",
-                "active",
-                {"pause_ms": pause_ms, "memory_bytes": size, "save_seconds": round(saved_s, 3)},
-            )
-        )
+        self._active_detail = {
+            "pause_ms": pause_ms,
+            "memory_bytes": size,
+            "save_seconds": round(saved_s, 3),
+        }
         return record
 
     async def _with_memory_progress(
