@@ -106,5 +106,5 @@ def bench(session: nox.Session) -> None:
 def demo(session: nox.Session) -> None:
     """The main job: a real VM booted and forged (see README)."""
     setup_system(session)
-    session.install("-e", ".")
+    session.install("-e", ".[cli]")
     session.run("python", "examples/demo.py", *session.posargs)

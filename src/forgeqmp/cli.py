@@ -24,7 +24,8 @@ import shlex
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, NoReturn, TextIO
+from types import ModuleType
+from typing import Any, NoReturn, Protocol, TextIO
 
 import anyio
 
@@ -70,7 +71,7 @@ from forgeqmp.forge import (
     status_of,
 )
 from forgeqmp.ops.recover import DEFAULT_RECOVER_TIMEOUT, lock_held, stale
-from forgeqmp.terminal import PlainProgress, ProgressView, print_report, state_label
+from forgeqmp.terminal import PlainProgress, print_plain_report, state_label
 
 __all__ = ["build_parser", "main"]
 
@@ -276,16 +277,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _View(Protocol):
+    def update(self, event: ProgressEvent) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _live_view() -> ModuleType | None:
+    """:mod:`forgeqmp.liveview` (rich: live bars and colours), or None when rich is not
+    installed (the optional ``cli`` extra): the CLI then prints plain lines and plain text."""
+    try:
+        from forgeqmp import liveview
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and exc.name.partition(".")[0] == "rich":
+            return None
+        raise
+    return liveview
+
+
 class _Output:
     """Human text or JSON lines, on stdout; errors on stderr. Progress: JSON lines with --json,
-    live bars and steps on a terminal (rich), plain lines otherwise (a log, a pipe)."""
+    live bars and steps on a terminal (with rich installed), plain lines otherwise (a log, a
+    pipe, or no rich)."""
 
     def __init__(self, as_json: bool, stream: TextIO | None = None, *, quiet: bool = False) -> None:
         self.as_json = as_json
         #: -q: no progress, and no human report (errors still go to stderr).
         self.quiet = quiet
         self.stream = stream if stream is not None else sys.stdout
-        self._view: ProgressView | PlainProgress | None = None
+        self._view: _View | None = None
 
     def progress(self, event: ProgressEvent) -> None:
         if self.quiet:
@@ -294,8 +314,8 @@ class _Output:
             self._line(event.as_dict())
             return
         if self._view is None:
-            tty = self.stream.isatty()
-            self._view = ProgressView(self.stream) if tty else PlainProgress(self.stream)
+            live = _live_view() if self.stream.isatty() else None
+            self._view = live.ProgressView(self.stream) if live else PlainProgress(self.stream)
         self._view.update(event)
 
     def close(self) -> None:
@@ -309,7 +329,9 @@ class _Output:
         if self.as_json:
             self._line(status)
         elif not self.quiet:
-            print_report(self.stream, text, status.get("state"))
+            live = _live_view()
+            report = live.print_report if live is not None else print_plain_report
+            report(self.stream, text, status.get("state"))
 
     def _line(self, obj: dict[str, Any]) -> None:
         self.stream.write(json.dumps(obj, sort_keys=False) + "\n")

@@ -7,21 +7,18 @@ from __future__ import annotations
 import io
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 from rich.console import Console
 
-from forgeqmp import terminal
+import forgeqmp
+from forgeqmp import cli, terminal
 from forgeqmp.cli import _Output
 from forgeqmp.forge import ProgressEvent
-from forgeqmp.terminal import (
-    STATE_STYLES,
-    PlainProgress,
-    ProgressView,
-    binary_size,
-    state_label,
-    styled_report,
-)
+from forgeqmp.liveview import STATE_STYLES, ProgressView, styled_report
+from forgeqmp.terminal import PlainProgress, binary_size, state_label
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -242,3 +239,39 @@ def test_state_colours() -> None:
     ]
     assert state_label("none") == "no session"
     assert styled_report("no forge session", None).spans == []
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_without_rich_the_cli_prints_plain_lines_and_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    """rich is the optional ``cli`` extra: without it, even on a terminal, progress is the plain
+    lines and the report plain text, and nothing fails."""
+    for name in [m for m in sys.modules if m == "rich" or m.startswith("rich.")] + ["rich"]:
+        monkeypatch.setitem(sys.modules, name, None)  # import rich... -> ModuleNotFoundError
+    monkeypatch.delitem(sys.modules, "forgeqmp.liveview", raising=False)
+    monkeypatch.delattr(forgeqmp, "liveview", raising=False)
+    assert cli._live_view() is None
+    stream = _Tty()
+    out = _Output(False, stream)
+    for event in ENABLE:
+        out.progress(event)
+    out.final({"state": "active"}, "forge session x: Active")
+    text = stream.getvalue()
+    assert not ANSI.search(text)
+    assert "enable: session active" in text
+    assert text.endswith("forge session x: Active\n")
+
+
+def test_the_library_does_not_import_rich() -> None:
+    """``import forgeqmp`` (the library, and the CLI module) loads no terminal-rendering package:
+    an embedding program installs only the core dependencies."""
+    code = (
+        "import sys, forgeqmp, forgeqmp.cli, forgeqmp.sync, forgeqmp.testing; "
+        "bad = sorted(m for m in sys.modules if m == 'rich' or m.startswith('rich.')); "
+        "assert not bad, bad"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
