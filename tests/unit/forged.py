@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import gzip
 import json
-import os
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +16,7 @@ from forgeqmp.core.disks import disks_from_query, select_disks
 from forgeqmp.core.features import Features, features_from_introspection
 from forgeqmp.core.plans.command import Command
 from forgeqmp.core.plans.enable import EnablePlan, Strategy, plan_enable
-from forgeqmp.core.record import DiskRecord, MemoryRecord, QemuRecord, SessionRecord
+from forgeqmp.core.record import MemoryRecord, QemuRecord, SessionRecord
 from forgeqmp.core.states import State
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -76,25 +75,7 @@ def forge(
         memory_file=memory_file,
         strategy=strategy,
     )
-    disk_records = []
-    for o in plan.overlays:
-        assert o.disk.node is not None
-        assert o.disk.file is not None
-        assert o.disk.format is not None
-        assert o.disk.virtual_size is not None
-        disk_records.append(
-            DiskRecord(
-                name=o.disk.name,
-                qdev=o.disk.qdev,
-                device_node=o.disk.node,
-                base_file=os.path.abspath(o.disk.file),
-                base_format=o.disk.format,
-                virtual_size=o.disk.virtual_size,
-                overlay_file=o.overlay_file,
-                overlay_node=o.format_node,
-                overlay_file_node=o.file_node,
-            )
-        )
+    disk_records = [o.disk_record() for o in plan.overlays]
     record = SessionRecord(
         session_id=SID,
         state=State.ACTIVE,

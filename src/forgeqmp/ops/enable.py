@@ -48,7 +48,6 @@ from forgeqmp.core.plans.enable import (
 )
 from forgeqmp.core.progress import ProgressCallback, ProgressEvent
 from forgeqmp.core.record import (
-    DiskRecord,
     MemoryRecord,
     QemuRecord,
     SessionRecord,
@@ -267,26 +266,7 @@ class Enable:
         process = describe_process(peer.pid)
         machine = await self.ctx.send(QUERY_MACHINE_TYPE)
         now = _now()
-        disks = []
-        for o in plan.overlays:
-            assert o.disk.node
-            assert o.disk.file
-            assert o.disk.format
-            assert o.disk.virtual_size is not None
-            disks.append(
-                DiskRecord(
-                    name=o.disk.name,
-                    qdev=o.disk.qdev,
-                    device_node=o.disk.node,
-                    base_file=os.path.abspath(o.disk.file),
-                    base_format=o.disk.format,
-                    virtual_size=o.disk.virtual_size,
-                    overlay_file=o.overlay_file,
-                    overlay_node=o.format_node,
-                    overlay_file_node=o.file_node,
-                    options=o.options.to_json() if o.options is not None else None,
-                )
-            )
+        disks = [o.disk_record() for o in plan.overlays]
         return begin(
             previous,
             session_id=plan.session_id,

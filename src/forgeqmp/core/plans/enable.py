@@ -26,6 +26,7 @@ background migration and resumes at once; the migration then completes while the
 from __future__ import annotations
 
 import enum
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
@@ -36,6 +37,7 @@ from forgeqmp.core.blockopts import BlockOptions
 from forgeqmp.core.disks import Disk, Selection
 from forgeqmp.core.features import Features
 from forgeqmp.core.plans.command import Command
+from forgeqmp.core.record import DiskRecord
 from forgeqmp.errors import FeatureMissing
 
 __all__ = [
@@ -197,6 +199,27 @@ class OverlayPlan:
     #: The original's options, given to the overlay so that the guest's writes during the
     #: session behave as before enable (see :mod:`forgeqmp.core.blockopts`); None: QEMU's defaults.
     options: BlockOptions | None = None
+
+    def disk_record(self) -> DiskRecord:
+        """How the session record keeps this disk: the original and the overlay's file and
+        nodes, as planned (written before the overlay exists)."""
+        disk = self.disk
+        assert disk.node is not None
+        assert disk.file is not None
+        assert disk.format is not None
+        assert disk.virtual_size is not None
+        return DiskRecord(
+            name=disk.name,
+            qdev=disk.qdev,
+            device_node=disk.node,
+            base_file=os.path.abspath(disk.file),
+            base_format=disk.format,
+            virtual_size=disk.virtual_size,
+            overlay_file=self.overlay_file,
+            overlay_node=self.format_node,
+            overlay_file_node=self.file_node,
+            options=self.options.to_json() if self.options is not None else None,
+        )
 
     def add_file_node(self) -> Command:
         """Open the (empty, forgeqmp-created) overlay file as a file node."""
