@@ -270,6 +270,15 @@ def test_any_command_line_gets_a_contract_exit_code(
     if "--json" in argv and result.code != 2 and result.out:
         lines = result.json_lines()  # every line of stdout is JSON
         assert set(lines[-1]) >= STATUS_KEYS, lines[-1]
+        if result.code != 0:  # failed or refused: it says so plainly, for a platform to branch on
+            final = lines[-1]
+            assert final["exit_code"] == result.code, (argv, final)
+            assert isinstance(final["error_kind"], str), final
+            assert final["error_kind"], final
+            assert final["next_step"], final
+            assert final["command"] in argv, final
+            if result.code in REFUSALS:
+                assert final["changed"] is False, final
 
 
 def test_help_and_version_exit_0(tree: Tree, capsys: pytest.CaptureFixture[str]) -> None:
