@@ -120,7 +120,7 @@ def test_verbose_logs_every_step_and_debug_the_qmp_traffic(qemu_factory, tmp_pat
     record = final(lines)
     sid = record["session_id"]
     for step in ("planned", "overlays-created", "snapshot-done", "active"):
-        assert f"forgeqmp.ops.context INFO: session {sid}: " in err, err
+        assert f"forgeqmp.driver_base INFO: session {sid}: " in err, err
         assert f", step {step}" in err, (step, err)
     overlay = record["disks"][0]["overlay"]
     assert f"disk0 ({overlay}) on their overlays" in err
@@ -133,6 +133,6 @@ def test_verbose_logs_every_step_and_debug_the_qmp_traffic(qemu_factory, tmp_pat
     pid = vm.pid  # the relaunched QEMU
     assert f"QEMU relaunched waiting for the memory state, pid {pid}" in err
     assert "VM running from the memory state" in err
-    assert "forgeqmp.adapters.qmp DEBUG: QMP " in err
+    assert "forgeqmp.qmp DEBUG: QMP " in err
     assert "-> migrate-incoming" in err
     assert "QMP event MIGRATION" in err
