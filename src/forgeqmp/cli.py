@@ -32,7 +32,7 @@ import anyio
 from forgeqmp._version import __version__
 from forgeqmp.adapters.launcher import executable_launcher
 from forgeqmp.adapters.livestatus import observe
-from forgeqmp.adapters.recordstore import RecordStore
+from forgeqmp.adapters.recordstore import RecordStore, graph_sessions
 from forgeqmp.adapters.statedir import InstanceLock, StateDir, default_state_dir
 from forgeqmp.core.argv import start_argv
 from forgeqmp.core.disks import check_disk_choice
@@ -431,11 +431,17 @@ def _status(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     record = RecordStore(state_dir).load()
     status, text = _status_of(record), _describe(record)
     # QEMU's runstate, overlay sizes and free space, and advice on an io-error pause.
-    live = observe(args.qmp, record, busy=lock_held(state_dir)).update(status, record)
+    observed = observe(args.qmp, record, busy=lock_held(state_dir))
+    live = observed.update(status, record)
     text += f"\n{live}" if live else ""
     status["sessions_in_qemu"] = []
     if record is None or status_of(record).finished:
-        found = _graph_sessions(args) or ()
+        if observed.block_nodes is not None:  # QEMU answered: its graph, from the same look
+            found = graph_sessions(observed.block_nodes, state_dir.path, args.qmp)
+        elif observed.qemu == "busy":  # not asked: another forgeqmp process holds the lock
+            found = _graph_sessions(args) or ()
+        else:  # QEMU does not answer: no graph to show
+            found = ()
         status["sessions_in_qemu"] = [
             {"session": g.tag, "nodes": list(g.nodes), "files": list(g.files),
              "records": list(g.records)}

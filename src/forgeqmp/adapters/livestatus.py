@@ -62,6 +62,9 @@ class LiveStatus:
     overlays: Mapping[str, OverlayUsage]
     #: job id → its progress, for every block job QEMU runs (empty: QEMU was not asked).
     jobs: Mapping[str, JobProgress] = attrs.field(factory=dict)
+    #: QEMU's ``query-named-block-nodes`` (None: QEMU was not asked), where a session of any
+    #: state dir shows (:func:`forgeqmp.adapters.recordstore.graph_sessions`).
+    block_nodes: tuple[Mapping[str, Any], ...] | None = None
 
     def advice(self, record: SessionRecord | None) -> str | None:
         """What to do about QEMU's state (see :func:`advice`)."""
@@ -201,27 +204,31 @@ def observe(socket_path: str, record: SessionRecord | None, *, busy: bool | None
     if busy:
         return LiveStatus("busy", {}, overlays)
     try:
-        qemu, io_status, jobs = anyio.run(_query, socket_path, backend="asyncio")
+        qemu, io_status, jobs, nodes = anyio.run(_query, socket_path, backend="asyncio")
     except QMPError as exc:
         log.info("status: QEMU not reachable on %s: %s", socket_path, exc)
         return LiveStatus("unreachable", {}, overlays)
-    return LiveStatus(qemu, io_status, overlays, jobs)
+    return LiveStatus(qemu, io_status, overlays, jobs, nodes)
 
 
-async def _query(socket_path: str) -> tuple[str, dict[str, str], dict[str, JobProgress]]:
+async def _query(
+    socket_path: str,
+) -> tuple[str, dict[str, str], dict[str, JobProgress], tuple[Mapping[str, Any], ...]]:
+    """What ``status`` asks QEMU, on one connection."""
     async with qmp_connect(
         socket_path, timeout=QUERY_TIMEOUT, command_timeout=QUERY_TIMEOUT
     ) as conn:
         runstate = str((await conn.execute("query-status"))["status"])
         blocks = await conn.execute("query-block")
         listed = await conn.execute("query-jobs")
+        nodes = tuple(await conn.execute("query-named-block-nodes", {"flat": True}))
     io_status: dict[str, str] = {}
     for block in blocks:
         qdev, status = block.get("qdev"), block.get("io-status")
         if qdev and status:
             io_status[str(qdev)] = str(status)
     jobs = {str(j["id"]): JobProgress.from_job(j) for j in listed}
-    return runstate, io_status, jobs
+    return runstate, io_status, jobs, nodes
 
 
 def _mib(size: int | None) -> str:

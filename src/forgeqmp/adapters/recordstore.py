@@ -10,11 +10,14 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
-from forgeqmp.adapters.statedir import StateDir
+import attrs
+
+from forgeqmp.adapters.statedir import StateDir, default_state_dir
+from forgeqmp.core.graphsession import GraphSession, sessions_in_graph
 from forgeqmp.core.record import SessionRecord
 from forgeqmp.core.states import TERMINAL
 from forgeqmp.errors import ForgeError, RecordError, RecordUnreadable, SessionActive
@@ -157,3 +160,19 @@ def find_records(tag: str, state_dirs: Sequence[Path], base: Path | None) -> tup
         if record.session_id.replace("-", "").startswith(tag) and str(path) not in found:
             found.append(str(path))
     return tuple(found)
+
+
+def graph_sessions(
+    nodes: Iterable[Mapping[str, Any]], state_dir: Path, qmp_socket: str
+) -> tuple[GraphSession, ...]:
+    """The forge sessions ``query-named-block-nodes`` shows (whatever state dir enabled them),
+    each with the records of it found on this host: in ``state_dir`` and under the default
+    state-dir base of ``qmp_socket`` (see :mod:`forgeqmp.core.graphsession`)."""
+    try:
+        base: Path | None = default_state_dir(qmp_socket).parent
+    except ForgeError:
+        base = None
+    return tuple(
+        attrs.evolve(s, records=find_records(s.tag, [state_dir], base))
+        for s in sessions_in_graph(nodes)
+    )

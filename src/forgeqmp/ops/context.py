@@ -15,12 +15,10 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.to_thread
-import attrs
 
 from forgeqmp.adapters import crashpoints
 from forgeqmp.adapters.featureprobe import probe
@@ -28,12 +26,12 @@ from forgeqmp.adapters.hostflush import flush_host_images, image_files
 from forgeqmp.adapters.launcher import Launcher, LaunchSpec
 from forgeqmp.adapters.process import is_alive
 from forgeqmp.adapters.qmp import QMPConnection
-from forgeqmp.adapters.recordstore import RecordStore, find_records
-from forgeqmp.adapters.statedir import StateDir, default_state_dir
+from forgeqmp.adapters.recordstore import RecordStore, graph_sessions
+from forgeqmp.adapters.statedir import StateDir
 from forgeqmp.core.argv import cold_argv, incoming_argv
 from forgeqmp.core.disks import Disk, disks_from_query, qom_path_of
 from forgeqmp.core.features import Features
-from forgeqmp.core.graphsession import GraphSession, sessions_in_graph
+from forgeqmp.core.graphsession import GraphSession
 from forgeqmp.core.lifecycle import advance, status_of
 from forgeqmp.core.plans.command import Command
 from forgeqmp.core.plans.common import (
@@ -236,14 +234,7 @@ class Context:
         """Forge sessions QEMU's block graph shows (whatever state dir enabled them), with the
         records of them found on this host (see :mod:`forgeqmp.core.graphsession`)."""
         nodes = await self.send(QUERY_NAMED_BLOCK_NODES)
-        try:
-            base: Path | None = default_state_dir(self.conn.socket_path).parent
-        except ForgeError:
-            base = None
-        return tuple(
-            attrs.evolve(s, records=find_records(s.tag, [self.state_dir.path], base))
-            for s in sessions_in_graph(nodes)
-        )
+        return graph_sessions(nodes, self.state_dir.path, self.conn.socket_path)
 
     async def check_no_session_in_graph(self) -> None:
         """Refuse when QEMU shows a forge session this state dir's record does not account for
