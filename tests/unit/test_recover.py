@@ -22,6 +22,7 @@ from records import (  # tests/unit is on sys.path (rootdir-relative)
 
 from forgeqmp.core.argv import active_argv, cold_argv, start_argv
 from forgeqmp.core.lifecycle import status_of
+from forgeqmp.core.names import session_tag
 from forgeqmp.core.reconcile import (
     ENABLE_STEPS_AFTER_SNAPSHOT,
     MIGRATION_RUNNING,
@@ -45,7 +46,6 @@ from forgeqmp.core.reconcile import (
     ResumeGuest,
     Where,
     reconcile,
-    session_tag,
     stale_reason,
     where_is,
 )

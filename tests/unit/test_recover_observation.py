@@ -15,6 +15,7 @@ from fakeqmp import FakeQMP  # tests/unit is on sys.path
 from qemu_schema import migration_statuses  # tests/unit is on sys.path (rootdir-relative)
 from test_recover import PID, SID, files_of, qemu_on, record
 
+from forgeqmp.core.names import fdset_opaque
 from forgeqmp.core.reconcile import (
     MIGRATION_RUNNING,
     CancelMigration,
@@ -22,7 +23,6 @@ from forgeqmp.core.reconcile import (
     JobView,
     Observation,
     ResumeGuest,
-    fdset_opaque,
     reconcile,
 )
 from forgeqmp.core.states import Event, State

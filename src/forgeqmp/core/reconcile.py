@@ -44,7 +44,7 @@ import attrs
 from forgeqmp.core import names
 from forgeqmp.core.argv import cold_argv
 from forgeqmp.core.lifecycle import advance
-from forgeqmp.core.names import fdset_opaque, session_tag
+from forgeqmp.core.names import session_tag
 from forgeqmp.core.plans.command import Command
 from forgeqmp.core.plans.common import close_fd, remove_fdset
 from forgeqmp.core.plans.enable import DOWNTIME_LIMIT_MS, MAX_BANDWIDTH
@@ -76,9 +76,7 @@ __all__ = [
     "ResetMigration",
     "ResumeGuest",
     "Where",
-    "fdset_opaque",
     "reconcile",
-    "session_tag",
     "stale_reason",
 ]
 

@@ -30,6 +30,7 @@ from forgeqmp.adapters.launcher import Launcher, detached_launcher
 from forgeqmp.adapters.qemuimg import commit_overlay, find_qemu_img
 from forgeqmp.adapters.qemuproc import qemu_down
 from forgeqmp.adapters.statedir import LOCK_FILE, InstanceLock, StateDir
+from forgeqmp.core.names import fdset_opaque
 from forgeqmp.core.plans.common import (
     QUERY_BLOCK,
     QUERY_FDSETS,
@@ -62,7 +63,6 @@ from forgeqmp.core.reconcile import (
     RemoveNode,
     ResetMigration,
     ResumeGuest,
-    fdset_opaque,
     reconcile,
     stale_reason,
 )
