@@ -2,7 +2,8 @@
 line), forgeqmp vs a bare ``migrate-incoming`` of the *same* memory file (the raw sequence).
 
 Each run: a forgeqmp enable (untimed) whose memory file is hard-linked aside, forgeqmp's discard
-(timed; it verifies the file's SHA-256 while QEMU restarts and loads it), then the raw sequence
+(timed; it verifies the file's digest, XXH3-128 of its data extents, while QEMU restarts and
+loads it), then the raw sequence
 restoring the linked file (timed; no verification). The parts of the raw sequence (quit, launch,
 load) and the verification alone are timed too: they say where the time goes.
 """

@@ -8,7 +8,7 @@ forgeqmp's own cost. It does the same work the recipe says a correct snapshot ne
 - enable: overlays made and added before the pause; the memory file passed as an fd
   (``fd:`` or ``file:/dev/fdset/N``) or named (plain ``file:``); ``pause-before-switchover`` and
   one ``transaction`` in the pause (``background-snapshot``: stop, transaction, migrate, cont);
-  then fsync and a SHA-256 of the file, chunks hashed on threads;
+  then fsync and the file's digest (forgeqmp's: XXH3-128 of the data extents);
 - commit: ``block-commit`` per disk in parallel, ``job-complete`` at ready, dismiss, remove the
   overlay;
 - discard: ``quit``, wait for the process to be gone, start the same argv with ``-incoming defer
@@ -19,21 +19,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import select
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
+from forgeqmp.adapters import memhash
+
 DOWNTIME_LIMIT_MS = 20
 MAX_BANDWIDTH = 1 << 40
-_CHUNK = 64 << 20
 
 
 class Raw:
@@ -128,32 +127,19 @@ def _pause_ms(events: Sequence[Mapping[str, Any]]) -> float | None:
     return max(0.0, resumes[-1] - stops[0]) * 1000
 
 
-def _hash_chunk(fd: int, offset: int) -> bytes:
-    digest = hashlib.sha256()
-    end = offset + _CHUNK
-    while offset < end:
-        data = os.pread(fd, min(4 << 20, end - offset), offset)
-        if not data:
-            break
-        digest.update(data)
-        offset += len(data)
-    return digest.digest()
-
-
 def fsync_and_hash(path: str) -> str:
-    """fsync the file and its directory (QEMU does not), then its chunked SHA-256 on threads."""
+    """fsync the file and its directory (QEMU does not), then its digest: the same work
+    forgeqmp does (:func:`forgeqmp.adapters.memhash.hash_fd`, XXH3-128 of the data extents)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
         dfd = os.open(os.path.dirname(path), os.O_RDONLY)
         os.fsync(dfd)
         os.close(dfd)
-        size = os.fstat(fd).st_size
-        with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
-            parts = list(pool.map(lambda off: _hash_chunk(fd, off), range(0, size, _CHUNK)))
+        digest, _size = memhash.hash_fd(fd)
     finally:
         os.close(fd)
-    return hashlib.sha256(b"".join(parts)).hexdigest()
+    return digest
 
 
 async def enable(

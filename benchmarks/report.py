@@ -114,7 +114,7 @@ def discard_table(rows: Rows) -> str:
             "raw: quit → running s",
             "raw: quit → first counter line s",
             "raw: launch / load s",
-            "SHA-256 verify alone s",
+            "digest verify alone s",
             "forgeqmp × raw",
         ],
         lines,
