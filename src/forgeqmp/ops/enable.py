@@ -106,8 +106,6 @@ class Enable:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.jobs = BlockJobs(ctx)
-        #: What the final ``active`` progress event reports (set when the session is Active).
-        self._active_detail: dict[str, Any] = {}
 
     async def run(
         self,
@@ -220,7 +218,7 @@ class Enable:
             undo = _EnableUndo()
             try:
                 with anyio.fail_after(timeout):
-                    record = await self._run_enable(plan, record, undo, report)
+                    record, active = await self._run_enable(plan, record, undo, report)
             except BaseException as exc:
                 with anyio.CancelScope(shield=True):
                     record = self.ctx.reload(record)
@@ -239,7 +237,7 @@ class Enable:
                 raise
             # Reported once the session is Active on disk and nothing is left to undo: a
             # callback that raises here is the caller's error, and the session stays Active.
-            report(ProgressEvent("enable", "active", self._active_detail))
+            report(ProgressEvent("enable", "active", active))
             return record
 
     def _check_relaunchable(self) -> None:
@@ -318,7 +316,9 @@ class Enable:
         record: SessionRecord,
         undo: _EnableUndo,
         report: ProgressCallback,
-    ) -> SessionRecord:
+    ) -> tuple[SessionRecord, dict[str, Any]]:
+        """Run the plan to an Active session; returns its record and what the final
+        ``active`` progress event reports (sent by the caller once nothing is left to undo)."""
         conn = self.ctx.conn
         for overlay in plan.overlays:
             await self._create_overlay(overlay, undo)
@@ -398,12 +398,8 @@ class Enable:
             ),
         )
         self.ctx.crash_point("enable", EnableStep.ACTIVE)
-        self._active_detail = {
-            "pause_ms": pause_ms,
-            "memory_bytes": size,
-            "save_seconds": round(saved_s, 3),
-        }
-        return record
+        active = {"pause_ms": pause_ms, "memory_bytes": size, "save_seconds": round(saved_s, 3)}
+        return record, active
 
     async def _with_memory_progress(
         self,
