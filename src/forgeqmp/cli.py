@@ -685,10 +685,7 @@ def _interrupted(args: argparse.Namespace, out: _Output, before: bytes | None) -
     """Ctrl-C: the operation under way was undone or left as its record says; exit 130. The
     message sends the user to ``recover`` only when the record shows something to finish."""
     out.close()
-    try:
-        record = RecordStore(_state_dir(args)).load()
-    except ForgeError:
-        record = None
+    record = _load_quietly(args)
     if record is not None and record.state in WORKING:
         advice = (
             f"the session was left {record.state.value} at step {record.step.value}: "
@@ -758,6 +755,7 @@ def _report_error(
 
 
 def _load_quietly(args: argparse.Namespace) -> SessionRecord | None:
+    """The session record, or None when there is none or it cannot be read."""
     try:
         return RecordStore(_state_dir(args)).load()
     except ForgeError:

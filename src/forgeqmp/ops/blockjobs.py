@@ -25,6 +25,7 @@ from forgeqmp.core.plans.common import (
     QUERY_JOBS,
     QUERY_NAMED_BLOCK_NODES,
     STOP,
+    find_job,
     job_cancel,
     job_complete,
     job_dismiss,
@@ -60,14 +61,14 @@ class BlockJobs:
             await self.ctx.send(command)
             await sub.wait(lambda ev: ev["data"]["status"] == "concluded", timeout, what)
         jobs = await self.ctx.send(QUERY_JOBS)
-        error = next((j.get("error") for j in jobs if j["id"] == job_id), None)
+        error = (find_job(jobs, job_id) or {}).get("error")
         await self.ctx.send(job_dismiss(job_id))
         if error:
             raise ForgeFailed(f"{what} failed: {error}")
 
     async def drop_job(self, job_id: str) -> None:
         jobs = await self.ctx.send(QUERY_JOBS)
-        job = next((j for j in jobs if j["id"] == job_id), None)
+        job = find_job(jobs, job_id)
         if job is None:
             return
         if job["status"] != "concluded":
@@ -153,7 +154,7 @@ class BlockJobs:
                         "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == job_id
                     ) as sub:
                         jobs = await self.ctx.send(QUERY_JOBS)
-                        status = next((j["status"] for j in jobs if j["id"] == job_id), None)
+                        status = (find_job(jobs, job_id) or {}).get("status")
                         if status is None:
                             raise ForgeFailed(f"the commit job {job_id} of disk {disk} disappeared")
                         if status == "ready":
@@ -167,7 +168,7 @@ class BlockJobs:
                                 f"the commit of {disk} to end",
                             )
                     jobs = await self.ctx.send(QUERY_JOBS)
-                    error = next((j.get("error") for j in jobs if j["id"] == job_id), None)
+                    error = (find_job(jobs, job_id) or {}).get("error")
                     await self.ctx.send(job_dismiss(job_id))
                     if error:
                         raise ForgeFailed(f"committing disk {disk} failed: {error}")

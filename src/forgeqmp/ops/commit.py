@@ -28,7 +28,7 @@ from forgeqmp.core.plans.commit import (
     is_commit_job,
     plan_commit,
 )
-from forgeqmp.core.plans.common import QUERY_BLOCK, QUERY_JOBS, job_resume
+from forgeqmp.core.plans.common import QUERY_BLOCK, QUERY_JOBS, find_job, job_resume
 from forgeqmp.core.progress import JobProgress, ProgressCallback, ProgressEvent, RateEstimate
 from forgeqmp.core.record import (
     DiskRecord,
@@ -216,7 +216,7 @@ class Commit:
         if disk.commit_job != job_id:
             return None
         listed = await self.ctx.send(QUERY_JOBS)
-        job = next((j for j in listed if j["id"] == job_id), None)
+        job = find_job(listed, job_id)
         if job is None:
             return None
         if job["status"] == "concluded" and job.get("error"):
@@ -254,7 +254,7 @@ class Commit:
         cancelled (once the job is ready)."""
         while True:
             jobs = await self.ctx.send(QUERY_JOBS)
-            job = next((j for j in jobs if j["id"] == job_id), None)
+            job = find_job(jobs, job_id)
             if job is not None:
                 meter.sample(JobProgress.from_job(job))
             await anyio.sleep(PROGRESS_INTERVAL)
@@ -264,7 +264,7 @@ class Commit:
         got there between two polls or before the first (a small disk): a ``disk-merged`` event
         alone says nothing of the bytes."""
         jobs = await self.ctx.send(QUERY_JOBS)
-        job = next((j for j in jobs if j["id"] == job_id), None)
+        job = find_job(jobs, job_id)
         if job is None or job.get("error"):
             return
         progress = JobProgress.from_job(job)

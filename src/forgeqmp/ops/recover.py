@@ -17,7 +17,6 @@ import logging
 import os
 import stat
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from forgeqmp.core.plans.common import (
     QUERY_MIGRATE_PARAMETERS,
     QUERY_NAMED_BLOCK_NODES,
     QUERY_STATUS,
+    find_job,
     job_resume,
 )
 from forgeqmp.core.progress import ProgressCallback, ProgressEvent
@@ -76,7 +76,7 @@ from forgeqmp.errors import (
     QMPDisconnected,
 )
 from forgeqmp.ops.blockjobs import BlockJobs
-from forgeqmp.ops.context import Context, _check_timeout, send
+from forgeqmp.ops.context import Context, _check_timeout, _now, send
 from forgeqmp.ops.discard import Discard
 
 __all__ = [
@@ -103,10 +103,6 @@ def recorded_files(record: SessionRecord) -> frozenset[str]:
     if record.memory is not None:
         paths.add(record.memory.path)
     return frozenset(paths)
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 # --- observing -----------------------------------------------------------------------------------
@@ -219,7 +215,7 @@ async def _finish_job(ctx: Context, _record: SessionRecord, action: FinishJob) -
         "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == action.job_id
     ) as sub:
         jobs = await ctx.send(QUERY_JOBS)
-        status = next((j["status"] for j in jobs if j["id"] == action.job_id), None)
+        status = (find_job(jobs, action.job_id) or {}).get("status")
         if status is None:
             return  # gone meanwhile: the next observation tells where the disk is
         if status == "paused":

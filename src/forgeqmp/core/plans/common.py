@@ -8,7 +8,8 @@ here or in the plan of its step (:mod:`forgeqmp.core.plans.enable`, ``commit``, 
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
 
 from forgeqmp.core.plans.command import Command
 
@@ -29,6 +30,7 @@ __all__ = [
     "blockdev_del",
     "close_fd",
     "continue_from_pre_switchover",
+    "find_job",
     "job_cancel",
     "job_complete",
     "job_dismiss",
@@ -45,6 +47,13 @@ QUERY_BLOCK: Final = Command("query-block")
 QUERY_NAMED_BLOCK_NODES: Final = Command("query-named-block-nodes")
 #: The block jobs (id, type, status, progress, error).
 QUERY_JOBS: Final = Command("query-jobs")
+
+
+def find_job(jobs: Iterable[Mapping[str, Any]], job_id: str) -> Mapping[str, Any] | None:
+    """The entry of ``job_id`` in a :data:`QUERY_JOBS` answer, None when QEMU has no such job."""
+    return next((job for job in jobs if job["id"] == job_id), None)
+
+
 #: The runstate (``running``, ``paused``, ``finish-migrate``...).
 QUERY_STATUS: Final = Command("query-status")
 #: The migration's status (and its error, once failed).
