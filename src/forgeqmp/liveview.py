@@ -26,7 +26,7 @@ from rich.progress import (
 from rich.text import Text
 
 from forgeqmp.core.progress import ProgressEvent
-from forgeqmp.terminal import _seconds, _step_line, _transfer_key, binary_size, state_label
+from forgeqmp.terminal import binary_size, seconds_text, state_label, step_line, transfer_key
 
 __all__ = ["STATE_STYLES", "ProgressView", "print_report", "styled_report"]
 
@@ -104,7 +104,7 @@ class _Eta(ProgressColumn):
         eta = task.fields.get("eta_s")
         if task.finished or not isinstance(eta, int | float):
             return Text("")
-        return Text(f"ETA {_seconds(eta)}", style="progress.remaining")
+        return Text(f"ETA {seconds_text(eta)}", style="progress.remaining")
 
 
 class ProgressView:
@@ -146,7 +146,7 @@ class ProgressView:
             self._finish_bar(f"disk:{event.detail.get('disk')}")
         elif event.operation == "enable" and event.step in ("snapshot-done", "active"):
             self._finish_bar("memory")
-        description, detail = _step_line(event)
+        description, detail = step_line(event)
         elapsed = time.monotonic() - self._t0
         line = Text(f"{elapsed:7.2f} s  ", style="dim")
         line.append(description)
@@ -159,7 +159,7 @@ class ProgressView:
             self._progress.update(self._step, description=description)
 
     def _advance(self, event: ProgressEvent) -> None:
-        key, what = _transfer_key(event)
+        key, what = transfer_key(event)
         total, done = event.detail.get("total"), event.detail.get("done")
         if key not in self._bars:
             self._bars[key] = self._progress.add_task(

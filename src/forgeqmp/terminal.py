@@ -22,7 +22,10 @@ __all__ = [
     "PlainProgress",
     "binary_size",
     "print_plain_report",
+    "seconds_text",
     "state_label",
+    "step_line",
+    "transfer_key",
 ]
 
 #: How steps of :class:`~forgeqmp.core.progress.ProgressEvent` read on a terminal.
@@ -95,7 +98,7 @@ def _detail(detail: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _seconds(value: float) -> str:
+def seconds_text(value: float) -> str:
     """A duration for people: ``0.4 s``, ``12 s``, ``3 min 20 s``."""
     if value < 10:
         return f"{value:.1f} s"
@@ -105,7 +108,7 @@ def _seconds(value: float) -> str:
     return f"{minutes} min {secs} s"
 
 
-def _transfer_key(event: ProgressEvent) -> tuple[str, str]:
+def transfer_key(event: ProgressEvent) -> tuple[str, str]:
     """(key, what) of a ``progress`` event: the memory save, or one disk's merge."""
     disk = event.detail.get("disk")
     if disk is None:
@@ -113,7 +116,7 @@ def _transfer_key(event: ProgressEvent) -> tuple[str, str]:
     return f"disk:{disk}", f"disk {disk}"
 
 
-def _step_line(event: ProgressEvent) -> tuple[str, str]:
+def step_line(event: ProgressEvent) -> tuple[str, str]:
     """(``operation: label``, detail) of a step event, as both displays print it."""
     label = STEP_LABELS.get((event.operation, event.step), event.step.replace("-", " "))
     return f"{event.operation}: {label}", _detail(event.detail)
@@ -137,10 +140,10 @@ class PlainProgress:
         """Print ``event`` if it is a step, or a transfer's news worth a line."""
         now = time.monotonic()
         if event.step != "progress":
-            what, detail = _step_line(event)
+            what, detail = step_line(event)
             self._write(now, what + (f" ({detail})" if detail else ""))
             return
-        key, what = _transfer_key(event)
+        key, what = transfer_key(event)
         done, total = event.detail.get("done"), event.detail.get("total")
         if not isinstance(done, int) or key in self._done:
             return
@@ -158,7 +161,7 @@ class PlainProgress:
             text += f", {binary_size(rate)}/s"
         eta = event.detail.get("eta_s")
         if not complete and isinstance(eta, int | float):
-            text += f", ETA {_seconds(eta)}"
+            text += f", ETA {seconds_text(eta)}"
         self._write(now, text)
 
     def _write(self, now: float, text: str) -> None:

@@ -8,11 +8,11 @@ import attrs
 import pytest
 from forged import TAG, VERSIONS, accepted, forge, legacy_drive, on_overlays, query_block
 
+from forgeqmp.core import names
 from forgeqmp.core.plans.command import Command
 from forgeqmp.core.plans.commit import (
     DiskCommit,
     attached_nodes,
-    commit_job_id,
     disk_commit,
     is_commit_job,
     plan_commit,
@@ -112,7 +112,7 @@ def test_a_drive_disk_commits_into_the_node_qemu_named() -> None:
 
 
 def test_job_ids_and_which_jobs_are_commit_jobs_of_ours() -> None:
-    assert commit_job_id(f"{TAG}-3-fmt") == f"{TAG}-3-commit"
+    assert names.commit_job(f"{TAG}-3-fmt") == f"{TAG}-3-commit"
     assert is_commit_job({"id": f"{TAG}-3-commit", "type": "commit", "status": "ready"})
     assert not is_commit_job({"id": f"{TAG}-3-create-undo", "type": "commit"})  # an undo's
     assert not is_commit_job({"id": f"{TAG}-3-create", "type": "create"})

@@ -9,9 +9,10 @@ import attrs
 import pytest
 from forged import SID, VERSIONS, accepted, forge
 
+from forgeqmp.core.names import RESTORE_FD_NAME
 from forgeqmp.core.plans.command import Command
 from forgeqmp.core.plans.common import CONT, QUERY_MACHINE_TYPE, QUERY_MIGRATE, QUIT
-from forgeqmp.core.plans.discard import RESTORE_FD_NAME, RestorePlan, plan_restore
+from forgeqmp.core.plans.discard import RestorePlan, plan_restore
 from forgeqmp.core.plans.enable import Strategy, Transport, migration_uri
 
 #: Every strategy each build can save with (7.2 has no mapped-ram: test_plan_enable).

@@ -21,9 +21,9 @@ from forgeqmp.adapters.qemuimg import (
     find_qemu_img,
 )
 from forgeqmp.adapters.statedir import InstanceLock
+from forgeqmp.core import names
 from forgeqmp.core.plans.commit import (
     attached_nodes,
-    commit_job_id,
     disk_commit,
     is_commit_job,
     plan_commit,
@@ -526,4 +526,4 @@ def _job_never_created(disk: DiskRecord, jobs: _JobsSent, existing: set[str] | N
     if disk.name in jobs.accepted or existing is None:
         return False
     assert disk.overlay_node is not None
-    return commit_job_id(disk.overlay_node) not in existing
+    return names.commit_job(disk.overlay_node) not in existing

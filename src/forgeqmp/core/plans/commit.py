@@ -18,7 +18,7 @@ finishes a commit (:func:`disk_commit` from a record, or :class:`DiskCommit` fro
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from typing import Any
 
 import attrs
 
@@ -28,26 +28,19 @@ from forgeqmp.core.plans.common import blockdev_del, job_cancel, job_complete, j
 from forgeqmp.core.record import DiskRecord, SessionRecord
 
 __all__ = [
-    "COMMIT_JOB_SUFFIX",
     "CommitPlan",
     "DiskCommit",
     "attached_nodes",
-    "commit_job_id",
     "disk_commit",
     "is_commit_job",
     "plan_commit",
     "remove_overlay_nodes",
 ]
 
-#: The end of every commit job id forgeqmp makes (see :mod:`forgeqmp.core.names`).
-COMMIT_JOB_SUFFIX: Final = names.COMMIT_JOB_SUFFIX
-#: The id of the job that commits the overlay whose format node is the argument.
-commit_job_id = names.commit_job
-
 
 def is_commit_job(job: Mapping[str, Any]) -> bool:
     """Whether a ``query-jobs`` entry is a commit job of forgeqmp's (by type and id)."""
-    return job.get("type") == "commit" and str(job.get("id", "")).endswith(COMMIT_JOB_SUFFIX)
+    return job.get("type") == "commit" and str(job.get("id", "")).endswith(names.COMMIT_JOB_SUFFIX)
 
 
 @attrs.frozen
@@ -107,7 +100,7 @@ def disk_commit(disk: DiskRecord) -> DiskCommit:
         qdev=disk.qdev,
         top_node=disk.overlay_node,
         base_node=disk.device_node,
-        job_id=commit_job_id(disk.overlay_node),
+        job_id=names.commit_job(disk.overlay_node),
     )
 
 

@@ -29,15 +29,12 @@ from forgeqmp.core.record import SessionRecord
 
 __all__ = [
     "RESTORE_CAPABILITIES",
-    "RESTORE_FD_NAME",
     "RestorePlan",
     "plan_restore",
 ]
 
 #: Capabilities of the save that the restoring QEMU must also have.
 RESTORE_CAPABILITIES: Final = frozenset({"mapped-ram", "multifd"})
-#: The name the memory file is passed by for the ``fd:`` transport.
-RESTORE_FD_NAME: Final = names.RESTORE_FD_NAME
 
 
 @attrs.frozen
@@ -49,7 +46,7 @@ class RestorePlan:
     transport: Transport
     #: Turned on for the load and off after it, in this order.
     capabilities: tuple[str, ...]
-    fd_name: str = RESTORE_FD_NAME
+    fd_name: str = names.RESTORE_FD_NAME
 
     @property
     def uses_fdset(self) -> bool:
