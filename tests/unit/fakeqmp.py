@@ -70,12 +70,15 @@ def _events(events: Iterable[Event]) -> tuple[Event, ...]:
 @attrs.frozen
 class Reply:
     """An answer with consequences: ``value`` (or ``error``, a :class:`Fail` or an exception),
-    then ``events`` emitted, then, with ``disconnect``, the connection dropped (QEMU gone)."""
+    then ``events`` emitted, then, with ``disconnect``, the connection dropped (QEMU gone).
+    ``late``: seconds the answer takes to reach the caller after QEMU acted on the command (a
+    caller cancelled meanwhile never sees it, though the command took effect)."""
 
     value: Any = attrs.field(factory=dict)
     error: Fail | Exception | None = None
     events: tuple[Event, ...] = attrs.field(default=(), converter=_events)
     disconnect: bool = False
+    late: float = 0.0
 
 
 @attrs.frozen
@@ -205,6 +208,7 @@ class FakeQMP:
         self.unexpected: list[str] = []
         #: How many times the peer was connected to again.
         self.connects = 0
+        self._late = 0.0  # the last answer's delay (Reply.late)
         for command, answer in (replies or {}).items():
             self.script(command, answer)
 
@@ -284,7 +288,11 @@ class FakeQMP:
     ) -> Any:
         await anyio.lowlevel.checkpoint()
         args = copy.deepcopy(dict(arguments)) if arguments is not None else None
-        return self._answer(command, args)
+        self._late = 0.0
+        value = self._answer(command, args)
+        if self._late:
+            await anyio.sleep(self._late)
+        return value
 
     def subscribe(
         self, *names: str, predicate: Callable[[Event], bool] | None = None
@@ -360,6 +368,7 @@ class FakeQMP:
             return copy.deepcopy(reply.value if reply is not None else answer)
         finally:
             if reply is not None:
+                self._late = reply.late
                 self.emit(*reply.events)
                 if reply.disconnect:
                     self.drop()

@@ -330,3 +330,78 @@ def test_a_running_block_job_refuses_the_commit_and_changes_nothing(tmp_path: Pa
     peer.check()
     assert saved(vm) == record
     assert peer.actions() == []
+
+
+class Runstate:
+    """QEMU's runstate as ``stop`` and ``cont`` change it; ``stop`` answers ``late`` seconds
+    after the guest paused (a caller's deadline can pass while the pause is in flight)."""
+
+    def __init__(self, status: str = "running", *, late: float = 0.0) -> None:
+        self.status = status
+        self.late = late
+
+    def query_status(self, _args: Any) -> dict[str, Any]:
+        return {"status": self.status, "running": self.status == "running"}
+
+    def stop(self, _args: Any) -> Reply:
+        self.status = "paused"
+        return Reply({}, late=self.late)
+
+    def cont(self, _args: Any) -> dict[str, Any]:
+        self.status = "running"
+        return {}
+
+    def script(self, peer: FakeQMP) -> None:
+        peer.script("query-status", self.query_status)
+        peer.script("stop", self.stop)
+        peer.script("cont", self.cont)
+
+
+def test_a_deadline_passing_while_the_guest_pauses_for_the_switch_resumes_it(
+    tmp_path: Path,
+) -> None:
+    """The commit's deadline passes while ``stop`` is in flight (QEMU paused the guest, its
+    answer not yet read): the switch is not cut short, the guest runs again afterwards and the
+    record does not say it is paused by forgeqmp."""
+    vm, peer, qemu, _ = setup(tmp_path)
+    guest = Runstate(late=0.5)
+    guest.script(peer)
+    peer.script("block-commit", qemu.block_commit("ready"))
+    with pytest.raises(ForgeFailed, match=r"the commit deadline \(0.2 s\) passed"):
+        commit(vm, timeout=0.2)  # the deadline bites after the switch
+    peer.check()
+    assert guest.status == "running"
+    commands = [s.command for s in peer.actions()]
+    assert commands.index("cont") > commands.index("stop")
+    after = saved(vm)
+    assert after.paused_by_forgeqmp is False
+    assert qemu.attached == qemu.disk.device_node  # the switch went through
+
+
+def test_a_commit_resumes_a_guest_an_interrupted_switch_left_paused(tmp_path: Path) -> None:
+    """The record says forgeqmp paused the guest (a switch cut short by a killed controller)
+    and QEMU shows it paused: the next commit resumes it first, and ends with it running."""
+    vm, peer, qemu, record = setup(tmp_path)
+    RecordStore(StateDir(tmp_path / "state")).save(record.evolve(paused_by_forgeqmp=True))
+    guest = Runstate("paused")
+    guest.script(peer)
+    peer.script("block-commit", qemu.block_commit("ready"))
+    done = commit(vm)
+    peer.check()
+    assert done.state is State.COMMITTED
+    assert done.paused_by_forgeqmp is False
+    assert guest.status == "running"
+    assert [s.command for s in peer.actions()][:2] == ["cont", "block-commit"]
+
+
+def test_a_pause_that_is_not_forgeqmps_stays(tmp_path: Path) -> None:
+    """A guest its owner paused (the record does not say forgeqmp did) is committed paused and
+    stays paused: forgeqmp resumes only its own pauses."""
+    vm, peer, qemu, _ = setup(tmp_path)
+    guest = Runstate("paused")
+    guest.script(peer)
+    peer.script("block-commit", qemu.block_commit("ready"))
+    assert commit(vm).state is State.COMMITTED
+    peer.check()
+    assert guest.status == "paused"
+    assert "cont" not in [s.command for s in peer.actions()]

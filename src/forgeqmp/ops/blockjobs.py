@@ -139,64 +139,93 @@ class BlockJobs:
         conn = self.ctx.conn
         async with lock if lock is not None else contextlib.nullcontext():
             with conn.subscribe("STOP", "RESUME") as runstate_events:
-                paused = await self.ctx.runstate() == "running"
-                if paused:
+                pausing = await self.ctx.runstate() == "running"
+                if pausing:
                     await self.ctx.flush_before_pause()
-                    # On disk before the pause: a recover after a kill anywhere from here to
-                    # the resume below knows the pause is ours, and resumes the guest.
-                    marks: dict[str, Any] = {"step": Pivoting(disk)} if mark_step else {}
-                    self.ctx.save(self.ctx.current(), paused_by_forgeqmp=True, **marks)
-                    await self.ctx.send(STOP)
-                    self.ctx.crash_point(operation, CommitStep.PIVOTING)
-                resumed = False
-                try:
-                    with conn.subscribe(
-                        "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == job_id
-                    ) as sub:
-                        jobs = await self.ctx.send(QUERY_JOBS)
-                        status = (find_job(jobs, job_id) or {}).get("status")
-                        if status is None:
-                            raise ForgeFailed(f"the commit job {job_id} of disk {disk} disappeared")
-                        if status == "ready":
-                            await self.complete_job(job_id)
-                        elif status not in ("pending", "waiting", "aborting", "concluded"):
-                            raise ForgeFailed(f"the commit job {job_id} is {status}, not ready")
-                        if status != "concluded":
-                            await sub.wait(
-                                lambda e: e["data"]["status"] == "concluded",
-                                _UNDO_TIMEOUT,
-                                f"the commit of {disk} to end",
-                            )
-                    jobs = await self.ctx.send(QUERY_JOBS)
-                    error = (find_job(jobs, job_id) or {}).get("error")
-                    await self.ctx.send(job_dismiss(job_id))
-                    if error:
-                        raise ForgeFailed(f"committing disk {disk} failed: {error}")
-                    attached = attached_nodes(await self.ctx.send(QUERY_BLOCK))
-                    if attached.get(qdev) != base_node:
-                        raise ForgeFailed(
-                            f"after its commit, disk {disk} is on node {attached.get(qdev)!r}, "
-                            f"not its original {base_node!r}"
-                        )
-                    self.ctx.crash_point(operation, CommitStep.PIVOTED)
-                    changes: dict[str, Any] = {"step": CommitStep.COMMITTING} if mark_step else {}
-                    self.ctx.save(update(self.ctx.current()), **changes)
-                    self.ctx.crash_point(operation, CommitStep.DISK_RECORDED)
-                finally:
-                    if paused:
-                        with anyio.CancelScope(shield=True), contextlib.suppress(QMPError):
-                            await self.ctx.send(CONT)
-                            resumed = True
-                    if resumed or not paused:
-                        with contextlib.suppress(ForgeError, OSError):
-                            record = self.ctx.current()
-                            done: dict[str, Any] = {"paused_by_forgeqmp": False} if resumed else {}
-                            if mark_step and record.step == Pivoting(disk):
-                                done["step"] = CommitStep.COMMITTING
-                            if any(getattr(record, k) != v for k, v in done.items()):
-                                self.ctx.save(record, **done)
+                # From the pause to the resume, nothing from outside (the caller's deadline, a
+                # cancellation) interrupts the switch: it is milliseconds, and cut short it
+                # would leave the guest paused. It is bounded by its own deadline.
+                with anyio.CancelScope(shield=True), anyio.fail_after(_UNDO_TIMEOUT):
+                    await self._switch(
+                        disk, qdev, base_node, job_id, update, pausing, mark_step, operation
+                    )
                 await self.restore_after_pivot(disk)
-                return self.ctx.pause_ms(runstate_events.history) if paused else None
+                return self.ctx.pause_ms(runstate_events.history) if pausing else None
+
+    async def _switch(
+        self,
+        disk: str,
+        qdev: str,
+        base_node: str,
+        job_id: str,
+        update: Callable[[SessionRecord], SessionRecord],
+        pausing: bool,
+        mark_step: bool,
+        operation: str,
+    ) -> None:
+        """The pivot's switch: pause the guest (``pausing``), complete the job, check the disk
+        is on ``base_node``, record it, and resume the guest whatever happened."""
+        conn = self.ctx.conn
+        resumed = False
+        if pausing:
+            # On disk before the pause: a recover after a kill anywhere from here to the
+            # resume below knows the pause is ours, and resumes the guest.
+            marks: dict[str, Any] = {"step": Pivoting(disk)} if mark_step else {}
+            self.ctx.save(self.ctx.current(), paused_by_forgeqmp=True, **marks)
+        try:
+            if pausing:
+                await self.ctx.send(STOP)
+                self.ctx.crash_point(operation, CommitStep.PIVOTING)
+            with conn.subscribe(
+                "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == job_id
+            ) as sub:
+                jobs = await self.ctx.send(QUERY_JOBS)
+                status = (find_job(jobs, job_id) or {}).get("status")
+                if status is None:
+                    raise ForgeFailed(f"the commit job {job_id} of disk {disk} disappeared")
+                if status == "ready":
+                    await self.complete_job(job_id)
+                elif status not in ("pending", "waiting", "aborting", "concluded"):
+                    raise ForgeFailed(f"the commit job {job_id} is {status}, not ready")
+                if status != "concluded":
+                    await sub.wait(
+                        lambda e: e["data"]["status"] == "concluded",
+                        _UNDO_TIMEOUT,
+                        f"the commit of {disk} to end",
+                    )
+            jobs = await self.ctx.send(QUERY_JOBS)
+            error = (find_job(jobs, job_id) or {}).get("error")
+            await self.ctx.send(job_dismiss(job_id))
+            if error:
+                raise ForgeFailed(f"committing disk {disk} failed: {error}")
+            attached = attached_nodes(await self.ctx.send(QUERY_BLOCK))
+            if attached.get(qdev) != base_node:
+                raise ForgeFailed(
+                    f"after its commit, disk {disk} is on node {attached.get(qdev)!r}, "
+                    f"not its original {base_node!r}"
+                )
+            self.ctx.crash_point(operation, CommitStep.PIVOTED)
+            changes: dict[str, Any] = {"step": CommitStep.COMMITTING} if mark_step else {}
+            self.ctx.save(update(self.ctx.current()), **changes)
+            self.ctx.crash_point(operation, CommitStep.DISK_RECORDED)
+        finally:
+            if pausing:
+                # Its own shield and deadline: the switch's deadline may be what ended it.
+                with (
+                    anyio.CancelScope(shield=True),
+                    anyio.move_on_after(_UNDO_TIMEOUT),
+                    contextlib.suppress(QMPError),
+                ):
+                    await self.ctx.send(CONT)  # also when the STOP never reached QEMU
+                    resumed = True
+            if resumed or not pausing:
+                with contextlib.suppress(ForgeError, OSError):
+                    record = self.ctx.current()
+                    done: dict[str, Any] = {"paused_by_forgeqmp": False} if resumed else {}
+                    if mark_step and record.step == Pivoting(disk):
+                        done["step"] = CommitStep.COMMITTING
+                    if any(getattr(record, k) != v for k, v in done.items()):
+                        self.ctx.save(record, **done)
 
     async def complete_job(self, job_id: str) -> None:
         """``job-complete``, retried while QEMU says the job is not ready yet (transient)."""

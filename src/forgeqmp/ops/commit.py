@@ -116,6 +116,7 @@ class Commit:
             if not self.ctx.conn.connected:
                 return await self._commit_offline(record, timeout, report)
             await self.ctx.check_no_task(_left_running(record))
+            record = await self.ctx.resume_left_paused(record)
             pid, since = self.ctx.conn.peer.pid, self.ctx.started()
             plan = plan_commit(record, await self.ctx.send(QUERY_BLOCK))
             pending = [record.disk(job.disk) for job in plan.disks]

@@ -414,6 +414,19 @@ class Context:
         if status in ("paused", "postmigrate", "finish-migrate"):
             await self.resume()
 
+    async def resume_left_paused(self, record: SessionRecord) -> SessionRecord:
+        """Resume a guest that an interrupted step of this library left paused (the record's
+        ``paused_by_forgeqmp``, written before each pause), and clear the mark. Any other pause
+        is the owner's, and stays."""
+        if not record.paused_by_forgeqmp:
+            return record
+        if await self.runstate() in ("paused", "postmigrate", "finish-migrate"):
+            log.warning(
+                "session %s: resuming the guest a stopped step left paused", record.session_id
+            )
+            await self.resume()
+        return self.save(record, paused_by_forgeqmp=False)
+
     def remove_memory_file(self, record: SessionRecord) -> None:
         if record.memory is not None:
             with contextlib.suppress(FileNotFoundError):
