@@ -12,17 +12,17 @@ import logging
 import anyio
 
 from forgeqmp.core import names
-from forgeqmp.core.plans.common import QUERY_BLOCK, QUERY_JOBS
+from forgeqmp.core.plans.common import QUERY_BLOCK, QUERY_JOBS, find_job
 from forgeqmp.core.plans.converge import (
     JobSample,
     bounded_limits,
     copy_rate,
     dirty_rate,
+    first_bound,
     needs_bound,
     platform_limits,
     set_throttle,
     tighter,
-    write_bound,
 )
 from forgeqmp.core.record import DiskRecord
 from forgeqmp.core.steps import ThrottleStep
@@ -51,7 +51,7 @@ class WriteBound:
         bound: tuple[int, int] | None = None
         while True:
             listed = await self.ctx.send(QUERY_JOBS)
-            job = next((j for j in listed if j["id"] == job_id), None)
+            job = find_job(listed, job_id)
             if job is not None and job["status"] == "running":
                 now = anyio.current_time()
                 samples.append(
@@ -59,9 +59,7 @@ class WriteBound:
                 )
                 if needs_bound(samples, deadline - now, bound):
                     rate = copy_rate(samples) or 0.0
-                    fresh = write_bound(rate)
-                    if bound is not None:
-                        fresh = min(fresh, tighter(bound))
+                    fresh = first_bound(rate) if bound is None else tighter(bound)
                     log.info(
                         "commit: disk %s does not converge (copies %.0f B/s, the guest dirties "
                         "%.0f B/s, %d B left): bounding its writes to %d B/s, %d writes/s",

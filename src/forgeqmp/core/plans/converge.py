@@ -9,16 +9,26 @@ deadline.
 
 What: the commit samples each job's ``offset`` (copied) and ``len`` (copied + still dirty)
 while it waits for ``ready``. Once the remaining bytes do not shrink fast enough to be ready in
-:data:`DEADLINE_SHARE` of the time left (:func:`converging`), it bounds the guest's writes on
-that device's BlockBackend with ``block_set_io_throttle`` (:func:`bounded_limits`) so that the
-guest can dirty at most half the copy rate measured: bytes per second a quarter of it, and
-write operations per second such that, each dirtying at most two extra bitmap granules
-(:data:`MAX_GRANULARITY`, the largest QEMU picks for a commit), they add at most another
-quarter. The remaining bytes then shrink at least at half the copy rate, so the job becomes
-ready in at most twice ``remaining / copy rate``; if the copy itself slows down (a busy host),
-the next window sees it and halves the bound again (down to :data:`MIN_WRITE_BPS` and one
-write a second). The guest is never paused for that: its writes to that disk are slowed, its
-reads are not, and the switch at the end is the usual pause of milliseconds.
+:data:`DEADLINE_SHARE` of the time left (:func:`converging`) while the guest dirties a real
+share of what the job copies (:func:`needs_bound`), it bounds the guest's writes on that
+device's BlockBackend with ``block_set_io_throttle``, hard and at once (:func:`first_bound`):
+at most :data:`HARD_WRITE_BPS` and :data:`HARD_WRITE_IOPS`, and lower still when the copy
+measured is slow (:func:`write_bound`: the guest then dirties at most half of it, a quarter in
+bytes and a quarter in extra bitmap granules, :data:`MAX_GRANULARITY`).
+
+Why hard at once rather than from the copy rate: while the job keeps pace with the guest, the
+rate QEMU shows *is* the guest's write rate, so a bound derived from it starts as loose as the
+guest is fast, and halving from there takes many windows. And keeping pace is not enough: QEMU
+makes the job ``ready`` only at an instant when nothing is dirty and nothing is in flight, so a
+guest whose every write lands before the job finished copying the previous one keeps it from
+ready for ever, even at a trickle (the job shows 100 % and waits). Under the hard bound the
+guest's writes are few and small, so the remaining bytes shrink at nearly the full copy rate
+and most copies of a write end before the next write arrives: the job becomes ready within
+about ``remaining / copy rate`` plus a few of those copies (measured: seconds). Should a window
+under the bound still see the guest dirty more than half of what the job copies (the copy
+slowed), the bound is halved (:func:`tighter`, down to :data:`MIN_WRITE_BPS` and one write a
+second). The guest is never paused for that: its writes to that disk are slowed, its reads are
+not, and the switch at the end is the usual pause of milliseconds.
 
 The platform's own throttle is read from ``query-block`` first and recorded (the disk's
 ``throttle`` field) before forgeqmp's is applied; the bound never loosens it (each limit is the
@@ -39,6 +49,8 @@ from forgeqmp.core.plans.command import Command
 
 __all__ = [
     "DEADLINE_SHARE",
+    "HARD_WRITE_BPS",
+    "HARD_WRITE_IOPS",
     "MAX_GRANULARITY",
     "MIN_WRITE_BPS",
     "THROTTLE_KEYS",
@@ -48,6 +60,7 @@ __all__ = [
     "converging",
     "copy_rate",
     "dirty_rate",
+    "first_bound",
     "needs_bound",
     "platform_limits",
     "set_throttle",
@@ -90,6 +103,11 @@ DEADLINE_SHARE: Final = 0.5
 WINDOW_S: Final = 2.0
 #: The lowest write bound (bytes/s): below, the job cannot copy anyway.
 MIN_WRITE_BPS: Final = 4096
+#: The first bound of a disk found not converging, bytes/s and writes/s: a guest held to it
+#: dirties at most 1 MiB/s (its bytes plus two granules a write), far below any copy rate a
+#: commit would otherwise finish with, so the job becomes ready within seconds of the bound.
+HARD_WRITE_BPS: Final = 512 << 10
+HARD_WRITE_IOPS: Final = 4
 
 
 @attrs.frozen
@@ -171,6 +189,15 @@ def write_bound(rate: float) -> tuple[int, int]:
     ``rate`` (the copy rate, bytes/s): a quarter in bytes, a quarter in extra granules."""
     quarter = rate / 4
     return max(MIN_WRITE_BPS, int(quarter)), max(1, int(quarter // (2 * MAX_GRANULARITY)))
+
+
+def first_bound(rate: float) -> tuple[int, int]:
+    """The bound (bytes/s, writes/s) a disk's guest writes get as soon as its merge is found not
+    converging: the hard one (:data:`HARD_WRITE_BPS`, :data:`HARD_WRITE_IOPS`), or the one
+    derived from ``rate`` (the copy rate measured, bytes/s; :func:`write_bound`) when that is
+    lower (a copy slower than the hard bound assumes)."""
+    bps, iops = write_bound(rate)
+    return min(bps, HARD_WRITE_BPS), min(iops, HARD_WRITE_IOPS)
 
 
 def tighter(bound: tuple[int, int]) -> tuple[int, int]:
