@@ -6,11 +6,12 @@ interpreter with qemu.qmp imported)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import anyio
 from benchmarks import raw as rawqmp
 from benchmarks.common import Lab, Rows, Settings, fill, ratio, rotated, run_async, say
 from forgeqmp.adapters.featureprobe import probe
-from forgeqmp.adapters.qmp import QMPConnection
+from forgeqmp.adapters.qmp import QMPConnection, _Deadlines
 from forgeqmp.testing import QemuInstance
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,12 +76,26 @@ async def _layers(n: int) -> dict[str, float]:
         return (time.perf_counter() - t0) / n * 1e6
 
     lock, fast = anyio.Lock(), anyio.Lock(fast_acquire=True)
+    deadlines = _Deadlines()
     return {
         "layer_lock_us": await per_use(lambda: lock, is_async=True),
         "layer_fast_lock_us": await per_use(lambda: fast, is_async=True),
         "layer_fail_after_us": await per_use(lambda: anyio.fail_after(30), is_async=False),
         "layer_asyncio_timeout_us": await per_use(lambda: asyncio.timeout(30), is_async=True),
+        "layer_shared_deadline_us": await per_use(
+            lambda: _shared_deadline(deadlines), is_async=False
+        ),
     }
+
+
+@contextlib.contextmanager
+def _shared_deadline(deadlines: _Deadlines) -> Iterator[None]:
+    """What QMPConnection wraps each command in: a deadline on the connection's one timer."""
+    deadline = deadlines.start(30)
+    try:
+        yield
+    finally:
+        deadline.finish()
 
 
 #: Round-trip variants: forgeqmp, bare qemu.qmp, and bare plus each layer forgeqmp adds.

@@ -191,10 +191,11 @@ def overhead_table(rows: Rows) -> str:
                     ]
                 )
             for key, label in (
-                ("layer_lock_us", "anyio.Lock() (forgeqmp's)"),
+                ("layer_lock_us", "anyio.Lock()"),
                 ("layer_fast_lock_us", "anyio.Lock(fast_acquire=True)"),
-                ("layer_fail_after_us", "anyio.fail_after() (forgeqmp's)"),
+                ("layer_fail_after_us", "anyio.fail_after()"),
                 ("layer_asyncio_timeout_us", "asyncio.timeout()"),
+                ("layer_shared_deadline_us", "the connection's shared deadline (forgeqmp's)"),
             ):
                 lines.append(
                     [f"… {label} around nothing, per use", cell(row, key, 1) + " µs", "–", "–", "–"]

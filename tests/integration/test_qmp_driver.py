@@ -4,6 +4,8 @@ feature probe and the identity of the process behind the socket."""
 from __future__ import annotations
 
 import os
+import signal
+from typing import Any
 
 import anyio
 import pytest
@@ -68,6 +70,51 @@ def test_command_event_fd_passing_and_probe(qemu_instance, qemu_build) -> None: 
             assert conn.peer.pid == qemu_instance.pid
             process = describe_process(conn.peer.pid)
             assert list(process.argv) == list(qemu_instance.argv)
+
+    run(main)
+
+
+def test_a_command_qemu_does_not_answer_ends_at_its_own_deadline(qemu_instance) -> None:  # type: ignore[no-untyped-def]
+    """QEMU stopped (SIGSTOP) does not answer: each command in flight ends at its own
+    deadline with QMPTimeout (one after the other), the one with a later deadline still waits, a cancellation from outside stays a
+    cancellation, and once QEMU runs again the waiting command gets its answer and the
+    connection serves the next."""
+    pid = qemu_instance.pid
+
+    async def main() -> None:
+        async with connect(qemu_instance.qmp_socket) as conn:
+            await conn.execute("query-status")
+            outcome: dict[str, Any] = {}
+            later_done = anyio.Event()
+
+            async def slow() -> None:
+                outcome["slow"] = await conn.execute("query-name", timeout=60)
+
+            async def later() -> None:
+                with pytest.raises(QMPTimeout, match=r"'query-uuid' within 0\.6 s"):
+                    await conn.execute("query-uuid", timeout=0.6)
+                outcome["later"] = "timed out"
+                later_done.set()
+
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(slow)
+                    tg.start_soon(later)
+                    with pytest.raises(QMPTimeout, match=r"'query-status' within 0\.3 s"):
+                        await conn.execute("query-status", timeout=0.3)
+                    assert "slow" not in outcome  # its deadline is a minute away
+                    with anyio.fail_after(10):  # the next deadline, after the first passed
+                        await later_done.wait()
+                    with anyio.move_on_after(0.2) as scope:
+                        await conn.execute("query-kvm", timeout=60)
+                    assert scope.cancelled_caught  # the caller's cancellation, not a timeout
+                    assert "slow" not in outcome
+                    os.kill(pid, signal.SIGCONT)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert outcome["slow"] == {}  # query-name of an unnamed VM
+            assert (await conn.execute("query-status"))["status"] == "running"
 
     run(main)
 

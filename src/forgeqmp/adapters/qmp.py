@@ -77,6 +77,9 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 #: Seconds any single QMP command may take before :class:`QMPTimeout`.
 DEFAULT_COMMAND_TIMEOUT = 30.0
 
+#: Seconds early the event loop may run a timer (its clock resolution, generously).
+_CLOCK_SLACK = 0.001
+
 Event = dict[str, Any]
 EventPredicate = Callable[[Event], bool]
 
@@ -105,6 +108,93 @@ def _peer_credentials(sock: socket.socket) -> PeerCredentials:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
     return PeerCredentials(pid=pid, uid=uid, gid=gid)
+
+
+class _Deadline:
+    """The deadline of one command in flight (see :class:`_Deadlines`)."""
+
+    __slots__ = ("_owner", "_task", "cancelling", "expired", "when")
+
+    def __init__(self, owner: _Deadlines, task: asyncio.Task[Any], when: float) -> None:
+        self._owner = owner
+        self._task = task
+        self.when = when
+        self.cancelling = task.cancelling()  # cancellations already asked of the task
+        self.expired = False
+
+    def expire(self) -> None:
+        self.expired = True
+        self._task.cancel()
+
+    def passed(self) -> bool:
+        """Whether the cancellation being raised is this deadline's own (then it is taken
+        back, as ``asyncio.timeout`` does), not one asked from outside."""
+        if not self.expired:
+            return False
+        self.expired = False
+        return self._task.uncancel() <= self.cancelling
+
+    def finish(self) -> None:
+        """The command is over: forget the deadline (and take back its cancellation if it
+        passed just as the command ended some other way)."""
+        self._owner.forget(self)
+        if self.expired:
+            self.expired = False
+            self._task.uncancel()
+
+
+class _Deadlines:
+    """The per-command deadlines of one connection, kept by one event-loop timer armed for the
+    earliest of them.
+
+    A command nearly always has its answer long before its deadline, so the timer is not
+    cancelled when a command ends, and a new command re-arms it only if its deadline comes
+    before the armed one (never, while every command has the same timeout): a command costs a
+    set insertion and removal, where ``asyncio.timeout`` schedules and cancels a timer handle
+    each time (benchmarks/overhead.py). When the timer fires it cancels the tasks whose
+    deadline passed, with the semantics of ``asyncio.timeout`` (an outside cancellation stays
+    one), and arms itself for the next deadline."""
+
+    def __init__(self) -> None:
+        self._waiting: set[_Deadline] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, seconds: float) -> _Deadline:
+        """The deadline, ``seconds`` from now, of the command the current task sends."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None  # a coroutine of a running loop runs in a task
+        if loop is not self._loop:  # a new event loop: the old one's timer never fires
+            self._loop, self._timer, self._timer_at = loop, None, math.inf
+            self._waiting = set()
+        deadline = _Deadline(self, task, loop.time() + seconds)
+        self._waiting.add(deadline)
+        if deadline.when < self._timer_at:
+            self._arm(loop, deadline.when)
+        return deadline
+
+    def forget(self, deadline: _Deadline) -> None:
+        self._waiting.discard(deadline)
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_at(when, self._fire)
+        self._timer_at = when
+
+    def _fire(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        self._timer, self._timer_at = None, math.inf
+        # The loop runs a timer up to its clock resolution early: count that as passed.
+        now = loop.time() + _CLOCK_SLACK
+        for deadline in [d for d in self._waiting if d.when <= now]:
+            self._waiting.discard(deadline)
+            deadline.expire()
+        if self._waiting:
+            self._arm(loop, min(d.when for d in self._waiting))
 
 
 class EventSubscription:
@@ -226,6 +316,7 @@ class QMPConnection:
         self._in_flight = 0
         self._drained: anyio.Event | None = None
         self._peer: PeerCredentials | None = None
+        self._deadlines = _Deadlines()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -370,17 +461,16 @@ class QMPConnection:
     ) -> Any:
         limit = self.command_timeout if timeout is None else timeout
         args = dict(arguments) if arguments is not None else None
+        debug = log.isEnabledFor(logging.DEBUG)
+        if debug:
+            log.debug("QMP %s -> %s %s", self.socket_path, command, args or "")
+        deadline = self._deadlines.start(limit)
         try:
-            # asyncio's own timeout: the supported backend is asyncio, and it costs a fraction
-            # of a cancel scope on this path (benchmarks/overhead.py).
-            debug = log.isEnabledFor(logging.DEBUG)
-            if debug:
-                log.debug("QMP %s -> %s %s", self.socket_path, command, args or "")
-            async with asyncio.timeout(limit):
-                reply = await self._client.execute(command, args)
-            if debug:
-                log.debug("QMP %s <- %s: %s", self.socket_path, command, reply)
-            return reply
+            reply = await self._client.execute(command, args)
+        except asyncio.CancelledError:
+            if deadline.passed():
+                raise QMPTimeout(f"QEMU did not answer {command!r} within {limit:g} s") from None
+            raise
         except ExecuteError as exc:
             info = exc.error.error
             log.debug(
@@ -391,8 +481,11 @@ class QMPConnection:
             raise QMPDisconnected(
                 f"the QMP connection to {self.socket_path} dropped during {command!r} ({exc})"
             ) from None
-        except TimeoutError:
-            raise QMPTimeout(f"QEMU did not answer {command!r} within {limit:g} s") from None
+        finally:
+            deadline.finish()
+        if debug:
+            log.debug("QMP %s <- %s: %s", self.socket_path, command, reply)
+        return reply
 
     def subscribe(self, *names: str, predicate: EventPredicate | None = None) -> EventSubscription:
         """Listen for events ``names`` (all events if none), optionally filtered by ``predicate``.
