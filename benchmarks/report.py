@@ -389,19 +389,23 @@ def commit_writer_table(rows: Rows) -> str:
         [
             "QEMU",
             "MiB",
+            "copy",
             "commit s",
             "switch pause ms",
             "longest guest stall ms",
             "guest rewrote MiB",
+            "first bound to merged s",
         ],
         [
             [
                 row.case["build"],
                 str(row.case["mib_per_disk"]),
+                f"slowed to {row.case['copy_mib_s']} MiB/s" if "copy_mib_s" in row.case else "full",
                 cell(row, "forge_s"),
                 cell(row, "pause_ms", 1),
                 cell(row, "stall_ms", 0),
                 cell(row, "rewritten_mib", 0),
+                cell(row, "bounded_s") if "copy_mib_s" in row.case else "",
             ]
             for row in rows
         ],

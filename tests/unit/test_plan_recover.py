@@ -97,6 +97,7 @@ def test_the_order_of_every_action_type() -> None:
         rc.CommitBack: Order.MERGE,
         rc.CommitOffline: Order.MERGE,
         rc.ResumeGuest: Order.RESUME,
+        rc.RestoreThrottle: Order.RESUME,
         rc.HashMemory: Order.FINGERPRINT,
         rc.RemoveNode: Order.REMOVE_NODES,
         rc.ResetMigration: Order.TIDY_MIGRATION,
@@ -110,7 +111,13 @@ def test_the_order_of_every_action_type() -> None:
 
 def test_the_tidying_actions_are_exactly_those_that_are_only_qmp() -> None:
     tidying = {t for t in ACTIONS if t.tidying}
-    assert tidying == {rc.RemoveNode, rc.ResetMigration, rc.RemoveFdset, rc.CloseFd}
+    assert tidying == {
+        rc.RemoveNode,
+        rc.ResetMigration,
+        rc.RemoveFdset,
+        rc.CloseFd,
+        rc.RestoreThrottle,
+    }
     assert tidying == {t for t in ACTIONS if hasattr(t, "commands")}
 
 

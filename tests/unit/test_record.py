@@ -301,6 +301,10 @@ def test_datetimes_must_be_aware_and_are_normalized_to_utc() -> None:
         (make_record, {"memory_restored": "yes"}, "memory_restored"),
         (make_record, {"memory": {"path": "/m"}}, "memory"),
         (make_record, {"warnings": ("ok", None)}, "warnings"),
+        (make_disk, {"throttle": {"bps_wr": -1}}, "throttle"),
+        (make_disk, {"throttle": {"bps_wr": True}}, "throttle"),
+        (make_disk, {"throttle": {"group": 3}}, "throttle"),
+        (make_disk, {"throttle": ["bps_wr", 1]}, "throttle"),
     ],
 )
 def test_constructors_refuse_bad_values(factory: Any, changes: dict[str, Any], field: str) -> None:

@@ -15,7 +15,12 @@ job (no QEMU pid known, the process already gone, or still alive after the SIGKI
 return silently: it reports that on stderr and ends the controller with exit status
 :data:`NOT_DONE_EXIT`, so the cell fails instead of testing nothing.
 
-Only this function reads the variables; nothing else in forgeqmp changes behaviour for tests.
+A second test-only hook lives here for the same reason: with ``FORGEQMP_TEST_CRASH_ENABLE=1``
+and ``FORGEQMP_TEST_COMMIT_SPEED=<bytes/s>``, :func:`commit_speed` makes the live commit start its
+``block-commit`` jobs with that ``speed``, so a test can make the copy slower than a guest's
+writes without needing a fast writer (test only: never set it in production).
+
+Only these functions read the variables; nothing else in forgeqmp changes behaviour for tests.
 :data:`STEPS` lists the crash points of each operation in the order they are reached (the step
 enums of :mod:`forgeqmp.core.steps`; recover, which switches disks the way commit does, passes
 commit's ``pivoting``, ``pivoted`` and ``disk-recorded`` under its own name).
@@ -31,14 +36,26 @@ from types import MappingProxyType
 from typing import Final, NoReturn
 
 from forgeqmp.adapters.process import wait_gone
-from forgeqmp.core.steps import OPERATION_STEPS
+from forgeqmp.core.steps import OPERATION_STEPS, ThrottleStep
 
-__all__ = ["ENABLE_ENV", "ENV", "NOT_DONE_EXIT", "STEPS", "enabled", "reached"]
+__all__ = [
+    "CONDITIONAL_STEPS",
+    "ENABLE_ENV",
+    "ENV",
+    "NOT_DONE_EXIT",
+    "SPEED_ENV",
+    "STEPS",
+    "commit_speed",
+    "enabled",
+    "reached",
+]
 
 #: The environment variable naming the crash point: ``operation:step`` or ``operation:step:qemu``.
 ENV: Final = "FORGEQMP_TEST_CRASH_AT"
 #: The second, explicit opt-in: crash points fire only while this is exactly ``"1"``.
 ENABLE_ENV: Final = "FORGEQMP_TEST_CRASH_ENABLE"
+#: Test only: the ``speed`` (bytes/s) of the live commit's jobs (see :func:`commit_speed`).
+SPEED_ENV: Final = "FORGEQMP_TEST_COMMIT_SPEED"
 #: The controller's exit status when a QEMU crash point was reached but could not kill QEMU.
 NOT_DONE_EXIT: Final = 86
 
@@ -48,7 +65,23 @@ STEPS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
     {operation: tuple(step.value for step in steps) for operation, steps in OPERATION_STEPS.items()}
 )
 
+#: The crash points an operation reaches only in some runs, in order: a commit's, when a disk's
+#: merge does not converge and the guest's writes are bounded (:class:`ThrottleStep`).
+CONDITIONAL_STEPS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
+    {"commit": tuple(step.value for step in ThrottleStep)}
+)
+
 _fired = False
+
+
+def commit_speed() -> int | None:
+    """Test only: the copy speed (bytes/s) the live commit's jobs get, None (unlimited) unless
+    both ``FORGEQMP_TEST_CRASH_ENABLE=1`` and ``FORGEQMP_TEST_COMMIT_SPEED`` (a positive integer)
+    are set."""
+    text = os.environ.get(SPEED_ENV, "")
+    if os.environ.get(ENABLE_ENV) != "1" or not text.isdigit() or int(text) <= 0:
+        return None
+    return int(text)
 
 
 def enabled() -> bool:

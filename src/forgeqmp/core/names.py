@@ -38,6 +38,7 @@ __all__ = [
     "memory_file_name",
     "overlay_file",
     "session_tag",
+    "throttle_group",
     "undo_job",
 ]
 
@@ -89,6 +90,12 @@ def commit_job(overlay_node: str) -> str:
     """The commit job of the disk whose overlay's format node is ``overlay_node``: named after
     the overlay, so a record's node names give it (``<tag>-<n>-commit``)."""
     return f"{overlay_node.removesuffix(FORMAT_NODE_SUFFIX)}{COMMIT_JOB_SUFFIX}"
+
+
+def throttle_group(session_id: str, index: int) -> str:
+    """The I/O throttle group a commit bounds disk ``index``'s guest writes in while it merges
+    (its own group: a group the device shares with others is left as it is)."""
+    return job_prefix(session_id, index) + "-throttle"
 
 
 def memory_fd_name(session_id: str) -> str:

@@ -22,6 +22,8 @@ The rules, in one sentence each:
   none answers, the record's step and the files on disk tell it;
 - it only ever deletes files the record names (overlays, the memory file), and an overlay only
   once its data is in the original or the session was discarded;
+- it sets back the platform's I/O throttle of a disk whose guest writes a killed commit bounded
+  (the disk's recorded ``throttle``), once the merge it was bounding for is finished;
 - it leaves the guest running as it was before the operation, whatever instant the operation was
   killed at: it resumes a guest the recorded QEMU holds while the record says forgeqmp paused it
   (``paused_by_forgeqmp``, written before each pause), and leaves any other pause as it is, saying
@@ -47,6 +49,7 @@ from forgeqmp.core.lifecycle import advance
 from forgeqmp.core.names import session_tag
 from forgeqmp.core.plans.command import Command
 from forgeqmp.core.plans.common import close_fd, remove_fdset
+from forgeqmp.core.plans.converge import set_throttle
 from forgeqmp.core.plans.enable import DOWNTIME_LIMIT_MS, MAX_BANDWIDTH
 from forgeqmp.core.plans.recover import Order, remove_node, reset_migration
 from forgeqmp.core.record import DiskRecord, SessionRecord
@@ -74,6 +77,7 @@ __all__ = [
     "RemoveFdset",
     "RemoveNode",
     "ResetMigration",
+    "RestoreThrottle",
     "ResumeGuest",
     "Where",
     "reconcile",
@@ -312,6 +316,27 @@ class ResumeGuest:
 
 
 @attrs.frozen
+class RestoreThrottle:
+    """Set a disk's I/O throttle back to the platform's, recorded before a commit bounded the
+    guest's writes to it (:mod:`forgeqmp.core.plans.converge`). Runs after the merges, which
+    the bound helps converge."""
+
+    order: ClassVar[Order] = Order.RESUME
+    tidying: ClassVar[bool] = True
+
+    disk: str
+    qdev: str
+    limits: tuple[tuple[str, int | str], ...]
+
+    def describe(self) -> str:
+        return f"set the I/O throttle of disk {self.disk} back to the platform's"
+
+    def commands(self) -> tuple[Command, ...]:
+        """What this action sends."""
+        return (set_throttle(self.qdev, dict(self.limits)),)
+
+
+@attrs.frozen
 class ResetMigration:
     """Turn off the migration capabilities and reset the parameters enable set (and nobody
     changed since), so a later migration of the VM behaves as before."""
@@ -415,6 +440,7 @@ Action = (
     | RemoveNode
     | ResumeGuest
     | ResetMigration
+    | RestoreThrottle
     | RemoveFdset
     | CloseFd
     | DeleteFile
@@ -687,6 +713,38 @@ def reconcile(record: SessionRecord, observation: Observation) -> RecoveryPlan:
     event is always a legal move of the transition table from the record's state.
     """
     p = _Planner(record, observation)
+    return _restore_throttles(p, _decide(p, record))
+
+
+def _restore_throttles(p: _Planner, plan: RecoveryPlan) -> RecoveryPlan:
+    """``plan``, also setting back each throttle a killed commit recorded (and may have left
+    bounded): in the QEMU it was set in, by :class:`RestoreThrottle`; another QEMU, or none,
+    has no bound of forgeqmp's (it went with its process). Either way the record forgets it."""
+    throttled = [d for d in p.record.disks if d.throttle is not None]
+    if not throttled:
+        return plan
+    actions = list(plan.actions)
+    findings = list(plan.findings)
+    record = plan.record
+    for disk in throttled:
+        assert disk.throttle is not None
+        if p.same_qemu and p.qemu is not None and disk.qdev in p.qemu.devices:
+            findings.append(
+                f"disk {disk.name}: a commit bounded its guest writes; its I/O throttle goes back "
+                "to the platform's"
+            )
+            actions.append(RestoreThrottle(disk.name, disk.qdev, tuple(disk.throttle.items())))
+        if any(d.name == disk.name and d.throttle is not None for d in record.disks):
+            record = record.evolve_disk(disk.name, throttle=None)
+    return attrs.evolve(
+        plan,
+        record=record,
+        actions=tuple(sorted(actions, key=lambda a: a.order)),
+        findings=tuple(findings),
+    )
+
+
+def _decide(p: _Planner, record: SessionRecord) -> RecoveryPlan:
     finished = record.state in TERMINAL or (record.state is State.FAILED and record.rolled_back)
     if finished:
         p.findings.append(

@@ -136,6 +136,22 @@ def _opt_options(_: object, attribute: attrs.Attribute[Any], value: object) -> N
         _invalid(attribute, "null or an object of strings and booleans", value)
 
 
+def _opt_throttle(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None and not (
+        isinstance(value, Mapping)
+        and all(
+            isinstance(k, str)
+            and (
+                isinstance(v, str)
+                if k == "group"
+                else isinstance(v, int) and not isinstance(v, bool) and v >= 0
+            )
+            for k, v in value.items()
+        )
+    ):
+        _invalid(attribute, "null or an object of non-negative integers (and a group name)", value)
+
+
 def _abs_path(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if not (_is_name(value) and os.path.isabs(cast(str, value))):
         _invalid(attribute, "an absolute path", value)
@@ -312,6 +328,10 @@ class DiskRecord:
     ``commit_job`` is the id of the ``block-commit`` job sent for the disk (recorded with
     ``merged``, before the job starts); a commit stopped by its deadline leaves that job running
     in QEMU, and the next commit (or recover) waits for it instead of starting over.
+    ``throttle`` is the device's I/O throttle as the platform set it (``block_set_io_throttle``
+    limits), recorded before a commit bounds the guest's writes to make the disk's merge
+    converge (:mod:`forgeqmp.core.plans.converge`); while it is set, forgeqmp's bound may be
+    applied, and the commit (or recover) sets exactly these limits back, then clears it.
     """
 
     name: str = attrs.field(validator=_name)  #: qdev id of the disk device
@@ -328,6 +348,7 @@ class DiskRecord:
     #: as JSON), put back after commit when QEMU changed them; None: not recorded.
     options: Mapping[str, Any] | None = attrs.field(default=None, validator=_opt_options)
     commit_job: str | None = attrs.field(default=None, validator=_opt_name)
+    throttle: Mapping[str, int | str] | None = attrs.field(default=None, validator=_opt_throttle)
 
     def __attrs_post_init__(self) -> None:
         if self.overlay_file is not None and self.overlay_file == self.base_file:
@@ -832,7 +853,7 @@ def _decode_qemu(value: object, where: str) -> object:
 #: without one (written by an older forgeqmp, e.g. during a session that spans an upgrade) still
 #: loads, with the field's default. Every other field is required; an unknown one is refused.
 ADDED_FIELDS: Final[Mapping[str, frozenset[str]]] = {
-    "DiskRecord": frozenset({"options", "commit_job"}),
+    "DiskRecord": frozenset({"options", "commit_job", "throttle"}),
     "SessionRecord": frozenset({"paused_by_forgeqmp"}),
 }
 

@@ -35,6 +35,7 @@ __all__ = [
     "Pivoting",
     "RecoverStep",
     "Step",
+    "ThrottleStep",
     "parse_step",
 ]
 
@@ -79,6 +80,21 @@ class CommitStep(enum.StrEnum):
     DISK_MERGED = "disk-merged"
     #: COMMITTED recorded.
     COMMITTED = "committed"
+
+
+class ThrottleStep(enum.StrEnum):
+    """The steps a commit takes, per disk, only when that disk's merge does not converge and the
+    guest's writes are bounded (:mod:`forgeqmp.core.plans.converge`), in order. Crash points of
+    ``commit`` (``commit:throttle-recorded``), not in :data:`OPERATION_STEPS` (a commit of a
+    guest that does not outwrite the copy never reaches them); the record says them with the
+    disk's ``throttle`` field."""
+
+    #: The platform's throttle recorded on the disk; forgeqmp's not applied yet.
+    RECORDED = "throttle-recorded"
+    #: forgeqmp's bound applied to the guest's writes.
+    APPLIED = "throttle-applied"
+    #: The platform's throttle set back; the record still names it.
+    RESTORED = "throttle-restored"
 
 
 class DiscardStep(enum.StrEnum):

@@ -16,6 +16,7 @@ import anyio
 import anyio.to_thread
 import attrs
 
+from forgeqmp.adapters import crashpoints
 from forgeqmp.adapters.qemuimg import (
     commit_overlay,
     find_qemu_img,
@@ -51,6 +52,7 @@ from forgeqmp.ops.context import (
     _now,
     _overlay_gone,
 )
+from forgeqmp.ops.converge import WriteBound
 
 # The logger names are part of the documented interface (docs/embedding.md, "Logs"): they
 # stay what they were before the modules moved.
@@ -122,18 +124,23 @@ class Commit:
             pending = [record.disk(job.disk) for job in plan.disks]
             record = self._begin_commit(record)
             saver = anyio.Lock()
+            bounds = WriteBound(self.ctx, saver)
             no_return = anyio.Event()
             jobs = _JobsSent()
+            deadline = anyio.current_time() + timeout
             try:
                 with anyio.fail_after(timeout):
                     async with anyio.create_task_group() as tg:
                         for disk in pending:
-                            tg.start_soon(self._commit_disk, disk, saver, report, no_return, jobs)
+                            tg.start_soon(
+                                self._commit_disk, disk, saver, report, no_return, jobs, deadline
+                            )
                         if pending:
                             tg.start_soon(self._remove_memory_file_after, no_return, record)
             except BaseException as exc:
                 with anyio.CancelScope(shield=True):
                     reason = self._commit_reason(exc, timeout, pid=pid, since=since)
+                    await self._restore_throttles(bounds)
                     record = await self._commit_failed(
                         reason, pending, jobs, keep_running=_stopped_from_outside(exc)
                     )
@@ -161,8 +168,10 @@ class Commit:
         report: ProgressCallback,
         no_return: anyio.Event,
         jobs: _JobsSent,
+        deadline: float,
     ) -> None:
         conn = self.ctx.conn
+        bounds = WriteBound(self.ctx, saver)
         job_id = disk_commit(disk).job_id
         with conn.subscribe(
             "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == job_id
@@ -182,6 +191,8 @@ class Commit:
             if status not in _SETTLED:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._report_job_progress, job_id, meter)
+                    # A guest that outwrites the copy would keep the job from ever being ready.
+                    tg.start_soon(bounds.watch, disk, job_id, deadline)
                     await sub.wait(
                         lambda e: e["data"]["status"] in ("ready", "concluded"),
                         DEFAULT_COMMIT_TIMEOUT * 24,  # bounded by the caller's deadline
@@ -199,6 +210,7 @@ class Commit:
             mark_step=True,
             lock=saver,
         )
+        await bounds.restore(disk.name)
         await self.jobs.drop_overlay(disk)
         self.ctx.crash_point("commit", CommitStep.DISK_MERGED)
         log.info(
@@ -243,7 +255,7 @@ class Commit:
         await self._mark_merged(disk, saver, job_id)
         jobs.sent.add(disk.name)
         try:
-            await self.ctx.send(disk_commit(disk).start())
+            await self.ctx.send(disk_commit(disk, crashpoints.commit_speed()).start())
         except QMPCommandError:
             jobs.sent.discard(disk.name)  # refused: QEMU created no job
             raise
@@ -271,6 +283,14 @@ class Commit:
         progress = JobProgress.from_job(job)
         total = max(progress.total, progress.done)
         meter.sample(attrs.evolve(progress, done=total, total=total))
+
+    async def _restore_throttles(self, bounds: WriteBound) -> None:
+        """A stopped commit leaves no guest write bounded: the platform's throttles go back
+        (a throttle that cannot be set back stays recorded, for recover)."""
+        for disk in self.ctx.current().disks:
+            if disk.throttle is not None:
+                with contextlib.suppress(Exception), anyio.fail_after(_UNDO_TIMEOUT):
+                    await bounds.restore(disk.name)
 
     def _commit_reason(
         self, cause: BaseException, timeout: float, *, pid: int | None, since: float

@@ -62,6 +62,7 @@ from forgeqmp.core.reconcile import (
     RemoveFdset,
     RemoveNode,
     ResetMigration,
+    RestoreThrottle,
     ResumeGuest,
     reconcile,
     stale_reason,
@@ -77,6 +78,7 @@ from forgeqmp.errors import (
 )
 from forgeqmp.ops.blockjobs import BlockJobs
 from forgeqmp.ops.context import Context, _check_timeout, _now, send
+from forgeqmp.ops.converge import WriteBound
 from forgeqmp.ops.discard import Discard
 
 __all__ = [
@@ -211,6 +213,7 @@ async def _finish_job(ctx: Context, _record: SessionRecord, action: FinishJob) -
     conn = ctx.conn
     record = ctx.current()
     disk = record.disk(action.disk)
+    bounds = WriteBound(ctx, anyio.Lock(), operation="recover")
     with conn.subscribe(
         "JOB_STATUS_CHANGE", predicate=lambda ev: ev["data"]["id"] == action.job_id
     ) as sub:
@@ -221,11 +224,18 @@ async def _finish_job(ctx: Context, _record: SessionRecord, action: FinishJob) -
         if status == "paused":
             await ctx.send(job_resume(action.job_id))
         if status not in ("ready", "pending", "waiting", "aborting", "concluded"):
-            await sub.wait(
-                lambda e: e["data"]["status"] in ("ready", "concluded"),
-                DEFAULT_RECOVER_TIMEOUT * 10,  # bounded by recover's deadline
-                f"the commit job {action.job_id} to be ready",
-            )
+            async with anyio.create_task_group() as tg:
+                # As commit does: a guest outwriting the copy would keep the job from being ready.
+                deadline = anyio.current_effective_deadline()
+                if deadline == float("inf"):
+                    deadline = anyio.current_time() + DEFAULT_RECOVER_TIMEOUT
+                tg.start_soon(bounds.watch, disk, action.job_id, deadline)
+                await sub.wait(
+                    lambda e: e["data"]["status"] in ("ready", "concluded"),
+                    DEFAULT_RECOVER_TIMEOUT * 10,  # bounded by recover's deadline
+                    f"the commit job {action.job_id} to be ready",
+                )
+                tg.cancel_scope.cancel()
     committing = record.state is not State.CREATING and record.failure_phase is not State.CREATING
 
     def update(current: SessionRecord) -> SessionRecord:
@@ -244,6 +254,7 @@ async def _finish_job(ctx: Context, _record: SessionRecord, action: FinishJob) -
         mark_step=committing,
         operation="recover",
     )
+    await bounds.restore(disk.name)
 
 
 async def _commit_offline(ctx: Context, _record: SessionRecord, action: CommitOffline) -> None:
@@ -270,7 +281,7 @@ async def _hash_memory(path: str) -> tuple[str, int]:
 async def _send_commands(
     ctx: Context,
     _record: SessionRecord,
-    action: RemoveNode | ResetMigration | RemoveFdset | CloseFd,
+    action: RemoveNode | ResetMigration | RemoveFdset | CloseFd | RestoreThrottle,
 ) -> None:
     for command in action.commands():
         await ctx.send(command)
@@ -327,6 +338,7 @@ _RUNNERS: Mapping[type, _Runner] = {
     ResetMigration: _send_commands,
     RemoveFdset: _send_commands,
     CloseFd: _send_commands,
+    RestoreThrottle: _send_commands,
 }
 
 

@@ -53,18 +53,21 @@ class DiskCommit:
     top_node: str
     base_node: str
     job_id: str
+    #: The job's copy speed limit (bytes/s); None: unlimited (what forgeqmp runs with; a test
+    #: hook slows the copy with it).
+    speed: int | None = None
 
     def start(self) -> Command:
         """Start the job; it stays until dismissed, so that its error can be read."""
-        return Command(
-            "block-commit",
-            {
-                "job-id": self.job_id,
-                "device": self.top_node,
-                "base-node": self.base_node,
-                "auto-dismiss": False,
-            },
-        )
+        args: dict[str, Any] = {
+            "job-id": self.job_id,
+            "device": self.top_node,
+            "base-node": self.base_node,
+            "auto-dismiss": False,
+        }
+        if self.speed is not None:
+            args["speed"] = self.speed
+        return Command("block-commit", args)
 
     def complete(self) -> Command:
         """The pivot: the device switches from the top node to the base node."""
@@ -88,8 +91,9 @@ def remove_overlay_nodes(disk: DiskRecord) -> tuple[Command, ...]:
     )
 
 
-def disk_commit(disk: DiskRecord) -> DiskCommit:
-    """The commit of ``disk``'s overlay into its original, from its record.
+def disk_commit(disk: DiskRecord, speed: int | None = None) -> DiskCommit:
+    """The commit of ``disk``'s overlay into its original, from its record (``speed``: the
+    job's copy limit in bytes/s, None: unlimited).
 
     :raises ValueError: the disk has no overlay (nothing to commit).
     """
@@ -101,6 +105,7 @@ def disk_commit(disk: DiskRecord) -> DiskCommit:
         top_node=disk.overlay_node,
         base_node=disk.device_node,
         job_id=names.commit_job(disk.overlay_node),
+        speed=speed,
     )
 
 
