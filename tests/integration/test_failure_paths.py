@@ -302,7 +302,9 @@ def test_discard_is_refused_once_a_commit_merged_a_disk(qemu_factory, tmp_path: 
     assert "crash point commit:disk-merged:self" in done.stderr
     crashed = load(state)
     merged = [d.name for d in crashed.disks if d.merged and d.overlay_node is None]
-    assert len(merged) == 1, crashed.disks  # one disk is back on its original, merged
+    # The first disk back on its original, merged, killed the controller; the other one's
+    # switch, running in parallel, may have been done by then too.
+    assert merged, crashed.disks
 
     def refused() -> None:
         before = session_files(state, record)

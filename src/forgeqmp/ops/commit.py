@@ -139,16 +139,19 @@ class Commit:
                             tg.start_soon(self._remove_memory_file_after, no_return, record)
             except BaseException as exc:
                 with anyio.CancelScope(shield=True):
-                    reason = self._commit_reason(exc, timeout, pid=pid, since=since)
                     await self._restore_throttles(bounds)
-                    record = await self._commit_failed(
-                        reason, pending, jobs, keep_running=_stopped_from_outside(exc)
-                    )
-                if isinstance(exc, Exception):  # an interrupt (Ctrl-C) stays one
-                    raise ForgeFailed(
-                        f"commit stopped: {record.error}; {record.next_step}"
-                    ) from None
-                raise
+                    done = isinstance(exc, TimeoutError) and await self._tidy_if_all_merged(pending)
+                    if not done:
+                        reason = self._commit_reason(exc, timeout, pid=pid, since=since)
+                        record = await self._commit_failed(
+                            reason, pending, jobs, keep_running=_stopped_from_outside(exc)
+                        )
+                if not done:
+                    if isinstance(exc, Exception):  # an interrupt (Ctrl-C) stays one
+                        raise ForgeFailed(
+                            f"commit stopped: {record.error}; {record.next_step}"
+                        ) from None
+                    raise
             record = self.ctx.reload(record)
             self.ctx.remove_memory_file(record)
             record = self.ctx.save(
@@ -283,6 +286,20 @@ class Commit:
         progress = JobProgress.from_job(job)
         total = max(progress.total, progress.done)
         meter.sample(attrs.evolve(progress, done=total, total=total))
+
+    async def _tidy_if_all_merged(self, started: Sequence[DiskRecord]) -> bool:
+        """The deadline passed after every disk was merged and back on its original (the last
+        switch takes its milliseconds whatever the deadline): the commit's work is done, so it
+        is finished rather than failed. Removes what the cut-short steps left (the overlays'
+        nodes and files). False: some disk is not merged yet."""
+        record = self.ctx.current()
+        if any(d.overlay_node is not None for d in record.disks):
+            return False
+        log.info("commit: the deadline passed after the last disk was merged: finishing it")
+        for disk in started:
+            with contextlib.suppress(Exception), anyio.fail_after(_UNDO_TIMEOUT):
+                await self.jobs.drop_overlay(disk)
+        return True
 
     async def _restore_throttles(self, bounds: WriteBound) -> None:
         """A stopped commit leaves no guest write bounded: the platform's throttles go back

@@ -379,10 +379,12 @@ class Enable:
             )
             report(ProgressEvent("enable", "snapshot-done", {"pause_ms": pause_ms}))
 
-            # QEMU does not fsync the memory file: do it, then fingerprint it from the page cache.
-            await anyio.to_thread.run_sync(os.fsync, mem_fd)
+            # QEMU does not fsync the memory file: do it, and fingerprint the file from the page
+            # cache meanwhile (the write-back waits on the storage, the digest on the CPU).
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(anyio.to_thread.run_sync, os.fsync, mem_fd)
+                digest, size = await anyio.to_thread.run_sync(memhash.hash_fd, mem_fd)
             self.ctx.state_dir.fsync_dir()
-            digest, size = await anyio.to_thread.run_sync(memhash.hash_fd, mem_fd)
         finally:
             os.close(mem_fd)
         await self._release_migration_setup(plan, undo)
