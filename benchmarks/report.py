@@ -181,6 +181,8 @@ def overhead_table(rows: Rows) -> str:
                 ("raw_deadline_us", "anyio.fail_after"),
                 ("raw_lock_us", "anyio.Lock"),
             ):
+                if key not in row.figures:
+                    continue
                 lines.append(
                     [
                         f"… bare qemu.qmp + only the {label} forgeqmp adds per command",
@@ -197,6 +199,8 @@ def overhead_table(rows: Rows) -> str:
                 ("layer_asyncio_timeout_us", "asyncio.timeout()"),
                 ("layer_shared_deadline_us", "the connection's shared deadline (forgeqmp's)"),
             ):
+                if key not in row.figures:
+                    continue
                 lines.append(
                     [f"… {label} around nothing, per use", cell(row, key, 1) + " µs", "–", "–", "–"]
                 )
@@ -366,7 +370,7 @@ def targets(sections: dict[str, Rows]) -> list[dict[str, Any]]:
                 r = row.extra.get("forge_vs_raw")
                 add(
                     "library overhead ≤ 5 % (QMP round trip vs bare qemu.qmp)",
-                    f"QEMU {row.case['build']}",
+                    f"QEMU {row.case['build']}, {row.case['what']}",
                     (r - 1) * 100 if r else None,
                     5.0,
                     at_most=True,
