@@ -6,7 +6,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-from collections.abc import Awaitable, Callable
+import subprocess
+import sys
+import textwrap
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -90,3 +93,51 @@ async def commit(socket: str, state_dir: Path, **kw: Any) -> forgeqmp.SessionRec
 async def discard(socket: str, state_dir: Path, **kw: Any) -> forgeqmp.SessionRecord:
     async with forgeqmp.connect(socket, state_dir=state_dir) as vm:
         return await vm.discard(**kw)
+
+
+#: A controller process that runs one commit: ``socket state [timeout] [offline]``.
+_COMMIT_CONTROLLER = textwrap.dedent(
+    """
+    import sys, anyio, forgeqmp
+    socket, state, timeout, offline = (sys.argv[1:] + ["", ""])[:4]
+    async def main():
+        async with forgeqmp.connect(socket, state_dir=state, allow_offline=offline == "1") as vm:
+            await vm.commit(**({"timeout": float(timeout)} if timeout else {}))
+    anyio.run(main)
+    """
+)
+
+
+def commit_killed_at(
+    socket: str,
+    state: Path,
+    step: str,
+    env: Mapping[str, str],
+    *,
+    timeout: float | None = None,
+    allow_offline: bool = False,
+) -> subprocess.CompletedProcess[str]:
+    """Run a commit in a controller process of its own that kills itself at the crash point
+    ``commit:<step>`` (``env`` has the crash points' opt-in; this adds the point), and check it
+    did: SIGKILLed there, and said so."""
+    from forgeqmp.adapters import crashpoints
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _COMMIT_CONTROLLER,
+            socket,
+            str(state),
+            "" if timeout is None else str(timeout),
+            "1" if allow_offline else "",
+        ],
+        env={**env, crashpoints.ENABLE_ENV: "1", crashpoints.ENV: f"commit:{step}"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == -9, (step, done.stderr)
+    assert f"crash point commit:{step}:self" in done.stderr, (step, done.stderr)
+    return done

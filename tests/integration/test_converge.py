@@ -16,9 +16,6 @@ import hashlib
 import itertools
 import logging
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +30,7 @@ from forgeqmp.errors import ForgeFailed
 from forgeqmp.ops import converge
 from forgeqmp.testing import DiskSpec, QemuInstance
 
-from .helpers import block_graph, commit, enable, qmp, run
+from .helpers import block_graph, commit, commit_killed_at, enable, qmp, run
 
 pytestmark = pytest.mark.qemu
 
@@ -45,17 +42,6 @@ SPEED = 2 * MIB
 #: The platform's own throttle on the disk: forgeqmp must set exactly this back.
 PLATFORM = {"bps": 0, "bps_rd": 50 * MIB, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 5000}
 THROTTLE_KEYS = ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr", "group")
-
-CONTROLLER = textwrap.dedent(
-    """
-    import sys, anyio, forgeqmp
-    socket, state = sys.argv[1:3]
-    async def main():
-        async with forgeqmp.connect(socket, state_dir=state) as vm:
-            await vm.commit(timeout=120)
-    anyio.run(main)
-    """
-)
 
 
 def throttle_of(vm: QemuInstance) -> dict[str, Any]:
@@ -175,17 +161,7 @@ def test_a_commit_killed_while_bounding_is_recovered(
     run(enable, vm.qmp_socket, state)
     start_writer(vm)
     try:
-        env = {**os.environ, ENV: f"commit:{step}"}
-        done = subprocess.run(
-            [sys.executable, "-c", CONTROLLER, vm.qmp_socket, str(state)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        assert done.returncode == -9, done.stderr
-        assert f"crash point commit:{step}:self" in done.stderr
+        commit_killed_at(vm.qmp_socket, state, step, os.environ, timeout=120)
         record = forgeqmp.RecordStore(forgeqmp.StateDir(state)).load()
         assert record is not None
         assert record.disks[0].throttle is not None

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,7 +39,17 @@ from forgeqmp.adapters.qmp import connect as qmp_connect
 from forgeqmp.core.states import State
 from forgeqmp.testing import DiskSpec, QemuInstance
 
-from .helpers import block_graph, commit, discard, enable, files_under, qmp, run, sha256_of
+from .helpers import (
+    block_graph,
+    commit,
+    commit_killed_at,
+    discard,
+    enable,
+    files_under,
+    qmp,
+    run,
+    sha256_of,
+)
 
 pytestmark = pytest.mark.qemu
 
@@ -268,38 +277,13 @@ def test_commit_jobs_that_fail_disappear_or_do_not_pivot(  # type: ignore[no-unt
 
 # --- discard refused once a commit wrote into an original ----------------------------------------
 
-CONTROLLER = textwrap.dedent(
-    """
-    import sys, anyio, forgeqmp
-    socket, state = sys.argv[1:3]
-    async def main():
-        async with forgeqmp.connect(socket, state_dir=state) as vm:
-            await vm.commit()
-    anyio.run(main)
-    """
-)
-
 
 def test_discard_is_refused_once_a_commit_merged_a_disk(qemu_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     vm = qemu_factory(disks=[DiskSpec("d0", "qcow2", 32), DiskSpec("d1", "qcow2", 32)])
     state = tmp_path / "state"
     record = run(enable, vm.qmp_socket, state, all_disks=True)
     data = {d: vm.write_disk(d, 2, seed=f"{d}B") for d in ("d0", "d1")}
-    env = {
-        **vm.build.environ(),
-        crashpoints.ENABLE_ENV: "1",
-        crashpoints.ENV: "commit:disk-merged",
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", CONTROLLER, vm.qmp_socket, str(state)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == -9, done.stderr
-    assert "crash point commit:disk-merged:self" in done.stderr
+    commit_killed_at(vm.qmp_socket, state, "disk-merged", vm.build.environ())
     crashed = load(state)
     merged = [d.name for d in crashed.disks if d.merged and d.overlay_node is None]
     # The first disk back on its original, merged, killed the controller; the other one's

@@ -26,7 +26,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,29 +35,17 @@ import attrs
 import pytest
 
 import forgeqmp
-from forgeqmp.adapters import crashpoints
 from forgeqmp.adapters.process import wait_gone
 from forgeqmp.core.states import State
 from forgeqmp.testing import DiskSpec, QemuBuild, QemuInstance
 
-from .helpers import enable, files_under, qmp, run, sha256_of
+from .helpers import commit_killed_at, enable, files_under, qmp, run, sha256_of
 from .test_recover import host_md5
 
 pytestmark = pytest.mark.qemu
 
 MIB = 1 << 20
 DISKS = (DiskSpec("d0", "qcow2", 32), DiskSpec("d1", "raw", 32))
-
-CONTROLLER = textwrap.dedent(
-    """
-    import sys, anyio, forgeqmp
-    socket, state = sys.argv[1:3]
-    async def main():
-        async with forgeqmp.connect(socket, state_dir=state, allow_offline=True) as vm:
-            await vm.commit()
-    anyio.run(main)
-    """
-)
 
 
 @pytest.fixture
@@ -152,16 +139,7 @@ def test_the_offline_commit_refuses_a_missing_overlay_and_finishes_after_each_cr
 
     # The controller killed at each crash point of the offline commit, then recover.
     for step in ("committing", "disk-marked", "disk-merged"):
-        env = {**vm.build.environ(), crashpoints.ENABLE_ENV: "1", crashpoints.ENV: f"commit:{step}"}
-        done = subprocess.run(
-            [sys.executable, "-c", CONTROLLER, vm.qmp_socket, str(state)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        assert done.returncode == -9, (step, done.stderr)
+        done = commit_killed_at(vm.qmp_socket, state, step, vm.build.environ(), allow_offline=True)
         assert f"crash point commit:{step}:self: SIGKILL" in done.stderr
         code, final = cli(vm, state, "recover")
         after = load(state)
