@@ -101,29 +101,14 @@ def test_commit_finishes_when_the_guest_outwrites_the_copy(
     run(enable, vm.qmp_socket, state)
     start_writer(vm)
     try:
-        # Without the bound (the commit as it was): the job never becomes ready, and the
-        # commit stops at its deadline, leaving its job running in QEMU.
         real_watch = converge.WriteBound.watch
+        real_apply = converge.WriteBound.apply
+        bounded: list[dict[str, Any]] = []
 
         async def no_bound(self: Any, *_args: Any) -> None:
             import anyio
 
             await anyio.sleep_forever()
-
-        monkeypatch.setattr(converge.WriteBound, "watch", no_bound)
-        with pytest.raises(ForgeFailed, match="deadline"):
-            run(commit, vm.qmp_socket, state, timeout=15)
-        record = forgeqmp.RecordStore(forgeqmp.StateDir(state)).load()
-        assert record is not None
-        assert record.state is State.FAILED
-        assert record.disks[0].commit_job is not None  # left running, still not ready
-        assert throttle_of(vm) == before
-
-        # With it: the same job (reattached) becomes ready under the bound, and the commit ends.
-        monkeypatch.setattr(converge.WriteBound, "watch", real_watch)
-        caplog.set_level(logging.INFO, logger="forgeqmp.commit_driver")
-        bounded: list[dict[str, Any]] = []
-        real_apply = converge.WriteBound.apply
 
         async def apply(self: Any, disk: Any, bound: tuple[int, int]) -> None:
             await real_apply(self, disk, bound)
@@ -131,10 +116,44 @@ def test_commit_finishes_when_the_guest_outwrites_the_copy(
             inserted = next(b["inserted"] for b in blocks if b.get("qdev") == disk.qdev)
             bounded.append({k: inserted.get(k) for k in THROTTLE_KEYS})
 
-        monkeypatch.setattr(converge.WriteBound, "apply", apply)
-        committed = run(commit, vm.qmp_socket, state, timeout=90)
-        assert committed.state is State.COMMITTED
-        assert bounded, "the commit finished without bounding the writes: the test tested nothing"
+        caplog.set_level(logging.INFO, logger="forgeqmp.commit_driver")
+        # The job becomes ready only at an instant when nothing is dirty: the guest's writer
+        # (a dd after dd in a loop, slower on a busy host) may leave it one by chance. Such a
+        # try says nothing either way, so the session is forged again and tried again.
+        for attempt in range(3):
+            if attempt:
+                run(enable, vm.qmp_socket, state)
+            # Without the bound (the commit as it was): the job never becomes ready, and the
+            # commit stops at its deadline, leaving its job running in QEMU.
+            monkeypatch.setattr(converge.WriteBound, "watch", no_bound)
+            try:
+                run(commit, vm.qmp_socket, state, timeout=15)
+            except ForgeFailed as exc:
+                stopped = str(exc)
+            else:
+                continue  # ready by chance, without the bound
+            assert "deadline" in stopped, stopped
+            record = forgeqmp.RecordStore(forgeqmp.StateDir(state)).load()
+            assert record is not None
+            assert record.state is State.FAILED
+            assert record.disks[0].commit_job is not None  # left running, still not ready
+            assert throttle_of(vm) == before
+
+            # With it: the same job (reattached) becomes ready under the bound, and the
+            # commit ends.
+            monkeypatch.setattr(converge.WriteBound, "watch", real_watch)
+            monkeypatch.setattr(converge.WriteBound, "apply", apply)
+            bounded.clear()
+            committed = run(commit, vm.qmp_socket, state, timeout=90)
+            monkeypatch.setattr(converge.WriteBound, "apply", real_apply)
+            assert committed.state is State.COMMITTED
+            if bounded:
+                break
+        else:
+            pytest.fail(
+                "in 3 tries the job became ready without the bound (the guest did not outwrite "
+                "the slowed copy): the test tested nothing"
+            )
         # Bounded hard at once (not from a copy rate that is the guest's own while it keeps
         # pace), each later bound tighter still: the job became ready under them.
         assert 0 < bounded[0]["bps_wr"] <= HARD_WRITE_BPS, bounded
