@@ -45,10 +45,12 @@ def tests(session: nox.Session) -> None:
     # The suite installs its own QEMU (above), so a missing QEMU is a failure here, not a skip.
     session.env["FORGEQMP_REQUIRE_QEMU"] = "1"
     # Two tests at a time (pytest-xdist): a test's guest mostly waits (on its serial console,
-    # on QMP, on the disk), so two of them share 2 cores well and the suite takes about 18
-    # minutes instead of 30. Arguments given to the session replace these (``-n 0``: one at a
-    # time).
-    session.run("pytest", *(session.posargs or ["-q", "-n", "2"]))
+    # on QMP, on the disk), so two of them share 2 cores well. Work stealing, not xdist's
+    # default "load": that one hands each worker a contiguous quarter of the collection first,
+    # which here is every real-QEMU test (collected first) for one worker and only unit tests
+    # for the other, so the suite ran one QEMU test at a time (31 minutes). Arguments given to
+    # the session replace these (``-n 0``: one at a time).
+    session.run("pytest", *(session.posargs or ["-q", "-n", "2", "--dist", "worksteal"]))
 
 
 @nox.session

@@ -8,7 +8,8 @@ parallel), ``dd`` of the overlay copy's first N MiB over the base copy (``conv=f
 qemu-img commit fdatasyncs; timed, disks in parallel). forgeqmp's commit also reports the guest
 pause (QEMU's STOP→RESUME) of each disk's switch back to its original; the table shows the
 longest. Then the same write onto a raw enable's overlays and the raw commit (timed). A first, untimed round allocates the bases' clusters, so every
-timed commit overwrites allocated clusters.
+timed commit overwrites allocated clusters; every timed step starts with the page cache written
+back (``sync``), so none pays for the write-back of the copies or of the step before it.
 """
 
 from __future__ import annotations
@@ -164,7 +165,11 @@ def _one(
     write_data(vm, disks, mib)
     copies = _copies(vm, lab, record)
     try:
+        # The copies are GiBs of dirty page cache: written back before any timing, or the
+        # kernel's write-back of them would run during (and slow) whichever is timed first.
+        os.sync()
         forge_s, pause_ms = run_async(_commit, vm, state_dir)
+        os.sync()
         img = str(vm.build.img)
         # dd first: qemu-img commit (without -d) empties the overlay copy.
         dd_s = _parallel(
@@ -182,12 +187,15 @@ def _one(
                 for _base, overlay, scratch in copies
             ],
         )
+        os.sync()
         keep_s = _parallel(vm, [[img, "commit", "-q", "-d", c[1]] for c in copies])
+        os.sync()
         empty_s = _parallel(vm, [[img, "commit", "-q", c[1]] for c in copies])
     finally:
         unlink_all(p for c in copies for p in c)
     session = run_async(_raw_enable, vm, lab, disks)
     write_data(vm, disks, mib)
+    os.sync()
     raw_s = run_async(_raw_commit, vm, session)
     return {
         "forge_s": forge_s,

@@ -121,15 +121,19 @@ def truncate(path: str) -> None:
     os.truncate(path, os.path.getsize(path) // 2)
 
 
+#: The digest is checked before QEMU reads a byte, and the cold start is the same whatever the
+#: damage: one kind runs on every build, the others on the newest only.
+_NEWEST = pytest.mark.qemu_newest
+
+
 @pytest.mark.parametrize(
     ("damage", "reason"),
     [
-        (flip_byte, "altered"),
-        (flip_data_byte, "altered"),
-        (truncate, "truncated"),
-        (os.unlink, "missing"),
+        pytest.param(flip_byte, "altered", id="flipped-byte"),
+        pytest.param(flip_data_byte, "altered", id="flipped-data-byte", marks=_NEWEST),
+        pytest.param(truncate, "truncated", id="truncated", marks=_NEWEST),
+        pytest.param(os.unlink, "missing", id="missing", marks=_NEWEST),
     ],
-    ids=["flipped-byte", "flipped-data-byte", "truncated", "missing"],
 )
 def test_damaged_memory_gives_a_cold_start_on_reverted_disks(
     qemu_factory, tmp_path: Path, damage, reason: str
@@ -163,7 +167,10 @@ def as_older_forgeqmp_wrote_it(state: Path, memory_file: str) -> str:
     return sha256
 
 
-@pytest.mark.parametrize("damaged", [False, True], ids=["intact", "flipped-data-byte"])
+@pytest.mark.parametrize(
+    "damaged",
+    [pytest.param(False, id="intact"), pytest.param(True, id="flipped-data-byte", marks=_NEWEST)],
+)
 def test_a_record_with_an_old_sha256_digest_still_verifies(
     qemu_factory, tmp_path: Path, damaged: bool
 ) -> None:  # type: ignore[no-untyped-def]

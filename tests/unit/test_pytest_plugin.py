@@ -70,3 +70,34 @@ def test_the_setup_module_says_what_is_missing(
     assert "-m forgeqmp.testing setup" in out
     assert setup.main(["frobnicate"]) == 2
     assert setup._script().is_file()  # shipped inside the package
+
+
+NEWEST_ONLY_TEST = """
+import pytest
+
+@pytest.mark.qemu_newest
+def test_whole(qemu_build):
+    pass
+
+@pytest.mark.parametrize("kind", ["every", pytest.param("one", marks=pytest.mark.qemu_newest)])
+def test_params(qemu_build, kind):
+    pass
+"""
+
+
+def test_qemu_newest_runs_on_the_newest_build_only(pytester: pytest.Pytester) -> None:
+    from forgeqmp.testing.builds import installed_builds
+
+    builds = [b.name for b in installed_builds()]
+    if len(builds) < 2:
+        pytest.skip(f"needs two installed QEMU builds to tell them apart (found {builds})")
+    pytester.makepyfile(NEWEST_ONLY_TEST)
+    result = pytester.runpytest_subprocess("--collect-only", "-q", "-p", "no:cacheprovider")
+    kept = [line.split("::", 1)[1] for line in result.stdout.lines if "::" in line]
+    newest = builds[0]
+    assert sorted(kept) == sorted(
+        [f"test_whole[qemu-{newest}]", f"test_params[qemu-{newest}-one]"]
+        + [f"test_params[qemu-{b}-every]" for b in builds]
+    )
+    # 3 generated per build (test_whole, test_params twice), minus those kept
+    assert f"{3 * len(builds) - len(kept)} deselected" in result.stdout.str()

@@ -34,7 +34,15 @@ ENABLE = [
     ProgressEvent("enable", "converging", {"guest_paused": True, "after_seconds": 6.0}),
     ProgressEvent("enable", "snapshot-done", {"pause_ms": 14.2}),
     ProgressEvent(
-        "enable", "active", {"pause_ms": 14.2, "memory_bytes": 90_000_000, "save_seconds": 0.41}
+        "enable",
+        "active",
+        {
+            "pause_ms": 14.2,
+            "memory_bytes": 90_000_000,
+            "save_seconds": 0.41,
+            "durable_seconds": 0.3,
+            "digest_seconds": 0.02,
+        },
     ),
 ]
 COMMIT = [
@@ -77,9 +85,10 @@ def test_enable_shows_steps_and_the_memory_bar() -> None:
         "enable: the save does not converge (guest paused until the save ends, 6 s after the "
         "first pass)",
         "enable: disks snapshotted (guest paused 14.2 ms)",
-        "enable: session active (guest paused 14.2 ms, memory state 85.8 MiB, in 0.41 s)",
+        "enable: session active (guest paused 14.2 ms, memory state 85.8 MiB, in 0.41 s, "
+        "on disk (fsync) in 0.30 s, digest in 0.02 s)",
     ):
-        assert label in text
+        assert label in " ".join(text.split())  # a long line wraps at the console's width
     assert "enable: memory state" in text
     assert "256.0 MiB/256.0 MiB" in text  # the bar completes once the snapshot is done
 
@@ -143,7 +152,8 @@ def test_plain_progress_lines_when_not_a_terminal(monkeypatch: pytest.MonkeyPatc
         "enable: the save does not converge (guest paused until the save ends, 6 s after the "
         "first pass)",
         "enable: disks snapshotted (guest paused 14.2 ms)",
-        "enable: session active (guest paused 14.2 ms, memory state 85.8 MiB, in 0.41 s)",
+        "enable: session active (guest paused 14.2 ms, memory state 85.8 MiB, in 0.41 s, "
+        "on disk (fsync) in 0.30 s, digest in 0.02 s)",
         "commit: disk d0 10.0 MiB of 40.0 MiB (25%)",
         "commit: disk d1 5.0 MiB of 20.0 MiB (25%)",
         "commit: disk merged (disk d0)",

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -77,6 +77,8 @@ from forgeqmp.ops.context import (
 
 # The logger names are part of the documented interface (docs/embedding.md, "Logs"): they
 # stay what they were before the modules moved.
+_T = TypeVar("_T")
+
 log = logging.getLogger("forgeqmp.enable_driver")
 
 __all__ = ["Enable"]
@@ -381,9 +383,10 @@ class Enable:
 
             # QEMU does not fsync the memory file: do it, and fingerprint the file from the page
             # cache meanwhile (the write-back waits on the storage, the digest on the CPU).
+            took: dict[str, float] = {}
             async with anyio.create_task_group() as tg:
-                tg.start_soon(anyio.to_thread.run_sync, os.fsync, mem_fd)
-                digest, size = await anyio.to_thread.run_sync(memhash.hash_fd, mem_fd)
+                tg.start_soon(_timed, took, "durable_seconds", os.fsync, mem_fd)
+                digest, size = await _timed(took, "digest_seconds", memhash.hash_fd, mem_fd)
             self.ctx.state_dir.fsync_dir()
         finally:
             os.close(mem_fd)
@@ -400,7 +403,12 @@ class Enable:
             ),
         )
         self.ctx.crash_point("enable", EnableStep.ACTIVE)
-        active = {"pause_ms": pause_ms, "memory_bytes": size, "save_seconds": round(saved_s, 3)}
+        active = {
+            "pause_ms": pause_ms,
+            "memory_bytes": size,
+            "save_seconds": round(saved_s, 3),
+            **{name: round(seconds, 3) for name, seconds in took.items()},
+        }
         return record, active
 
     async def _with_memory_progress(
@@ -635,3 +643,12 @@ class Enable:
                 overlay.disk.node,
                 f"{overlay.create_job}-undo",
             )
+
+
+async def _timed(took: dict[str, float], name: str, work: Callable[..., _T], *args: Any) -> _T:
+    """``work(*args)`` in a worker thread; its seconds into ``took[name]``."""
+    started = time.monotonic()
+    try:
+        return await anyio.to_thread.run_sync(work, *args)
+    finally:
+        took[name] = time.monotonic() - started

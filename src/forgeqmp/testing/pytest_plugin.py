@@ -11,7 +11,9 @@ Registered through the ``pytest11`` entry point, so installing forgeqmp is enoug
     def test_on_proxmox_style(qemu_factory):   # a platform-style command line
         vm = qemu_factory(disks=[...], profile=forgeqmp.testing.platforms.proxmox_style)
 
-Tests that use these fixtures get the ``qemu`` marker (``-m "not qemu"`` leaves them out). Without
+Tests that use these fixtures get the ``qemu`` marker (``-m "not qemu"`` leaves them out); a test
+marked ``@pytest.mark.qemu_newest`` is generated for the newest installed build only (for what
+does not differ between builds: the other builds' runs would only repeat it). Without
 a QEMU build or the test guest's ingredients they are skipped with the reason and the command that
 fixes it (``python -m forgeqmp.testing setup``, as root), unless QEMU is required
 (``FORGEQMP_REQUIRE_QEMU=1``, ``--forgeqmp-require-qemu`` or the ini key
@@ -91,6 +93,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "qemu: needs a real QEMU (integration test)")
+    config.addinivalue_line(
+        "markers",
+        "qemu_newest: run on the newest installed QEMU build only (the test exercises nothing "
+        "that differs between builds)",
+    )
     # The settings reach the harness (and the QEMUs and CLIs tests start) as the variables.
     for _suffix, ini, variable, _text in _SETTINGS:
         option = config.getoption(ini, default=None)
@@ -117,6 +124,7 @@ def pytest_collection_modifyitems(
             "qemu"
         ):
             item.add_marker(pytest.mark.qemu)
+    _keep_newest_build_only(config, items)
     if not _require() or not any(_needs_qemu(item) for item in items):
         return
     problems = build_problems()
@@ -128,6 +136,32 @@ def pytest_collection_modifyitems(
             + f"\nRun {setup_command()} to repair them, or name the builds to test "
             "with FORGEQMP_QEMU (e.g. FORGEQMP_QEMU=10.0)."
         )
+
+
+def _keep_newest_build_only(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the runs of ``qemu_newest`` tests (or parameters) on a build other than the newest
+    installed one (pytest reports them as deselected)."""
+    builds = installed_builds()
+    if len(builds) < 2:
+        return
+    newest = builds[0].name
+    dropped = [
+        item
+        for item in items
+        if item.get_closest_marker("qemu_newest") is not None
+        and (build := _build_of(item)) is not None
+        and build.name != newest
+    ]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if item not in dropped]
+
+
+def _build_of(item: pytest.Item) -> QemuBuild | None:
+    """The QEMU build a test run is parametrized with (None: it is not)."""
+    callspec = getattr(item, "callspec", None)
+    build = callspec.params.get("qemu_build") if callspec is not None else None
+    return build if isinstance(build, QemuBuild) else None
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
