@@ -4,7 +4,8 @@ commit`` of the same overlay vs ``dd`` of the same bytes; 1 and 2 disks, N MiB w
 Each run: a forgeqmp enable, N MiB of random data written through the guest (direct I/O, then a
 flush) onto each disk, copies of each overlay and its base (the overlay copy rebased onto the
 base copy), then forgeqmp's commit (timed), ``qemu-img commit`` of the copies (timed, disks in
-parallel), ``dd`` of the overlay copy's first N MiB over the base copy (``conv=fdatasync``, as
+parallel), the same with ``-d`` (the overlay kept) and then ``rm`` of the overlay (what
+forgeqmp's commit does: merge, then remove the overlay), ``dd`` of the overlay copy's first N MiB over the base copy (``conv=fdatasync``, as
 qemu-img commit fdatasyncs; timed, disks in parallel). forgeqmp's commit also reports the guest
 pause (QEMU's STOP→RESUME) of each disk's switch back to its original; the table shows the
 longest. Then the same write onto a raw enable's overlays and the raw commit (timed). A first, untimed round allocates the bases' clusters, so every
@@ -150,7 +151,7 @@ def measure(lab: Lab, settings: Settings, rows: Rows) -> None:
                         f"{got['qemu_img_d_s']:.2f} s / without -d {got['qemu_img_s']:.2f} s, "
                         f"dd {got['dd_s']:.2f} s"
                     )
-                for name in ("raw_s", "qemu_img_d_s", "qemu_img_s", "dd_s"):
+                for name in ("raw_s", "qemu_img_d_s", "qemu_img_d_rm_s", "qemu_img_s", "dd_s"):
                     r = ratio(row.median("forge_s"), row.median(name))
                     if r is not None:
                         row.extra[f"forge_vs_{name.removesuffix('_s')}"] = round(r, 3)
@@ -191,6 +192,10 @@ def _one(
         keep_s = _parallel(vm, [[img, "commit", "-q", "-d", c[1]] for c in copies])
         os.sync()
         empty_s = _parallel(vm, [[img, "commit", "-q", c[1]] for c in copies])
+        # What forgeqmp does after merging: remove the overlay file. Timed on the scratch
+        # copy of each overlay (same size and layout; the overlay copy was emptied above).
+        os.sync()
+        rm_s = _parallel(vm, [["rm", "-f", scratch] for _b, _o, scratch in copies])
     finally:
         unlink_all(p for c in copies for p in c)
     session = run_async(_raw_enable, vm, lab, disks)
@@ -202,6 +207,7 @@ def _one(
         "pause_ms": pause_ms,
         "raw_s": raw_s,
         "qemu_img_d_s": keep_s,
+        "qemu_img_d_rm_s": keep_s + rm_s,
         "qemu_img_s": empty_s,
         "dd_s": dd_s,
     }

@@ -5,6 +5,13 @@ while the flush runs the guest is paused. After a commit has copied hundreds of 
 original, that flush took 0.5 s here. Flushing the same files from this process first, while
 the guest still runs, leaves QEMU's flush almost nothing to do (measured: 0.55 s → milliseconds).
 
+A commit's copy into an original is made durable by QEMU (it flushes the original before the
+job is ready), and that flush writes the whole copy out after it: a second pass as long as the
+first on this storage (1 GiB: 0.45 s of flush after 0.6 s of copy). :func:`write_back_while`
+starts the write-back of the original's dirty pages during the copy instead (Linux
+``sync_file_range``, which starts write-out without waiting for it), so that the flush finds
+little left to write.
+
 This is an optimisation only: an image this process cannot open (another mount namespace, no
 permission, not a local file) is skipped, and the flush is abandoned after a deadline.
 """
@@ -12,6 +19,8 @@ permission, not a local file) is skipped, and the flush is abandoned after a dea
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import stat
 from collections.abc import Iterable, Mapping, Sequence
@@ -22,6 +31,60 @@ import anyio.to_thread
 
 #: Give up waiting for the host flush after this many seconds (QEMU's own flush still runs).
 FLUSH_DEADLINE = 10.0
+
+
+#: How often the write-back of a commit's original is started while its job copies.
+WRITE_BACK_INTERVAL = 0.05
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start write-out of dirty pages not yet submitted
+
+
+def _sync_file_range() -> Any:
+    """libc's ``sync_file_range`` (None where there is none: not Linux, or no glibc)."""
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        function = libc.sync_file_range
+        function.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
+        function.restype = ctypes.c_int
+        return function
+    return None
+
+
+_start_write_out = _sync_file_range()
+
+
+def _open_image(path: str) -> int | None:
+    """A read-only descriptor of ``path`` if it is a local regular file or block device."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        mode = 0
+    if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+        return fd
+    os.close(fd)
+    return None
+
+
+async def write_back_while(path: str | None, interval: float = WRITE_BACK_INTERVAL) -> None:
+    """Start the write-back of ``path``'s dirty pages every ``interval`` s until cancelled (a
+    task beside a job copying into it). Returns at once when the file is not a local image
+    this process can open, or the system has no ``sync_file_range``."""
+    if _start_write_out is None or not path or not os.path.isabs(path):
+        return
+    if path.startswith("/dev/fdset"):
+        return
+    fd = _open_image(path)
+    if fd is None:
+        return
+    try:
+        while True:
+            await anyio.to_thread.run_sync(_start_write_out, fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+            await anyio.sleep(interval)
+    finally:
+        os.close(fd)
 
 
 def _fsync_paths(paths: tuple[str, ...]) -> None:

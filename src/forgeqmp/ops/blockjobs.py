@@ -247,8 +247,9 @@ class BlockJobs:
                 if "not found" not in exc.desc.lower() and "cannot find" not in exc.desc.lower():
                     raise
         if disk.overlay_file is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(disk.overlay_file)
+            # Freeing a GiB of extents takes the file system 0.2-0.3 s here: in a worker
+            # thread, so that the other disks' steps (and their switches) do not wait for it.
+            await anyio.to_thread.run_sync(_unlink_if_present, disk.overlay_file)
 
     async def restore_after_pivot(self, name: str) -> None:
         """After a disk went back onto its original (commit, an undone enable, recover): give
@@ -295,3 +296,8 @@ class BlockJobs:
             f"(wanted detect-zeroes={wanted.detect_zeroes}, cache.direct={wanted.cache_direct}; "
             f"{problem}); restart the VM to get its configured options back"
         )
+
+
+def _unlink_if_present(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

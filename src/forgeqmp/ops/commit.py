@@ -17,6 +17,7 @@ import anyio.to_thread
 import attrs
 
 from forgeqmp.adapters import crashpoints
+from forgeqmp.adapters.hostflush import write_back_while
 from forgeqmp.adapters.qemuimg import (
     commit_overlay,
     find_qemu_img,
@@ -196,6 +197,9 @@ class Commit:
                     tg.start_soon(self._report_job_progress, job_id, meter)
                     # A guest that outwrites the copy would keep the job from ever being ready.
                     tg.start_soon(bounds.watch, disk, job_id, deadline)
+                    # QEMU flushes the original before the job is ready: written back during
+                    # the copy, that flush has little left to write (see hostflush).
+                    tg.start_soon(write_back_while, disk.base_file)
                     await sub.wait(
                         lambda e: e["data"]["status"] in ("ready", "concluded"),
                         DEFAULT_COMMIT_TIMEOUT * 24,  # bounded by the caller's deadline
