@@ -44,6 +44,7 @@ STEP_LABELS: Mapping[tuple[str, str], str] = types.MappingProxyType(
         ("discard", "restoring-memory"): "restoring the memory state",
         ("discard", "cold-start"): "starting the VM cold",
         ("discard", "running"): "VM running",
+        ("discard", "discarded"): "discarded",
     }
 )
 

@@ -89,11 +89,10 @@ async def write_back_while(path: str | None, interval: float = WRITE_BACK_INTERV
 
 def _fsync_paths(paths: tuple[str, ...]) -> None:
     for path in paths:
-        with contextlib.suppress(OSError):
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = _open_image(path)
+        if fd is not None:
             try:
-                mode = os.fstat(fd).st_mode
-                if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+                with contextlib.suppress(OSError):
                     os.fsync(fd)
             finally:
                 os.close(fd)

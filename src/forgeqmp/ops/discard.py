@@ -320,6 +320,13 @@ class Discard:
                 next_step=next_step,
             )
         seconds = round(time.monotonic() - started, 3)
+        # The VM runs from here: say so now (removing the overlays and a memory file of GiBs,
+        # below, takes the file system a few tenths of a second more before the call returns).
+        report(
+            ProgressEvent(
+                "discard", "running", {"memory_restored": restored, "resume_seconds": seconds}
+            )
+        )
         for disk in record.disks:
             if disk.overlay_file is not None:
                 with contextlib.suppress(FileNotFoundError):
@@ -341,11 +348,7 @@ class Discard:
             "from the memory state" if restored else "cold (memory not restored)",
             seconds,
         )
-        report(
-            ProgressEvent(
-                "discard", "running", {"memory_restored": restored, "resume_seconds": seconds}
-            )
-        )
+        report(ProgressEvent("discard", "discarded"))
         return record
 
     async def _stop_qemu(self, record: SessionRecord) -> None:
