@@ -34,7 +34,7 @@ from forgeqmp.errors import (
 )
 from forgeqmp.testing import DiskSpec
 
-from .helpers import block_graph, discard, enable, files_under, qmp, run
+from .helpers import block_graph, commit, discard, enable, files_under, qmp, run
 
 pytestmark = pytest.mark.qemu
 
@@ -303,6 +303,28 @@ def cannot_converge(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(enable_plan, "DOWNTIME_LIMIT_MS", 1)
 
 
+#: Tries of a save that must not converge on its own (see enable_that_cannot_converge).
+_OUTWRITE_ATTEMPTS = 3
+
+
+def enable_that_cannot_converge(
+    vm: Any, state: Path
+) -> tuple[forgeqmp.SessionRecord, list[forgeqmp.ProgressEvent]]:
+    """An enable while the guest rewrites its memory (inside guest_rewriting_memory), tried
+    again, after committing the session away, when the save converged without a single step:
+    on a loaded host (another test's guest on the other core) the guest's vCPU can get so little
+    CPU that a pass finds almost nothing dirty, and that attempt tests nothing. The last try's
+    result is returned as it is, so a save that always converges on its own still fails."""
+    for attempt in range(1, _OUTWRITE_ATTEMPTS + 1):
+        events: list[forgeqmp.ProgressEvent] = []
+        record = run(enable, vm.qmp_socket, state, on_progress=events.append)
+        if any(e.step == "converging" for e in events) or attempt == _OUTWRITE_ATTEMPTS:
+            return record, events
+        assert record.state is State.ACTIVE
+        assert run(commit, vm.qmp_socket, state).state is State.COMMITTED
+    raise AssertionError("unreachable")
+
+
 def test_a_save_that_cannot_converge_gets_a_longer_final_pass(
     vm, tmp_path: Path, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
@@ -312,9 +334,8 @@ def test_a_save_that_cannot_converge_gets_a_longer_final_pass(
     state = tmp_path / "state"
     cannot_converge(monkeypatch)
     before = run(qmp, vm.qmp_socket, "query-migrate-parameters")
-    events: list[forgeqmp.ProgressEvent] = []
     with guest_rewriting_memory(vm):
-        record = run(enable, vm.qmp_socket, state, on_progress=events.append)
+        record, events = enable_that_cannot_converge(vm, state)
     assert record.state is State.ACTIVE
     raised = [e.detail for e in events if e.step == "converging"]
     assert raised, "precopy converged with a 1 ms final pass at 200 MB/s while the guest wrote"
@@ -332,9 +353,8 @@ def test_a_save_that_never_converges_ends_by_pausing_the_guest(
     state = tmp_path / "state"
     cannot_converge(monkeypatch)
     monkeypatch.setattr(enable_plan, "CONVERGENCE_STEPS", (ConvergenceStep(0.5, None),))
-    events: list[forgeqmp.ProgressEvent] = []
     with guest_rewriting_memory(vm):
-        record = run(enable, vm.qmp_socket, state, on_progress=events.append)
+        record, events = enable_that_cannot_converge(vm, state)
         at_enable = vm.counter()
         assert record.state is State.ACTIVE
         assert [e.detail for e in events if e.step == "converging"] == [
