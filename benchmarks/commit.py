@@ -5,12 +5,14 @@ Each run: a forgeqmp enable, N MiB of random data written through the guest (dir
 flush) onto each disk, copies of each overlay and its base (the overlay copy rebased onto the
 base copy), then forgeqmp's commit (timed), ``qemu-img commit`` of the copies (timed, disks in
 parallel), the same with ``-d`` (the overlay kept) and then ``rm`` of the overlay (what
-forgeqmp's commit does: merge, then remove the overlay), ``dd`` of the overlay copy's first N MiB over the base copy (``conv=fdatasync``, as
-qemu-img commit fdatasyncs; timed, disks in parallel). forgeqmp's commit also reports the guest
-pause (QEMU's STOP→RESUME) of each disk's switch back to its original; the table shows the
-longest. Then the same write onto a raw enable's overlays and the raw commit (timed). A first, untimed round allocates the bases' clusters, so every
-timed commit overwrites allocated clusters; every timed step starts with the page cache written
-back (``sync``), so none pays for the write-back of the copies or of the step before it.
+forgeqmp's commit does: merge, then remove the overlay), ``dd`` of the overlay copy's first N MiB
+over the base copy (``conv=fdatasync``, as qemu-img commit fdatasyncs; timed, disks in
+parallel). forgeqmp's commit also reports the guest pause (QEMU's STOP→RESUME) of each disk's
+switch back to its original; the table shows the longest. Then the same write onto a raw
+enable's overlays and the raw commit (timed). A first, untimed round allocates the bases'
+clusters, so every timed commit overwrites allocated clusters; every timed step starts with the
+page cache written back (``sync``), so none pays for the write-back of the copies or of the
+step before it.
 """
 
 from __future__ import annotations

@@ -52,6 +52,12 @@ def _sync_file_range() -> Any:
 _start_write_out = _sync_file_range()
 
 
+def _is_local_path(path: str) -> bool:
+    """A path this process can open for an image QEMU has open: absolute and not one of QEMU's
+    ``/dev/fdset/N`` names (those exist only inside QEMU)."""
+    return os.path.isabs(path) and not path.startswith("/dev/fdset")
+
+
 def _open_image(path: str) -> int | None:
     """A read-only descriptor of ``path`` if it is a local regular file or block device."""
     try:
@@ -72,9 +78,7 @@ async def write_back_while(path: str | None, interval: float = WRITE_BACK_INTERV
     """Start the write-back of ``path``'s dirty pages every ``interval`` s until cancelled (a
     task beside a job copying into it). Returns at once when the file is not a local image
     this process can open, or the system has no ``sync_file_range``."""
-    if _start_write_out is None or not path or not os.path.isabs(path):
-        return
-    if path.startswith("/dev/fdset"):
+    if _start_write_out is None or path is None or not _is_local_path(path):
         return
     fd = _open_image(path)
     if fd is None:
@@ -100,9 +104,7 @@ def _fsync_paths(paths: tuple[str, ...]) -> None:
 
 async def flush_host_images(paths: Iterable[str | None], deadline: float = FLUSH_DEADLINE) -> None:
     """fsync each local image file in ``paths`` (best effort, bounded by ``deadline``)."""
-    local = tuple(
-        dict.fromkeys(p for p in paths if p and os.path.isabs(p) and not p.startswith("/dev/fdset"))
-    )
+    local = tuple(dict.fromkeys(p for p in paths if p is not None and _is_local_path(p)))
     if not local:
         return
     with anyio.move_on_after(deadline):

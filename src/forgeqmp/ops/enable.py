@@ -75,10 +75,10 @@ from forgeqmp.ops.context import (
     _now,
 )
 
-# The logger names are part of the documented interface (docs/embedding.md, "Logs"): they
-# stay what they were before the modules moved.
 _T = TypeVar("_T")
 
+# The logger names are part of the documented interface (docs/embedding.md, "Logs"): they
+# stay what they were before the modules moved.
 log = logging.getLogger("forgeqmp.enable_driver")
 
 __all__ = ["Enable"]

@@ -12,16 +12,15 @@ Registered through the ``pytest11`` entry point, so installing forgeqmp is enoug
         vm = qemu_factory(disks=[...], profile=forgeqmp.testing.platforms.proxmox_style)
 
 Tests that use these fixtures get the ``qemu`` marker (``-m "not qemu"`` leaves them out); a test
-marked ``@pytest.mark.qemu_newest`` is generated for the newest installed build only (for what
-does not differ between builds: the other builds' runs would only repeat it). Without
-a QEMU build or the test guest's ingredients they are skipped with the reason and the command that
-fixes it (``python -m forgeqmp.testing setup``, as root), unless QEMU is required
-(``FORGEQMP_REQUIRE_QEMU=1``, ``--forgeqmp-require-qemu`` or the ini key
-``forgeqmp_require_qemu = true``; forgeqmp's own test session sets it): then a missing QEMU fails
-them, and a session that collects
-real-QEMU tests (the ``qemu`` marker or the ``qemu_build`` fixture) fails at once, naming each
-build the setup installs that is missing or does not start and why
-(:func:`~forgeqmp.testing.builds.build_problems`): the build matrix never shrinks silently.
+(or one ``pytest.param``) marked ``@pytest.mark.qemu_newest`` runs on the newest installed build
+only, its runs on the other builds reported as deselected (for what does not differ between builds:
+those runs would only repeat it). Without a QEMU build or the test guest's ingredients they are
+skipped with the reason and the command that fixes it (``python -m forgeqmp.testing setup``, as
+root), unless QEMU is required (``FORGEQMP_REQUIRE_QEMU=1``, ``--forgeqmp-require-qemu`` or the ini
+key ``forgeqmp_require_qemu = true``; forgeqmp's own test session sets it): then a missing QEMU
+fails them, and a session that collects real-QEMU tests (the ``qemu`` marker or the ``qemu_build``
+fixture) fails at once, naming each build the setup installs that is missing or does not start and
+why (:func:`~forgeqmp.testing.builds.build_problems`): the build matrix never shrinks silently.
 
 Settings, each as a command-line option, an ini key and an environment variable (the option wins,
 then the variable, then the ini key):
