@@ -44,13 +44,13 @@ def tests(session: nox.Session) -> None:
     session.install("-e", ".[test]")
     # The suite installs its own QEMU (above), so a missing QEMU is a failure here, not a skip.
     session.env["FORGEQMP_REQUIRE_QEMU"] = "1"
-    # Two tests at a time (pytest-xdist): a test's guest mostly waits (on its serial console,
-    # on QMP, on the disk), so two of them share 2 cores well. Work stealing, not xdist's
-    # default "load": that one hands each worker a contiguous quarter of the collection first,
-    # which here is every real-QEMU test (collected first) for one worker and only unit tests
-    # for the other, so the suite ran one QEMU test at a time (31 minutes). Arguments given to
-    # the session replace these (``-n 0``: one at a time).
-    session.run("pytest", *(session.posargs or ["-q", "-n", "2", "--dist", "worksteal"]))
+    # pytest-xdist with two workers and its default "load" scheduling, which hands each worker
+    # a contiguous quarter of the collection first: here every real-QEMU test (collected first)
+    # goes to one worker, so they run one at a time (about 31 minutes). `--dist worksteal`
+    # really runs two QEMU tests at once (17 minutes), but then timing-sensitive tests fail
+    # (guest counters read under contention: test_strategies, test_enable's convergence tests);
+    # it stays off until they are made robust. Arguments given to the session replace these.
+    session.run("pytest", *(session.posargs or ["-q", "-n", "2"]))
 
 
 @nox.session
