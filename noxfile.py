@@ -44,13 +44,13 @@ def tests(session: nox.Session) -> None:
     session.install("-e", ".[test]")
     # The suite installs its own QEMU (above), so a missing QEMU is a failure here, not a skip.
     session.env["FORGEQMP_REQUIRE_QEMU"] = "1"
-    # pytest-xdist with two workers and its default "load" scheduling, which hands each worker
-    # a contiguous quarter of the collection first: here every real-QEMU test (collected first)
-    # goes to one worker, so they run one at a time (about 31 minutes). `--dist worksteal`
-    # really runs two QEMU tests at once (17 minutes), but then timing-sensitive tests fail
-    # (guest counters read under contention: test_strategies, test_enable's convergence tests);
-    # it stays off until they are made robust. Arguments given to the session replace these.
-    session.run("pytest", *(session.posargs or ["-q", "-n", "2"]))
+    # Two pytest-xdist workers that steal work from each other: xdist's default "load"
+    # scheduling hands each worker a contiguous quarter of the collection first, and the
+    # real-QEMU tests (collected first) then all go to one worker and run one at a time (31
+    # minutes instead of 17). The tests that read the guest's counter under contention compare
+    # lines with lines (``wait_counter_rewind``), not with a reading taken earlier, so two
+    # QEMU tests at once do not make them flaky. Arguments given to the session replace these.
+    session.run("pytest", *(session.posargs or ["-q", "-n", "2", "--dist", "worksteal"]))
 
 
 @nox.session

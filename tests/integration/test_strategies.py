@@ -61,7 +61,9 @@ def test_each_offered_strategy_round_trips(qemu_factory, qemu_build, tmp_path: P
         done = run(discard, vm.qmp_socket, state)
         assert done.state is forgeqmp.State.DISCARDED
         assert done.memory_restored is True, done.error
-        _boot, resumed = vm.wait_counter(since=asked)
+        (boot, last), (resumed_boot, resumed) = vm.wait_counter_rewind(since=asked)
+        assert resumed_boot == boot, (strategy, boot, resumed_boot)  # not a cold boot
+        assert last >= later, (strategy, last, later)  # the old guest ran up to the discard
         assert at_enable <= resumed < later, (strategy, at_enable, resumed, later)
         assert vm.disk_md5("disk0", 4) == before, strategy
         # The restored VM's migration settings are QEMU's defaults again, not the restore's.

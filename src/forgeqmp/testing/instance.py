@@ -16,6 +16,7 @@ the counter and the shell keep working across a discard.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import secrets
 import signal
@@ -469,6 +470,31 @@ class QemuInstance:
         with self._cond:
             if not self._cond.wait_for(lambda: found() is not None, timeout):
                 raise TimeoutError(f"no counter line as asked for within {timeout:g} s")
+            result = found()
+        assert result is not None
+        return result
+
+    def wait_counter_rewind(
+        self, *, since: float, timeout: float = 60.0
+    ) -> tuple[tuple[str, int], tuple[str, int]]:
+        """Wait for the counter to go back: the first line received after ``since`` (host
+        monotonic time, taken *before* the restore is asked for) whose value is lower than the
+        line before it, or of another boot. Returns ((boot, counter) of the line before the
+        rewind, (boot, counter) of the first line after it).
+
+        This is how a memory restore shows, independent of how long the caller took to look:
+        the restored guest goes on from its counter at the snapshot, and its first line is
+        compared with the old guest's last one, not with a reading taken earlier."""
+
+        def found() -> tuple[tuple[str, int], tuple[str, int]] | None:
+            for (_t0, boot0, n0), (t1, boot1, n1) in itertools.pairwise(self._counters):
+                if t1 >= since and (boot1 != boot0 or n1 < n0):
+                    return (boot0, n0), (boot1, n1)
+            return None
+
+        with self._cond:
+            if not self._cond.wait_for(lambda: found() is not None, timeout):
+                raise TimeoutError(f"the counter did not go back within {timeout:g} s")
             result = found()
         assert result is not None
         return result
