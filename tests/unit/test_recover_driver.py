@@ -176,3 +176,22 @@ def test_recover_without_a_session_changes_nothing(tmp_path: Path) -> None:
     assert code == 0
     assert status["state"] == "none"
     assert not (tmp_path / "state").exists()  # neither the state dir nor its lock was created
+
+
+def test_recover_removes_the_temporary_file_of_a_first_record_write_that_was_killed(
+    tmp_path: Path,
+) -> None:
+    """An enable killed while writing its session's first record leaves no record, only the
+    atomic write's temporary file: recover removes it (and nothing else) and finds no session."""
+    state = StateDir(tmp_path / "state")
+    state.ensure()
+    killed = state.path / ".session.json.0123456789ab.tmp"
+    killed.write_text('{"half": ')
+    others = [state.path / name for name in (".session.json.tmp", "notes.txt", ".x.0123456789ab.tmp")]
+    for other in others:
+        other.write_text("the user's")
+    code, status = run_cli(tmp_path, "recover")
+    assert code == 0
+    assert status["state"] == "none"
+    assert not killed.exists()
+    assert all(other.read_text() == "the user's" for other in others)

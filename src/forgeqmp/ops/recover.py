@@ -397,13 +397,15 @@ async def run_recover(
     tell: Callable[[Any], None] = report or (lambda _event: None)
     launch = launcher or ctx.launcher or functools.partial(detached_launcher, timeout=timeout)
     problems: list[str] = []
-    if ctx.store.load() is None:
+    if ctx.store.load() is None and not ctx.state_dir.path.is_dir():
         return None  # checked before the lock too, which would create the state dir
     with InstanceLock(ctx.state_dir, "forgeqmp recover"):
+        # A killed operation's (never a file of another), also when it was killed writing the
+        # first record of its session: then there is no record, only its temporary file.
+        ctx.store.remove_temp_files()
         record = ctx.store.load()
         if record is None:
             return None
-        ctx.store.remove_temp_files()  # a killed operation's: never a file of another
         with anyio.fail_after(timeout):
             for _round in range(_MAX_ROUNDS):
                 plan = reconcile(record, await observe(ctx, record))
