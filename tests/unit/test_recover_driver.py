@@ -187,7 +187,9 @@ def test_recover_removes_the_temporary_file_of_a_first_record_write_that_was_kil
     state.ensure()
     killed = state.path / ".session.json.0123456789ab.tmp"
     killed.write_text('{"half": ')
-    others = [state.path / name for name in (".session.json.tmp", "notes.txt", ".x.0123456789ab.tmp")]
+    others = [
+        state.path / name for name in (".session.json.tmp", "notes.txt", ".x.0123456789ab.tmp")
+    ]
     for other in others:
         other.write_text("the user's")
     code, status = run_cli(tmp_path, "recover")
