@@ -61,9 +61,8 @@ def enable_table(rows: Rows) -> str:
                 cell(row, "save_s"),
                 cell(row, "save_gb_s"),
                 cell(row, "total_s"),
-                cell(row, "fsync_s"),
                 cell(row, "digest_s"),
-                cell(row, "durable_write_s"),
+                cell(row, "fsync_s"),
                 times(row.extra.get("pause_ms_vs_raw")),
                 times(row.extra.get("total_s_vs_raw")),
             ]
@@ -80,9 +79,8 @@ def enable_table(rows: Rows) -> str:
             "save s",
             "save GB/s",
             "enable total s",
-            "fsync s",
             "digest s",
-            "durable write of the file s",
+            "fsync after Active s",
             "pause × raw",
             "total × raw",
         ],
@@ -330,13 +328,10 @@ def targets(sections: dict[str, Rows]) -> list[dict[str, Any]]:
                 shown=lambda v: f"{v:.1f} ms",
             )
             save, total = row.median("save_s"), row.median("total_s")
-            durable = row.median("durable_write_s")
             add(
-                "enable total (save + fsync + digest) ≤ 1.2× the save alone",
-                f"{case}; save {cell(row, 'save_s')} s, fsync {cell(row, 'fsync_s')} s, digest "
-                f"{cell(row, 'digest_s')} s (in parallel); this storage's durable write of the "
-                f"same bytes: {cell(row, 'durable_write_s')} s = "
-                f"{times(ratio(durable, save))} the save",
+                "enable total (save + digest; Active waits for no fsync) ≤ 1.2× the save alone",
+                f"{case}; save {cell(row, 'save_s')} s, digest {cell(row, 'digest_s')} s; the "
+                f"fsync it no longer waits for, measured after it: {cell(row, 'fsync_s')} s",
                 ratio(total, save),
                 1.2,
                 at_most=True,

@@ -86,8 +86,6 @@ def _detail(detail: Mapping[str, Any]) -> str:
             parts.append(f"memory state {binary_size(value)}")
         elif key in ("save_seconds", "resume_seconds") and value is not None:
             parts.append(f"in {value:.2f} s")
-        elif key == "durable_seconds" and value is not None:
-            parts.append(f"on disk (fsync) in {value:.2f} s")
         elif key == "digest_seconds" and value is not None:
             parts.append(f"digest in {value:.2f} s")
         elif key == "downtime_limit_ms":

@@ -40,7 +40,6 @@ ENABLE = [
             "pause_ms": 14.2,
             "memory_bytes": 90_000_000,
             "save_seconds": 0.41,
-            "durable_seconds": 0.3,
             "digest_seconds": 0.02,
         },
     ),
@@ -86,7 +85,7 @@ def test_enable_shows_steps_and_the_memory_bar() -> None:
         "first pass)",
         "enable: disks snapshotted (guest paused 14.2 ms)",
         "enable: session active (guest paused 14.2 ms, memory state 85.8 MiB, in 0.41 s, "
-        "on disk (fsync) in 0.30 s, digest in 0.02 s)",
+        "digest in 0.02 s)",
     ):
         assert label in " ".join(text.split())  # a long line wraps at the console's width
     assert "enable: memory state" in text
@@ -153,7 +152,7 @@ def test_plain_progress_lines_when_not_a_terminal(monkeypatch: pytest.MonkeyPatc
         "first pass)",
         "enable: disks snapshotted (guest paused 14.2 ms)",
         "enable: session active (guest paused 14.2 ms, memory state 85.8 MiB, in 0.41 s, "
-        "on disk (fsync) in 0.30 s, digest in 0.02 s)",
+        "digest in 0.02 s)",
         "commit: disk d0 10.0 MiB of 40.0 MiB (25%)",
         "commit: disk d1 5.0 MiB of 20.0 MiB (25%)",
         "commit: disk merged (disk d0)",

@@ -408,7 +408,8 @@ class DeleteFile:
 
 @attrs.frozen
 class HashMemory:
-    """fsync the complete memory file and record its size and SHA-256 (finishes an enable)."""
+    """Record the complete memory file's size and digest (finishes an enable, as enable does:
+    the digest of the page cache's bytes, no fsync)."""
 
     order: ClassVar[Order] = Order.FINGERPRINT
     tidying: ClassVar[bool] = False

@@ -272,8 +272,7 @@ async def _commit_offline(ctx: Context, _record: SessionRecord, action: CommitOf
 async def _hash_memory(path: str) -> tuple[str, int]:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        await anyio.to_thread.run_sync(os.fsync, fd)
-        return await anyio.to_thread.run_sync(memhash.hash_fd, fd)
+        return await anyio.to_thread.run_sync(memhash.hash_fd, fd)  # not fsynced: as enable
     finally:
         os.close(fd)
 
