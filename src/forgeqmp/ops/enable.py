@@ -18,7 +18,7 @@ import anyio
 import anyio.to_thread
 import attrs
 
-from forgeqmp.adapters import memhash, preflight
+from forgeqmp.adapters import hostflush, memhash, preflight
 from forgeqmp.adapters.process import describe_process
 from forgeqmp.adapters.statedir import InstanceLock
 from forgeqmp.core import names
@@ -364,9 +364,9 @@ class Enable:
             ):
                 started = time.monotonic()
                 if plan.pauses_before_switchover:
-                    await self._save_with_pause(plan, undo, migration, report)
+                    await self._save_with_pause(plan, undo, migration, report, mem_fd)
                 else:
-                    await self._save_in_background(plan, undo, migration, report)
+                    await self._save_in_background(plan, undo, migration, report, mem_fd)
                 pause_ms = self.ctx.pause_ms(runstate_events.history)
                 saved_s = time.monotonic() - started
 
@@ -484,12 +484,18 @@ class Enable:
             report(ProgressEvent("enable", "converging", step.progress_detail()))
 
     async def _save_with_pause(
-        self, plan: EnablePlan, undo: _EnableUndo, migration: Any, report: ProgressCallback
+        self,
+        plan: EnablePlan,
+        undo: _EnableUndo,
+        migration: Any,
+        report: ProgressCallback,
+        mem_fd: int,
     ) -> None:
         migrate = plan.migrate(undo.fdset_id)
         await self.ctx.flush_before_pause()
         await self.ctx.send(migrate)
         undo.migration_started = True
+        await self._after_qemu_opened(plan, mem_fd)
         report(ProgressEvent("enable", "saving-memory"))
         await self._with_memory_progress(
             report,
@@ -511,7 +517,12 @@ class Enable:
         undo.stopped_by_us = False
 
     async def _save_in_background(
-        self, plan: EnablePlan, undo: _EnableUndo, migration: Any, report: ProgressCallback
+        self,
+        plan: EnablePlan,
+        undo: _EnableUndo,
+        migration: Any,
+        report: ProgressCallback,
+        mem_fd: int,
     ) -> None:
         await self.ctx.flush_before_pause()
         await self.ctx.send(STOP)
@@ -524,6 +535,7 @@ class Enable:
         undo.migration_started = True
         await self.ctx.send(CONT)
         undo.stopped_by_us = False
+        await self._after_qemu_opened(plan, mem_fd)
         report(ProgressEvent("enable", "saving-memory"))
         await self._with_memory_progress(
             report,
@@ -532,6 +544,13 @@ class Enable:
             ),
         )
         undo.migration_completed = True
+
+    @staticmethod
+    async def _after_qemu_opened(plan: EnablePlan, mem_fd: int) -> None:
+        """QEMU opened the memory file (``migrate`` returned): with the ``file:`` transport it
+        truncated it, which on ext4 would write the whole save out at the next close."""
+        if plan.transport is Transport.FDSET_FILE:
+            await anyio.to_thread.run_sync(hostflush.disarm_flush_on_close, mem_fd)
 
     async def _release_migration_setup(self, plan: EnablePlan, undo: _EnableUndo) -> None:
         """Give back what the save borrowed: the fd/fdset and the migration settings."""
