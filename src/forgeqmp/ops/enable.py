@@ -93,6 +93,8 @@ class _EnableUndo:
     jobs: list[str] = attrs.Factory(list)
     fdset_id: int | None = None
     fd_name: str | None = None
+    #: This process's descriptor of the memory file (closed by the enable itself, not the undo).
+    memory_fd: int | None = None
     previous_capabilities: dict[str, bool] | None = None
     previous_parameters: dict[str, Any] | None = None
     migration_started: bool = False
@@ -331,6 +333,7 @@ class Enable:
         memory_name = os.path.basename(plan.memory_file)
         mem_fd = self.ctx.state_dir.create_private_file(memory_name)
         undo.files.append(plan.memory_file)
+        undo.memory_fd = mem_fd
         try:
             if plan.transport is Transport.FDSET_FILE:
                 # QEMU matches fdset members by access mode and opens the file write-only.
@@ -364,9 +367,9 @@ class Enable:
             ):
                 started = time.monotonic()
                 if plan.pauses_before_switchover:
-                    await self._save_with_pause(plan, undo, migration, report, mem_fd)
+                    await self._save_with_pause(plan, undo, migration, report)
                 else:
-                    await self._save_in_background(plan, undo, migration, report, mem_fd)
+                    await self._save_in_background(plan, undo, migration, report)
                 pause_ms = self.ctx.pause_ms(runstate_events.history)
                 saved_s = time.monotonic() - started
 
@@ -391,6 +394,7 @@ class Enable:
             digest, size = await _timed(took, "digest_seconds", memhash.hash_fd, mem_fd)
             self.ctx.state_dir.fsync_dir()
         finally:
+            undo.memory_fd = None
             os.close(mem_fd)
         await self._release_migration_setup(plan, undo)
         assert record.memory is not None
@@ -484,18 +488,13 @@ class Enable:
             report(ProgressEvent("enable", "converging", step.progress_detail()))
 
     async def _save_with_pause(
-        self,
-        plan: EnablePlan,
-        undo: _EnableUndo,
-        migration: Any,
-        report: ProgressCallback,
-        mem_fd: int,
+        self, plan: EnablePlan, undo: _EnableUndo, migration: Any, report: ProgressCallback
     ) -> None:
         migrate = plan.migrate(undo.fdset_id)
         await self.ctx.flush_before_pause()
         await self.ctx.send(migrate)
         undo.migration_started = True
-        await self._after_qemu_opened(plan, mem_fd)
+        await self._after_qemu_opened(plan, undo)
         report(ProgressEvent("enable", "saving-memory"))
         await self._with_memory_progress(
             report,
@@ -517,12 +516,7 @@ class Enable:
         undo.stopped_by_us = False
 
     async def _save_in_background(
-        self,
-        plan: EnablePlan,
-        undo: _EnableUndo,
-        migration: Any,
-        report: ProgressCallback,
-        mem_fd: int,
+        self, plan: EnablePlan, undo: _EnableUndo, migration: Any, report: ProgressCallback
     ) -> None:
         await self.ctx.flush_before_pause()
         await self.ctx.send(STOP)
@@ -535,7 +529,7 @@ class Enable:
         undo.migration_started = True
         await self.ctx.send(CONT)
         undo.stopped_by_us = False
-        await self._after_qemu_opened(plan, mem_fd)
+        await self._after_qemu_opened(plan, undo)
         report(ProgressEvent("enable", "saving-memory"))
         await self._with_memory_progress(
             report,
@@ -546,11 +540,11 @@ class Enable:
         undo.migration_completed = True
 
     @staticmethod
-    async def _after_qemu_opened(plan: EnablePlan, mem_fd: int) -> None:
+    async def _after_qemu_opened(plan: EnablePlan, undo: _EnableUndo) -> None:
         """QEMU opened the memory file (``migrate`` returned): with the ``file:`` transport it
         truncated it, which on ext4 would write the whole save out at the next close."""
-        if plan.transport is Transport.FDSET_FILE:
-            await anyio.to_thread.run_sync(hostflush.disarm_flush_on_close, mem_fd)
+        if plan.transport is Transport.FDSET_FILE and undo.memory_fd is not None:
+            await anyio.to_thread.run_sync(hostflush.disarm_flush_on_close, undo.memory_fd)
 
     async def _release_migration_setup(self, plan: EnablePlan, undo: _EnableUndo) -> None:
         """Give back what the save borrowed: the fd/fdset and the migration settings."""
