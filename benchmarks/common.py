@@ -298,22 +298,29 @@ def counter_stall_ms(vm: QemuInstance, since: float, until: float) -> float | No
     return max(0.0, (gap - usual) * 1000)
 
 
-def restored_counter_after(vm: QemuInstance, when: float, timeout: float = 60.0) -> float:
-    """Host time of the first counter line after ``when`` that did not go on from the last value
-    printed before ``when``: the first sign of life of a guest restored from an earlier state
-    (the old QEMU's lines before it quit go on, last + 1, last + 2...; a restored counter starts
-    again at or below the last value, which it may equal when it was restored just before)."""
-    before = [n for t, _b, n in vm.counter_history() if t < when]
-    last = before[-1] if before else 0
+def restored_counter_after(
+    vm: QemuInstance, when: float, resumed: float, timeout: float = 60.0
+) -> float:
+    """Host time of the restored guest's first counter line: the first line received after
+    ``resumed`` (the restored VM's ``cont``; the old QEMU was gone before the new one started),
+    checked to be the same boot going on from an earlier state: at most one more than the last
+    value printed before ``when`` (the discard's start). It may be that one more: when the
+    discard follows the enable at once, the old guest printed nothing after the snapshot, and
+    the value alone cannot tell a restored counter from one that went on, only the time can."""
+    before = [(b, n) for t, b, n in vm.counter_history() if t < when]
+    boot, last = before[-1] if before else (None, 0)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for t, _b, n in vm.counter_history():
-            if t >= when and n <= last:
+        for t, b, n in vm.counter_history():
+            if t >= resumed:
+                if b != boot or n > last + 1:
+                    raise RuntimeError(
+                        f"the guest's first counter line after the restore is {b} {n}, not the "
+                        f"same boot ({boot}) going on from at most {last + 1}"
+                    )
                 return t
         time.sleep(0.005)
-    raise TimeoutError(
-        f"the guest's counter did not go back to {last} or below within {timeout:g} s"
-    )
+    raise TimeoutError(f"the restored guest printed no counter line within {timeout:g} s")
 
 
 def next_counter_after(vm: QemuInstance, when: float, timeout: float = 60.0) -> float:
