@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 import attrs
 
@@ -42,6 +43,8 @@ from forgeqmp.testing.guest import (
     pattern_shell,
 )
 from forgeqmp.testing.platforms import LaunchPlan, PlatformProfile, qmp_sync
+
+_T = TypeVar("_T")
 
 __all__ = ["DiskImage", "DiskSpec", "GuestCommandError", "QemuInstance"]
 
@@ -426,11 +429,7 @@ class QemuInstance:
                     return boot
             return None
 
-        with self._cond:
-            if not self._cond.wait_for(lambda: found() is not None, timeout):
-                raise TimeoutError(f"the guest was not ready within {timeout:g} s")
-            boot = found()
-        assert boot is not None
+        boot = self._wait_found(found, timeout, f"the guest was not ready within {timeout:g} s")
         # The shell socket must be connected, and the guest's shell loop must have opened ttyS1:
         # bytes that reach a serial port no process has open are dropped by the guest kernel,
         # and the ready marker can come first (the loop starts in the background). Ping it.
@@ -467,12 +466,9 @@ class QemuInstance:
 
         if min_value is None and since is None:
             since = time.monotonic()
-        with self._cond:
-            if not self._cond.wait_for(lambda: found() is not None, timeout):
-                raise TimeoutError(f"no counter line as asked for within {timeout:g} s")
-            result = found()
-        assert result is not None
-        return result
+        return self._wait_found(
+            found, timeout, f"no counter line as asked for within {timeout:g} s"
+        )
 
     def wait_counter_rewind(
         self, *, since: float, timeout: float = 60.0
@@ -492,9 +488,14 @@ class QemuInstance:
                     return (boot0, n0), (boot1, n1)
             return None
 
+        return self._wait_found(found, timeout, f"the counter did not go back within {timeout:g} s")
+
+    def _wait_found(self, found: Callable[[], _T | None], timeout: float, failure: str) -> _T:
+        """Wait on the console until ``found()`` returns a value and return it; TimeoutError
+        with ``failure`` if it still returns None after ``timeout`` seconds."""
         with self._cond:
             if not self._cond.wait_for(lambda: found() is not None, timeout):
-                raise TimeoutError(f"the counter did not go back within {timeout:g} s")
+                raise TimeoutError(failure)
             result = found()
         assert result is not None
         return result
