@@ -7,11 +7,15 @@ boundary case is a few KiB."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from forgeqmp.adapters import memhash
 from forgeqmp.core.record import DIGEST_ALGORITHMS
@@ -306,3 +310,98 @@ def test_hash_file_never_follows_a_symlink(tmp_path: Path) -> None:
     link.symlink_to(target)
     with pytest.raises(OSError, match="symbolic links"):  # ELOOP: O_NOFOLLOW refused it
         memhash.hash_file(str(link))
+
+
+# --- StreamDigest: hashing a stream while it is written -----------------------------------------
+
+
+def _stream_digest(path: Path, writes: list[bytes], *, advance_every: int = 1) -> tuple[str, int]:
+    """Write ``writes`` to a new file at ``path`` in order, as QEMU writes a precopy stream,
+    advancing a StreamDigest after every ``advance_every`` writes; returns its finish()."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        stream = memhash.StreamDigest(fd)
+        for n, piece in enumerate(writes, 1):
+            os.write(fd, piece)
+            if n % advance_every == 0:
+                stream.advance()
+        return stream.finish()
+    finally:
+        os.close(fd)
+
+
+@given(
+    sizes=st.lists(st.integers(min_value=1, max_value=3 * WINDOW), min_size=0, max_size=12),
+    advance_every=st.integers(min_value=1, max_value=3),
+)
+@settings(max_examples=60, deadline=None)
+def test_a_stream_hashed_while_written_has_the_digest_of_the_whole_file(
+    sizes: list[int], advance_every: int
+) -> None:
+    data = payload(sum(sizes), seed=len(sizes))
+    offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    writes = [data[a:b] for a, b in itertools.pairwise(offsets)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "memory.bin"
+        got = _stream_digest(path, writes, advance_every=advance_every)
+        assert got == memhash.hash_file(str(path))
+        assert got == (reference(data, [(0, len(data))] if data else []), len(data))
+
+
+def test_advance_hashes_only_the_windows_the_file_has_grown_past(tmp_path: Path) -> None:
+    path = tmp_path / "memory.bin"
+    data = payload(3 * WINDOW + 5)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        stream = memhash.StreamDigest(fd)
+        os.write(fd, data[: WINDOW - 1])
+        assert stream.advance() == 0
+        os.write(fd, data[WINDOW - 1 : 2 * WINDOW + 1])
+        assert stream.advance() == 2
+        assert stream.bytes_ahead == 2 * WINDOW
+        assert stream.advance() == 0
+        os.write(fd, data[2 * WINDOW + 1 :])
+        assert stream.advance() == 1
+        assert stream.finish() == (reference(data, [(0, len(data))]), len(data))
+    finally:
+        os.close(fd)
+
+
+def test_a_window_whose_layout_changed_after_it_was_hashed_is_hashed_again(
+    sparse_file: Path,
+) -> None:
+    """Not what a precopy writer does; if the layout moves anyway, the digest still follows it."""
+    data = bytearray(payload(3 * WINDOW))
+    fd = os.open(sparse_file, os.O_RDWR | os.O_TRUNC)
+    try:
+        stream = memhash.StreamDigest(fd)
+        os.write(fd, data)
+        assert stream.advance() == 3
+        os.ftruncate(fd, BLOCK)  # the first window keeps one block, the others become holes
+        os.ftruncate(fd, 3 * WINDOW)
+        data[BLOCK:] = bytes(len(data) - BLOCK)
+        got = stream.finish()
+    finally:
+        os.close(fd)
+    assert got == (reference(bytes(data), [(0, BLOCK)]), len(data))
+    assert got == memhash.hash_file(str(sparse_file))
+
+
+def test_bytes_rewritten_after_they_were_hashed_make_a_digest_discard_refuses(
+    tmp_path: Path,
+) -> None:
+    """The documented limit: a writer that goes back over hashed bytes (a precopy save does not)
+    leaves a digest that is not the file's, so discard's verification refuses the file."""
+    path = tmp_path / "memory.bin"
+    data = payload(2 * WINDOW)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        stream = memhash.StreamDigest(fd)
+        os.write(fd, data)
+        stream.advance()
+        os.pwrite(fd, b"\xff", 3)
+        got = stream.finish()
+    finally:
+        os.close(fd)
+    assert got == (reference(data, [(0, len(data))]), len(data))
+    assert got != memhash.hash_file(str(path))

@@ -35,7 +35,7 @@ import errno
 import hashlib
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Final, TypeVar
 
@@ -48,6 +48,7 @@ __all__ = [
     "ALGORITHMS",
     "CHUNK_SIZE",
     "WINDOW",
+    "StreamDigest",
     "data_extents",
     "hash_fd",
     "hash_file",
@@ -99,36 +100,37 @@ def hash_file(
         os.close(fd)
 
 
-def data_extents(fd: int, size: int | None = None) -> list[tuple[int, int]]:
-    """The data extents ``(offset, length)`` of the file open as ``fd``, in order, within its
-    first ``size`` bytes (default: its size). The whole file when the file system cannot tell.
+def data_extents(fd: int, size: int | None = None, *, start: int = 0) -> list[tuple[int, int]]:
+    """The data extents ``(offset, length)`` of the file open as ``fd``, in order, between
+    ``start`` and its first ``size`` bytes (default: its size), clipped to that range. The whole
+    range when the file system cannot tell.
 
     The seeks happen on a second open file description of the same file, so the offset of ``fd``
     (which QEMU may be reading from) never moves.
     """
     if size is None:
         size = os.fstat(fd).st_size
-    if size == 0:
+    if size <= start:
         return []
     probe = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
     try:
         if not os.path.samestat(os.fstat(probe), os.fstat(fd)):
             raise OSError(errno.ESTALE, "the reopened memory file is another file")
         extents: list[tuple[int, int]] = []
-        offset = 0
+        offset = start
         while offset < size:
             try:
-                start = os.lseek(probe, offset, os.SEEK_DATA)
+                data = os.lseek(probe, offset, os.SEEK_DATA)
             except OSError as exc:
                 if exc.errno == errno.ENXIO:  # no data after offset
                     break
-                if exc.errno == errno.EINVAL and offset == 0:  # SEEK_DATA not supported
-                    return [(0, size)]
+                if exc.errno == errno.EINVAL and offset == start:  # SEEK_DATA not supported
+                    return [(start, size - start)]
                 raise
-            if start >= size:
+            if data >= size:
                 break
-            end = min(os.lseek(probe, start, os.SEEK_HOLE), size)
-            extents.append((start, end - start))
+            end = min(os.lseek(probe, data, os.SEEK_HOLE), size)
+            extents.append((data, end - data))
             offset = end
         return extents
     finally:
@@ -192,15 +194,66 @@ def _xxh3_window(fd: int, extents: list[tuple[int, int]]) -> bytes:
     return digest.digest()
 
 
-def _xxh3_128(fd: int, size: int, workers: int) -> str:
+def _xxh3_128(
+    fd: int,
+    size: int,
+    workers: int,
+    known: Mapping[int, tuple[list[tuple[int, int]], bytes]] | None = None,
+) -> str:
+    """The ``"xxh3-128"`` digest; ``known`` maps window indexes to (extents, digest) already
+    hashed, reused for each window whose extents are still the same."""
     windows = _windows(data_extents(fd, size))
+    known = known or {}
+    todo = [k for k, extents in windows.items() if k not in known or known[k][0] != extents]
+    digests = _parallel(lambda k: _xxh3_window(fd, windows[k]), todo, workers)
+    hashed = dict(zip(todo, digests, strict=True))
     digest = xxhash.xxh3_128(_MAGIC)
     digest.update(_U64.pack(size))
-    digests = _parallel(lambda item: _xxh3_window(fd, item), list(windows.values()), workers)
-    for index, window_digest in zip(windows, digests, strict=True):
+    for index in windows:
         digest.update(_U64.pack(index))
-        digest.update(window_digest)
+        digest.update(hashed[index] if index in hashed else known[index][1])
     return digest.hexdigest()
+
+
+class StreamDigest:
+    """The ``"xxh3-128"`` digest of a file being written from its start to its end, hashed
+    while it is written: a precopy save, which QEMU writes as a stream, in order, and never goes
+    back over.
+
+    :meth:`advance` hashes every WINDOW-byte window the file has grown past since the last call
+    (the bytes below the file's size are written); :meth:`finish`, once the writer is done, hashes
+    what is left and returns what :func:`hash_fd` would. A window whose data extents changed
+    since it was hashed is hashed again; the bytes are not compared again, so a writer that went
+    back over bytes already hashed would make the recorded digest differ from the file, which
+    discard's verification reports (a cold start, never a wrong restore). Both read with pread
+    only and block: run them in a worker thread, one call at a time.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._known: dict[int, tuple[list[tuple[int, int]], bytes]] = {}
+        self._next = 0  # the first window not hashed yet
+        #: Bytes hashed by :meth:`advance` (while the file was being written).
+        self.bytes_ahead = 0
+
+    def advance(self) -> int:
+        """Hash each window now wholly below the file's size; returns how many it hashed."""
+        size = os.fstat(self._fd).st_size
+        hashed = 0
+        while (self._next + 1) * WINDOW <= size:
+            first = self._next * WINDOW
+            extents = data_extents(self._fd, first + WINDOW, start=first)
+            if extents:
+                self._known[self._next] = (extents, _xxh3_window(self._fd, extents))
+                self.bytes_ahead += sum(length for _offset, length in extents)
+            self._next += 1
+            hashed += 1
+        return hashed
+
+    def finish(self, *, threads: int | None = None) -> tuple[str, int]:
+        """The digest of the whole file as it is now: ``(hex digest, size)``, as :func:`hash_fd`."""
+        size = os.fstat(self._fd).st_size
+        return _xxh3_128(self._fd, size, threads or os.cpu_count() or 1, self._known), size
 
 
 def _sha256_chunk(fd: int, offset: int, length: int) -> bytes:
