@@ -10,6 +10,8 @@ import hashlib
 import itertools
 import os
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -405,3 +407,89 @@ def test_bytes_rewritten_after_they_were_hashed_make_a_digest_discard_refuses(
         os.close(fd)
     assert got == (reference(data, [(0, len(data))]), len(data))
     assert got != memhash.hash_file(str(path))
+
+
+def test_follow_hashes_the_stream_as_it_grows_and_stops_when_told(tmp_path: Path) -> None:
+    path = tmp_path / "memory.bin"
+    data = payload(4 * WINDOW + 9)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        stream = memhash.StreamDigest(fd)
+        stop = threading.Event()
+        thread = threading.Thread(target=stream.follow, args=(stop, 0.001), daemon=True)
+        thread.start()
+        for offset in range(0, len(data), WINDOW // 3):
+            os.write(fd, data[offset : offset + WINDOW // 3])
+        deadline = time.monotonic() + 30
+        while stream.bytes_ahead < 4 * WINDOW and time.monotonic() < deadline:
+            time.sleep(0.001)
+        stop.set()
+        thread.join(30)
+        assert not thread.is_alive()
+        assert stream.bytes_ahead == 4 * WINDOW  # every whole window, not the tail
+        assert stream.finish() == (reference(data, [(0, len(data))]), len(data))
+    finally:
+        os.close(fd)
+
+
+def test_follow_runs_at_the_idle_priority(tmp_path: Path) -> None:
+    path = tmp_path / "memory.bin"
+    path.write_bytes(b"")
+    fd = os.open(path, os.O_RDONLY)
+    seen: list[int] = []
+    try:
+        stream = memhash.StreamDigest(fd)
+        stop = threading.Event()
+        real_advance = stream.advance
+
+        def advance(stop_: threading.Event | None = None) -> int:
+            seen.append(os.sched_getscheduler(0))
+            stop.set()
+            return real_advance(stop_)
+
+        stream.advance = advance  # type: ignore[method-assign]
+        thread = threading.Thread(target=stream.follow, args=(stop, 0.001))
+        thread.start()
+        thread.join(30)
+    finally:
+        os.close(fd)
+    assert seen == [os.SCHED_IDLE]
+    assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the caller's thread is untouched
+
+
+def test_follow_hashes_nothing_without_the_idle_priority(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hashing ahead at the normal priority would slow the save it runs beside: finish does it."""
+
+    def refused(*_args: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refused)
+    path = tmp_path / "memory.bin"
+    data = payload(2 * WINDOW)
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        stream = memhash.StreamDigest(fd)
+        stream.follow(threading.Event(), 0.001)  # returns at once
+        assert stream.bytes_ahead == 0
+        assert stream.finish() == (reference(data, [(0, len(data))]), len(data))
+    finally:
+        os.close(fd)
+
+
+def test_advance_told_to_stop_leaves_the_window_to_finish(tmp_path: Path) -> None:
+    path = tmp_path / "memory.bin"
+    data = payload(2 * WINDOW)
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        stream = memhash.StreamDigest(fd)
+        stop = threading.Event()
+        stop.set()
+        assert stream.advance(stop) == 0
+        assert stream.bytes_ahead == 0
+        assert stream.finish() == (reference(data, [(0, len(data))]), len(data))
+    finally:
+        os.close(fd)

@@ -20,21 +20,33 @@ the XXH3-128 of::
 where a window's stream is, for each data extent clipped to the window, in order of offset,
 ``le64(offset) || le64(length) || the extent's bytes``. Data extents are what ``SEEK_DATA`` /
 ``SEEK_HOLE`` report (a file system without them has one extent: the whole file). Windows are
-hashed on several threads, reading with ``pread`` into reused buffers.
+hashed on several threads, each through read-only mappings of at most 4 MiB of the file at a
+time (the page cache hashed in place, no copy).
 
 ``"sha256"`` (records of older forgeqmp) is the SHA-256 of the concatenated SHA-256 digests of
 consecutive :data:`CHUNK_SIZE`-byte chunks of the whole file, holes read as zeros.
 
-Both read with ``pread`` only: the file offset of the descriptor is never moved, so the same open
-file can be handed to QEMU (which reads the stream at that offset) while it is hashed.
+Enable hashes a precopy save while QEMU writes it (:class:`StreamDigest`: the stream only
+grows, so a window is final once the file is past it) and after the save only its tail;
+the result is the ``"xxh3-128"`` above, which discard verifies with :func:`hash_fd`.
+
+Both read with ``pread`` or a mapping only: the file offset of the descriptor is never moved, so
+the same open file can be handed to QEMU (which reads the stream at that offset) while it is
+hashed. The size is checked before each mapping; a file truncated *while* a mapping of its end is
+read would end the process with SIGBUS. Only whoever can write the private state dir can do that
+(the same who can kill the process; docs/security.md), and recover finishes an operation killed
+that way.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import logging
+import mmap
 import os
 import struct
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Final, TypeVar
@@ -69,6 +81,8 @@ _MAGIC: Final = b"forgeqmp-memory xxh3-128 1\n"
 _U64: Final = struct.Struct("<Q")
 _EXTENT: Final = struct.Struct("<QQ")
 _T = TypeVar("_T")
+
+log = logging.getLogger(__name__)
 
 
 def hash_fd(fd: int, *, algorithm: str = ALGORITHM, threads: int | None = None) -> tuple[str, int]:
@@ -174,23 +188,33 @@ def _reads(
         yield first, group[-1][0] + group[-1][1] - first, group
 
 
-def _pread_exactly(fd: int, view: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got == 0:
-            raise OSError(errno.EIO, "the memory file shrank while it was hashed")
-        done += got
+class _Stopped(Exception):
+    """Hashing ahead was told to stop in the middle of a window."""
 
 
-def _xxh3_window(fd: int, extents: list[tuple[int, int]]) -> bytes:
+def _xxh3_window(
+    fd: int, extents: list[tuple[int, int]], stop: threading.Event | None = None
+) -> bytes:
+    """The window's XXH3-128, read through a mapping of each read's span (no copy: hashing the
+    page cache in place takes half the time of pread into a buffer here). Raises _Stopped
+    between two reads once ``stop`` is set."""
     digest = xxhash.xxh3_128()
-    buffer = memoryview(bytearray(_READ))
     for first, length, group in _reads(extents):
-        _pread_exactly(fd, buffer[:length], first)
-        for offset, piece, header in group:
-            digest.update(header)
-            digest.update(buffer[offset - first : offset - first + piece])
+        if stop is not None and stop.is_set():
+            raise _Stopped
+        if first + length > os.fstat(fd).st_size:
+            raise OSError(errno.EIO, "the memory file shrank while it was hashed")
+        start = first - first % mmap.ALLOCATIONGRANULARITY
+        with mmap.mmap(
+            fd, first + length - start, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=start
+        ) as mapped:
+            view = memoryview(mapped)
+            try:
+                for offset, piece, header in group:
+                    digest.update(header)
+                    digest.update(view[offset - start : offset - start + piece])
+            finally:
+                view.release()
     return digest.digest()
 
 
@@ -236,19 +260,44 @@ class StreamDigest:
         #: Bytes hashed by :meth:`advance` (while the file was being written).
         self.bytes_ahead = 0
 
-    def advance(self) -> int:
-        """Hash each window now wholly below the file's size; returns how many it hashed."""
+    def advance(self, stop: threading.Event | None = None) -> int:
+        """Hash each window now wholly below the file's size; returns how many it hashed.
+        Returns early, within one read, once ``stop`` is set (the window it was in is left to
+        :meth:`finish`)."""
         size = os.fstat(self._fd).st_size
         hashed = 0
         while (self._next + 1) * WINDOW <= size:
             first = self._next * WINDOW
             extents = data_extents(self._fd, first + WINDOW, start=first)
             if extents:
-                self._known[self._next] = (extents, _xxh3_window(self._fd, extents))
+                try:
+                    window = _xxh3_window(self._fd, extents, stop)
+                except _Stopped:
+                    break
+                self._known[self._next] = (extents, window)
                 self.bytes_ahead += sum(length for _offset, length in extents)
             self._next += 1
             hashed += 1
         return hashed
+
+    def follow(self, stop: threading.Event, interval: float) -> None:
+        """Blocking, for a thread of its own: :meth:`advance` every ``interval`` seconds until
+        ``stop`` is set, at the idle scheduling priority (``SCHED_IDLE``: only on a core that
+        nothing else wants, so the save is never slowed by it; an unprivileged thread cannot go
+        back, hence a thread of its own). Where that priority cannot be had, it hashes nothing
+        and :meth:`finish` does it all. An error reading the file ends it too (``finish`` reads
+        it again and reports it)."""
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except (AttributeError, OSError) as exc:
+            log.debug("not hashing the memory file while it is saved: %s", exc)
+            return
+        try:
+            while not stop.is_set():
+                if not self.advance(stop):
+                    stop.wait(interval)
+        except OSError as exc:
+            log.debug("hashing the memory file while it is saved stopped: %s", exc)
 
     def finish(self, *, threads: int | None = None) -> tuple[str, int]:
         """The digest of the whole file as it is now: ``(hex digest, size)``, as :func:`hash_fd`."""

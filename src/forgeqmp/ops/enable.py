@@ -10,8 +10,17 @@ import contextlib
 import functools
 import logging
 import os
+import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from typing import Any, TypeVar
 
 import anyio
@@ -371,10 +380,11 @@ class Enable:
                 conn.subscribe("STOP", "RESUME") as runstate_events,
             ):
                 started = time.monotonic()
-                if plan.pauses_before_switchover:
-                    await self._save_with_pause(plan, undo, migration, report, stream)
-                else:
-                    await self._save_in_background(plan, undo, migration, report, stream)
+                async with _hashing_ahead(stream):
+                    if plan.pauses_before_switchover:
+                        await self._save_with_pause(plan, undo, migration, report)
+                    else:
+                        await self._save_in_background(plan, undo, migration, report)
                 pause_ms = self.ctx.pause_ms(runstate_events.history)
                 saved_s = time.monotonic() - started
 
@@ -430,21 +440,17 @@ class Enable:
     async def _with_memory_progress(
         self,
         report: ProgressCallback,
-        stream: memhash.StreamDigest | None,
         wait: Callable[[], Awaitable[None]],
         converge: Callable[[], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         """Run ``wait`` while reporting the memory save's progress (``progress`` events with
-        ``done``/``total`` bytes and ``bytes_per_second``) every PROGRESS_INTERVAL, while
-        hashing the ``stream`` as QEMU writes it (if given) and while ``converge`` runs (if
-        given); all stop when ``wait`` returns.
+        ``done``/``total`` bytes and ``bytes_per_second``) every PROGRESS_INTERVAL, and while
+        ``converge`` runs (if given); both stop when ``wait`` returns.
 
         ``wait``'s exception is re-raised as is, not wrapped in an ExceptionGroup."""
         failed: list[Exception] = []
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._report_memory_progress, report)
-            if stream is not None:
-                tg.start_soon(_hash_while_saved, stream)
             if converge is not None:
                 tg.start_soon(converge)
             try:
@@ -502,12 +508,7 @@ class Enable:
             report(ProgressEvent("enable", "converging", step.progress_detail()))
 
     async def _save_with_pause(
-        self,
-        plan: EnablePlan,
-        undo: _EnableUndo,
-        migration: Any,
-        report: ProgressCallback,
-        stream: memhash.StreamDigest | None,
+        self, plan: EnablePlan, undo: _EnableUndo, migration: Any, report: ProgressCallback
     ) -> None:
         migrate = plan.migrate(undo.fdset_id)
         await self.ctx.flush_before_pause()
@@ -517,7 +518,6 @@ class Enable:
         report(ProgressEvent("enable", "saving-memory"))
         await self._with_memory_progress(
             report,
-            stream,
             lambda: self.ctx.wait_migration(
                 migration, "pre-switchover", "the pre-switchover pause"
             ),
@@ -536,12 +536,7 @@ class Enable:
         undo.stopped_by_us = False
 
     async def _save_in_background(
-        self,
-        plan: EnablePlan,
-        undo: _EnableUndo,
-        migration: Any,
-        report: ProgressCallback,
-        stream: memhash.StreamDigest | None,
+        self, plan: EnablePlan, undo: _EnableUndo, migration: Any, report: ProgressCallback
     ) -> None:
         await self.ctx.flush_before_pause()
         await self.ctx.send(STOP)
@@ -558,7 +553,6 @@ class Enable:
         report(ProgressEvent("enable", "saving-memory"))
         await self._with_memory_progress(
             report,
-            stream,
             lambda: self.ctx.wait_migration(
                 migration, "completed", "the end of the background save"
             ),
@@ -686,16 +680,28 @@ class Enable:
             )
 
 
-async def _hash_while_saved(stream: memhash.StreamDigest) -> None:
-    """Hash the memory file window by window as QEMU writes it, until cancelled (the save is
-    done). Only a head start: a window it could not read is hashed by ``finish``, which fails
-    the enable if the file cannot be read."""
+@contextlib.asynccontextmanager
+async def _hashing_ahead(stream: memhash.StreamDigest | None) -> AsyncIterator[None]:
+    """Hash the memory file window by window as QEMU writes it, on a thread of its own at the
+    idle priority (:meth:`~forgeqmp.adapters.memhash.StreamDigest.follow`), until the block
+    ends; the thread is gone when it returns (it stops within one 4 MiB read)."""
+    if stream is None:
+        yield
+        return
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=stream.follow,
+        args=(stop, STREAM_POLL_INTERVAL),
+        name="forgeqmp-hash-ahead",
+        daemon=True,
+    )
+    thread.start()
     try:
-        while True:
-            if not await anyio.to_thread.run_sync(stream.advance):
-                await anyio.sleep(STREAM_POLL_INTERVAL)
-    except OSError as exc:
-        log.debug("hashing the memory file while it is saved stopped: %s", exc)
+        yield
+    finally:
+        stop.set()
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(thread.join)
 
 
 async def _timed(took: dict[str, float], name: str, work: Callable[..., _T], *args: Any) -> _T:
