@@ -69,6 +69,11 @@ class LaunchSpec:
 Launcher = Callable[[LaunchSpec], Awaitable[None]]
 
 
+#: How often :func:`wait_for_qmp` looks for the new QEMU's socket: a discard's VM is down
+#: meanwhile, and a QEMU starts in ~40 ms here (a look is one stat of the path).
+QMP_POLL_INTERVAL = 0.005
+
+
 async def wait_for_qmp(
     socket_path: str, timeout: float, process: subprocess.Popen[bytes] | None = None
 ) -> None:
@@ -90,7 +95,7 @@ async def wait_for_qmp(
             else:
                 await probe.close()
                 return
-        await anyio.sleep(0.02)
+        await anyio.sleep(QMP_POLL_INTERVAL)
     raise ForgeFailed(
         f"QEMU's QMP socket {socket_path} did not answer within {timeout:g} s: {last}"
     )
