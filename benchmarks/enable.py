@@ -131,6 +131,7 @@ async def forge_once(vm: QemuInstance, state_dir: Path, variant: Variant) -> dic
         "save_s": progress.get("save_seconds"),
         "fsync_s": fsync_s,
         "digest_s": progress.get("digest_seconds"),
+        "ahead_mib": progress.get("hashed_while_saving", 0) / 2**20,
     }
 
 
@@ -281,7 +282,7 @@ def _add_figures(row: Row, vm: QemuInstance, got: dict[str, Any]) -> float | Non
         row.add("save_gb_s", got["written"] / 1e9 / (qemu_ms / 1000))
     row.add("written_mib", got["written"] / 2**20)
     row.add("total_s", got["t1"] - got["t0"])
-    for name in ("fsync_s", "digest_s"):
+    for name in ("fsync_s", "digest_s", "ahead_mib"):
         if got.get(name) is not None:
             row.add(name, got[name])
     return stall
