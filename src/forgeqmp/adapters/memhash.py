@@ -86,7 +86,7 @@ log = logging.getLogger(__name__)
 
 
 def hash_fd(fd: int, *, algorithm: str = ALGORITHM, threads: int | None = None) -> tuple[str, int]:
-    """Digest by ``algorithm`` of the file open as ``fd`` (read with pread: its offset is untouched).
+    """Digest by ``algorithm`` of the file open as ``fd`` (its offset is never moved).
 
     Returns ``(hex digest, size in bytes)``. Blocking: run it in a worker thread from async code.
 
@@ -249,8 +249,9 @@ class StreamDigest:
     what is left and returns what :func:`hash_fd` would. A window whose data extents changed
     since it was hashed is hashed again; the bytes are not compared again, so a writer that went
     back over bytes already hashed would make the recorded digest differ from the file, which
-    discard's verification reports (a cold start, never a wrong restore). Both read with pread
-    only and block: run them in a worker thread, one call at a time.
+    discard's verification reports (a cold start, never a wrong restore). Both read the file
+    through mappings, never moving its offset, and block: run them in a worker thread (or
+    :meth:`follow` in a thread of its own), one call at a time.
     """
 
     def __init__(self, fd: int) -> None:
@@ -282,10 +283,11 @@ class StreamDigest:
 
     def follow(self, stop: threading.Event, interval: float) -> None:
         """Blocking, for a thread of its own: :meth:`advance` every ``interval`` seconds until
-        ``stop`` is set, at the idle scheduling priority (``SCHED_IDLE``: only on a core that
-        nothing else wants, so the save is never slowed by it; an unprivileged thread cannot go
-        back, hence a thread of its own). Where that priority cannot be had, it hashes nothing
-        and :meth:`finish` does it all. An error reading the file ends it too (``finish`` reads
+        ``stop`` is set, at the idle scheduling priority (``SCHED_IDLE``: CPU time that nothing
+        else wants; an unprivileged thread cannot go back, hence a thread of its own). Beside a
+        guest that keeps both cores busy it still slows the save a little, and the enable is
+        still shorter than hashing it all after the save (docs/performance.md). Where that
+        priority cannot be had, it hashes nothing and :meth:`finish` does it all. An error reading the file ends it too (``finish`` reads
         it again and reports it)."""
         try:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
