@@ -6,12 +6,14 @@ boundary case is a few KiB."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import os
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -317,19 +319,27 @@ def test_hash_file_never_follows_a_symlink(tmp_path: Path) -> None:
 # --- StreamDigest: hashing a stream while it is written -----------------------------------------
 
 
+@contextlib.contextmanager
+def open_stream(path: Path, *, write: bool = True) -> Iterator[tuple[int, memhash.StreamDigest]]:
+    """The file at ``path`` open (``write``: emptied or created, for writing) and a StreamDigest
+    of it; closed after the block."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC if write else os.O_RDONLY
+    fd = os.open(path, flags, 0o600)
+    try:
+        yield fd, memhash.StreamDigest(fd)
+    finally:
+        os.close(fd)
+
+
 def _stream_digest(path: Path, writes: list[bytes], *, advance_every: int = 1) -> tuple[str, int]:
     """Write ``writes`` to a new file at ``path`` in order, as QEMU writes a precopy stream,
     advancing a StreamDigest after every ``advance_every`` writes; returns its finish()."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        stream = memhash.StreamDigest(fd)
+    with open_stream(path) as (fd, stream):
         for n, piece in enumerate(writes, 1):
             os.write(fd, piece)
             if n % advance_every == 0:
                 stream.advance()
         return stream.finish()
-    finally:
-        os.close(fd)
 
 
 @given(
@@ -353,9 +363,7 @@ def test_a_stream_hashed_while_written_has_the_digest_of_the_whole_file(
 def test_advance_hashes_only_the_windows_the_file_has_grown_past(tmp_path: Path) -> None:
     path = tmp_path / "memory.bin"
     data = payload(3 * WINDOW + 5)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        stream = memhash.StreamDigest(fd)
+    with open_stream(path) as (fd, stream):
         os.write(fd, data[: WINDOW - 1])
         assert stream.advance() == 0
         os.write(fd, data[WINDOW - 1 : 2 * WINDOW + 1])
@@ -365,8 +373,6 @@ def test_advance_hashes_only_the_windows_the_file_has_grown_past(tmp_path: Path)
         os.write(fd, data[2 * WINDOW + 1 :])
         assert stream.advance() == 1
         assert stream.finish() == (reference(data, [(0, len(data))]), len(data))
-    finally:
-        os.close(fd)
 
 
 def test_a_window_whose_layout_changed_after_it_was_hashed_is_hashed_again(
@@ -374,17 +380,13 @@ def test_a_window_whose_layout_changed_after_it_was_hashed_is_hashed_again(
 ) -> None:
     """Not what a precopy writer does; if the layout moves anyway, the digest still follows it."""
     data = bytearray(payload(3 * WINDOW))
-    fd = os.open(sparse_file, os.O_RDWR | os.O_TRUNC)
-    try:
-        stream = memhash.StreamDigest(fd)
+    with open_stream(sparse_file) as (fd, stream):
         os.write(fd, data)
         assert stream.advance() == 3
         os.ftruncate(fd, BLOCK)  # the first window keeps one block, the others become holes
         os.ftruncate(fd, 3 * WINDOW)
         data[BLOCK:] = bytes(len(data) - BLOCK)
         got = stream.finish()
-    finally:
-        os.close(fd)
     assert got == (reference(bytes(data), [(0, BLOCK)]), len(data))
     assert got == memhash.hash_file(str(sparse_file))
 
@@ -396,15 +398,11 @@ def test_bytes_rewritten_after_they_were_hashed_make_a_digest_discard_refuses(
     leaves a digest that is not the file's, so discard's verification refuses the file."""
     path = tmp_path / "memory.bin"
     data = payload(2 * WINDOW)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        stream = memhash.StreamDigest(fd)
+    with open_stream(path) as (fd, stream):
         os.write(fd, data)
         stream.advance()
         os.pwrite(fd, b"\xff", 3)
         got = stream.finish()
-    finally:
-        os.close(fd)
     assert got == (reference(data, [(0, len(data))]), len(data))
     assert got != memhash.hash_file(str(path))
 
@@ -412,9 +410,7 @@ def test_bytes_rewritten_after_they_were_hashed_make_a_digest_discard_refuses(
 def test_follow_hashes_the_stream_as_it_grows_and_stops_when_told(tmp_path: Path) -> None:
     path = tmp_path / "memory.bin"
     data = payload(4 * WINDOW + 9)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        stream = memhash.StreamDigest(fd)
+    with open_stream(path) as (fd, stream):
         stop = threading.Event()
         thread = threading.Thread(target=stream.follow, args=(stop, 0.001), daemon=True)
         thread.start()
@@ -428,17 +424,13 @@ def test_follow_hashes_the_stream_as_it_grows_and_stops_when_told(tmp_path: Path
         assert not thread.is_alive()
         assert stream.bytes_ahead == 4 * WINDOW  # every whole window, not the tail
         assert stream.finish() == (reference(data, [(0, len(data))]), len(data))
-    finally:
-        os.close(fd)
 
 
 def test_follow_runs_at_the_idle_priority(tmp_path: Path) -> None:
     path = tmp_path / "memory.bin"
     path.write_bytes(b"")
-    fd = os.open(path, os.O_RDONLY)
     seen: list[int] = []
-    try:
-        stream = memhash.StreamDigest(fd)
+    with open_stream(path, write=False) as (_fd, stream):
         stop = threading.Event()
         real_advance = stream.advance
 
@@ -451,8 +443,6 @@ def test_follow_runs_at_the_idle_priority(tmp_path: Path) -> None:
         thread = threading.Thread(target=stream.follow, args=(stop, 0.001))
         thread.start()
         thread.join(30)
-    finally:
-        os.close(fd)
     assert seen == [os.SCHED_IDLE]
     assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the caller's thread is untouched
 
@@ -469,27 +459,19 @@ def test_follow_hashes_nothing_without_the_idle_priority(
     path = tmp_path / "memory.bin"
     data = payload(2 * WINDOW)
     path.write_bytes(data)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        stream = memhash.StreamDigest(fd)
+    with open_stream(path, write=False) as (_fd, stream):
         stream.follow(threading.Event(), 0.001)  # returns at once
         assert stream.bytes_ahead == 0
         assert stream.finish() == (reference(data, [(0, len(data))]), len(data))
-    finally:
-        os.close(fd)
 
 
 def test_advance_told_to_stop_leaves_the_window_to_finish(tmp_path: Path) -> None:
     path = tmp_path / "memory.bin"
     data = payload(2 * WINDOW)
     path.write_bytes(data)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        stream = memhash.StreamDigest(fd)
+    with open_stream(path, write=False) as (_fd, stream):
         stop = threading.Event()
         stop.set()
         assert stream.advance(stop) == 0
         assert stream.bytes_ahead == 0
         assert stream.finish() == (reference(data, [(0, len(data))]), len(data))
-    finally:
-        os.close(fd)
