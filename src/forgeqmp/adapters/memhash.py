@@ -26,10 +26,6 @@ time (the page cache hashed in place, no copy).
 ``"sha256"`` (records of older forgeqmp) is the SHA-256 of the concatenated SHA-256 digests of
 consecutive :data:`CHUNK_SIZE`-byte chunks of the whole file, holes read as zeros.
 
-Enable hashes a precopy save while QEMU writes it (:class:`StreamDigest`: the stream only
-grows, so a window is final once the file is past it) and after the save only its tail;
-the result is the ``"xxh3-128"`` above, which discard verifies with :func:`hash_fd`.
-
 Both read with ``pread`` or a mapping only: the file offset of the descriptor is never moved, so
 the same open file can be handed to QEMU (which reads the stream at that offset) while it is
 hashed. The size is checked before each mapping; a file truncated *while* a mapping of its end is
@@ -42,12 +38,10 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import logging
 import mmap
 import os
 import struct
-import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Final, TypeVar
 
@@ -60,7 +54,6 @@ __all__ = [
     "ALGORITHMS",
     "CHUNK_SIZE",
     "WINDOW",
-    "StreamDigest",
     "data_extents",
     "hash_fd",
     "hash_file",
@@ -81,8 +74,6 @@ _MAGIC: Final = b"forgeqmp-memory xxh3-128 1\n"
 _U64: Final = struct.Struct("<Q")
 _EXTENT: Final = struct.Struct("<QQ")
 _T = TypeVar("_T")
-
-log = logging.getLogger(__name__)
 
 
 def hash_fd(fd: int, *, algorithm: str = ALGORITHM, threads: int | None = None) -> tuple[str, int]:
@@ -114,37 +105,36 @@ def hash_file(
         os.close(fd)
 
 
-def data_extents(fd: int, size: int | None = None, *, start: int = 0) -> list[tuple[int, int]]:
-    """The data extents ``(offset, length)`` of the file open as ``fd``, in order, between
-    ``start`` and its first ``size`` bytes (default: its size), clipped to that range. The whole
-    range when the file system cannot tell.
+def data_extents(fd: int, size: int | None = None) -> list[tuple[int, int]]:
+    """The data extents ``(offset, length)`` of the file open as ``fd``, in order, within its
+    first ``size`` bytes (default: its size). The whole file when the file system cannot tell.
 
     The seeks happen on a second open file description of the same file, so the offset of ``fd``
     (which QEMU may be reading from) never moves.
     """
     if size is None:
         size = os.fstat(fd).st_size
-    if size <= start:
+    if size == 0:
         return []
     probe = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
     try:
         if not os.path.samestat(os.fstat(probe), os.fstat(fd)):
             raise OSError(errno.ESTALE, "the reopened memory file is another file")
         extents: list[tuple[int, int]] = []
-        offset = start
+        offset = 0
         while offset < size:
             try:
-                data = os.lseek(probe, offset, os.SEEK_DATA)
+                start = os.lseek(probe, offset, os.SEEK_DATA)
             except OSError as exc:
                 if exc.errno == errno.ENXIO:  # no data after offset
                     break
-                if exc.errno == errno.EINVAL and offset == start:  # SEEK_DATA not supported
-                    return [(start, size - start)]
+                if exc.errno == errno.EINVAL and offset == 0:  # SEEK_DATA not supported
+                    return [(0, size)]
                 raise
-            if data >= size:
+            if start >= size:
                 break
-            end = min(os.lseek(probe, data, os.SEEK_HOLE), size)
-            extents.append((data, end - data))
+            end = min(os.lseek(probe, start, os.SEEK_HOLE), size)
+            extents.append((start, end - start))
             offset = end
         return extents
     finally:
@@ -188,20 +178,11 @@ def _reads(
         yield first, group[-1][0] + group[-1][1] - first, group
 
 
-class _Stopped(Exception):
-    """Hashing ahead was told to stop in the middle of a window."""
-
-
-def _xxh3_window(
-    fd: int, extents: list[tuple[int, int]], stop: threading.Event | None = None
-) -> bytes:
+def _xxh3_window(fd: int, extents: list[tuple[int, int]]) -> bytes:
     """The window's XXH3-128, read through a mapping of each read's span (no copy: hashing the
-    page cache in place takes half the time of pread into a buffer here). Raises _Stopped
-    between two reads once ``stop`` is set."""
+    page cache in place takes half the time of pread into a buffer here)."""
     digest = xxhash.xxh3_128()
     for first, length, group in _reads(extents):
-        if stop is not None and stop.is_set():
-            raise _Stopped
         if first + length > os.fstat(fd).st_size:
             raise OSError(errno.EIO, "the memory file shrank while it was hashed")
         start = first - first % mmap.ALLOCATIONGRANULARITY
@@ -218,93 +199,15 @@ def _xxh3_window(
     return digest.digest()
 
 
-def _xxh3_128(
-    fd: int,
-    size: int,
-    workers: int,
-    known: Mapping[int, tuple[list[tuple[int, int]], bytes]] | None = None,
-) -> str:
-    """The ``"xxh3-128"`` digest; ``known`` maps window indexes to (extents, digest) already
-    hashed, reused for each window whose extents are still the same."""
+def _xxh3_128(fd: int, size: int, workers: int) -> str:
     windows = _windows(data_extents(fd, size))
-    known = known or {}
-    todo = [k for k, extents in windows.items() if k not in known or known[k][0] != extents]
-    digests = _parallel(lambda k: _xxh3_window(fd, windows[k]), todo, workers)
-    hashed = dict(zip(todo, digests, strict=True))
     digest = xxhash.xxh3_128(_MAGIC)
     digest.update(_U64.pack(size))
-    for index in windows:
+    digests = _parallel(lambda item: _xxh3_window(fd, item), list(windows.values()), workers)
+    for index, window_digest in zip(windows, digests, strict=True):
         digest.update(_U64.pack(index))
-        digest.update(hashed[index] if index in hashed else known[index][1])
+        digest.update(window_digest)
     return digest.hexdigest()
-
-
-class StreamDigest:
-    """The ``"xxh3-128"`` digest of a file being written from its start to its end, hashed
-    while it is written: a precopy save, which QEMU writes as a stream, in order, and never goes
-    back over.
-
-    :meth:`advance` hashes every WINDOW-byte window the file has grown past since the last call
-    (the bytes below the file's size are written); :meth:`finish`, once the writer is done, hashes
-    what is left and returns what :func:`hash_fd` would. A window whose data extents changed
-    since it was hashed is hashed again; the bytes are not compared again, so a writer that went
-    back over bytes already hashed would make the recorded digest differ from the file, which
-    discard's verification reports (a cold start, never a wrong restore). Both read the file
-    through mappings, never moving its offset, and block: run them in a worker thread (or
-    :meth:`follow` in a thread of its own), one call at a time.
-    """
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-        self._known: dict[int, tuple[list[tuple[int, int]], bytes]] = {}
-        self._next = 0  # the first window not hashed yet
-        #: Bytes hashed by :meth:`advance` (while the file was being written).
-        self.bytes_ahead = 0
-
-    def advance(self, stop: threading.Event | None = None) -> int:
-        """Hash each window now wholly below the file's size; returns how many it hashed.
-        Returns early, within one read, once ``stop`` is set (the window it was in is left to
-        :meth:`finish`)."""
-        size = os.fstat(self._fd).st_size
-        hashed = 0
-        while (self._next + 1) * WINDOW <= size:
-            first = self._next * WINDOW
-            extents = data_extents(self._fd, first + WINDOW, start=first)
-            if extents:
-                try:
-                    window = _xxh3_window(self._fd, extents, stop)
-                except _Stopped:
-                    break
-                self._known[self._next] = (extents, window)
-                self.bytes_ahead += sum(length for _offset, length in extents)
-            self._next += 1
-            hashed += 1
-        return hashed
-
-    def follow(self, stop: threading.Event, interval: float) -> None:
-        """Blocking, for a thread of its own: :meth:`advance` every ``interval`` seconds until
-        ``stop`` is set, at the idle scheduling priority (``SCHED_IDLE``: CPU time that nothing
-        else wants; an unprivileged thread cannot go back, hence a thread of its own). Beside a
-        guest that keeps both cores busy it still slows the save a little, and the enable is
-        still shorter than hashing it all after the save (docs/performance.md). Where that
-        priority cannot be had, it hashes nothing and :meth:`finish` does it all. An error reading the file ends it too (``finish`` reads
-        it again and reports it)."""
-        try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        except (AttributeError, OSError) as exc:
-            log.debug("not hashing the memory file while it is saved: %s", exc)
-            return
-        try:
-            while not stop.is_set():
-                if not self.advance(stop):
-                    stop.wait(interval)
-        except OSError as exc:
-            log.debug("hashing the memory file while it is saved stopped: %s", exc)
-
-    def finish(self, *, threads: int | None = None) -> tuple[str, int]:
-        """The digest of the whole file as it is now: ``(hex digest, size)``, as :func:`hash_fd`."""
-        size = os.fstat(self._fd).st_size
-        return _xxh3_128(self._fd, size, threads or os.cpu_count() or 1, self._known), size
 
 
 def _sha256_chunk(fd: int, offset: int, length: int) -> bytes:

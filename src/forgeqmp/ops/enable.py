@@ -10,17 +10,8 @@ import contextlib
 import functools
 import logging
 import os
-import threading
 import time
-from collections.abc import (
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Coroutine,
-    Iterable,
-    Mapping,
-    Sequence,
-)
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import anyio
@@ -85,10 +76,6 @@ from forgeqmp.ops.context import (
 )
 
 _T = TypeVar("_T")
-
-#: How often the memory file is looked at for windows to hash while QEMU writes it (a
-#: 64 MiB window fills in ~30 ms at 2 GB/s).
-STREAM_POLL_INTERVAL = 0.02
 
 # The logger names are part of the documented interface (docs/embedding.md, "Logs"): they
 # stay what they were before the modules moved.
@@ -347,7 +334,6 @@ class Enable:
         mem_fd = self.ctx.state_dir.create_private_file(memory_name)
         undo.files.append(plan.memory_file)
         undo.memory_fd = mem_fd
-        stream = memhash.StreamDigest(mem_fd) if plan.writes_memory_in_order else None
         try:
             if plan.transport is Transport.FDSET_FILE:
                 # QEMU matches fdset members by access mode and opens the file write-only.
@@ -380,11 +366,10 @@ class Enable:
                 conn.subscribe("STOP", "RESUME") as runstate_events,
             ):
                 started = time.monotonic()
-                async with _hashing_ahead(stream):
-                    if plan.pauses_before_switchover:
-                        await self._save_with_pause(plan, undo, migration, report)
-                    else:
-                        await self._save_in_background(plan, undo, migration, report)
+                if plan.pauses_before_switchover:
+                    await self._save_with_pause(plan, undo, migration, report)
+                else:
+                    await self._save_in_background(plan, undo, migration, report)
                 pause_ms = self.ctx.pause_ms(runstate_events.history)
                 saved_s = time.monotonic() - started
 
@@ -399,18 +384,14 @@ class Enable:
             )
             report(ProgressEvent("enable", "snapshot-done", {"pause_ms": pause_ms}))
 
-            # Fingerprint the file from the page cache (a stream was mostly hashed while QEMU
-            # wrote it: what is left is its tail). It is not fsynced: Active does not wait for
-            # the storage to have the memory state (1.6 GB took 1.0-1.2 s of fsync here, more
+            # Fingerprint the file from the page cache. It is not fsynced: Active does not wait
+            # for the storage to have the memory state (1.6 GB took 1.0-1.2 s of fsync here, more
             # than the save). The kernel writes it back on its own; until then only a crash of
             # the host can lose it, which the digest turns into a cold start of the reverted disks
             # at discard, never a wrong restore (docs/fault-matrix.md, "Durability"). Its name in
             # the directory is made durable, and the record is, as always.
             took: dict[str, float] = {}
-            if stream is not None:
-                digest, size = await _timed(took, "digest_seconds", stream.finish)
-            else:
-                digest, size = await _timed(took, "digest_seconds", memhash.hash_fd, mem_fd)
+            digest, size = await _timed(took, "digest_seconds", memhash.hash_fd, mem_fd)
             self.ctx.state_dir.fsync_dir()
         finally:
             undo.memory_fd = None
@@ -433,7 +414,6 @@ class Enable:
             "memory_bytes": size,
             "save_seconds": round(saved_s, 3),
             **{name: round(seconds, 3) for name, seconds in took.items()},
-            "hashed_while_saving": 0 if stream is None else stream.bytes_ahead,
         }
         return record, active
 
@@ -678,30 +658,6 @@ class Enable:
                 overlay.disk.node,
                 f"{overlay.create_job}-undo",
             )
-
-
-@contextlib.asynccontextmanager
-async def _hashing_ahead(stream: memhash.StreamDigest | None) -> AsyncIterator[None]:
-    """Hash the memory file window by window as QEMU writes it, on a thread of its own at the
-    idle priority (:meth:`~forgeqmp.adapters.memhash.StreamDigest.follow`), until the block
-    ends; the thread is gone when it returns (it stops within one 4 MiB read)."""
-    if stream is None:
-        yield
-        return
-    stop = threading.Event()
-    thread = threading.Thread(
-        target=stream.follow,
-        args=(stop, STREAM_POLL_INTERVAL),
-        name="forgeqmp-hash-ahead",
-        daemon=True,
-    )
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(thread.join)
 
 
 async def _timed(took: dict[str, float], name: str, work: Callable[..., _T], *args: Any) -> _T:
