@@ -160,8 +160,8 @@ def _reads(
     """The extents' records, grouped into reads that span at most _READ bytes: ``(offset,
     length, pieces)``, each piece ``(offset, length, header)`` where header is the extent's
     ``le64(offset) || le64(length)`` on its first piece and empty on the others. Many small
-    extents cost one pread, not one each (the holes between them are read too, within that
-    bound); the pieces do not change what is hashed."""
+    extents cost one mapping, not one each (the holes between them are mapped but never
+    touched, within that bound); the pieces do not change what is hashed."""
     group: list[tuple[int, int, bytes]] = []
     first = 0
     for start, length in extents:
