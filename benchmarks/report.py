@@ -62,9 +62,11 @@ def enable_table(rows: Rows) -> str:
                 cell(row, "save_gb_s"),
                 cell(row, "total_s"),
                 cell(row, "digest_s"),
+                cell(row, "ahead_mib", 0),
                 cell(row, "fsync_s"),
                 times(row.extra.get("pause_ms_vs_raw")),
                 times(row.extra.get("total_s_vs_raw")),
+                times(row.extra.get("total_vs_raw_save")),
             ]
         )
     return table(
@@ -79,10 +81,12 @@ def enable_table(rows: Rows) -> str:
             "save s",
             "save GB/s",
             "enable total s",
-            "digest s",
+            "digest after the save s",
+            "hashed while saving MiB",
             "fsync after Active s",
             "pause × raw",
             "total × raw",
+            "total × raw save",
         ],
         lines,
     )
@@ -328,11 +332,15 @@ def targets(sections: dict[str, Rows]) -> list[dict[str, Any]]:
                 shown=lambda v: f"{v:.1f} ms",
             )
             save, total = row.median("save_s"), row.median("total_s")
+            alone = row.extra.get("total_vs_raw_save")
             add(
-                "enable total (save + digest; Active waits for no fsync) ≤ 1.2× the save alone",
-                f"{case}; save {cell(row, 'save_s')} s, digest {cell(row, 'digest_s')} s; the "
-                f"fsync it no longer waits for, measured after it: {cell(row, 'fsync_s')} s",
-                ratio(total, save),
+                "enable total (save + digest; Active waits for no fsync) ≤ 1.2× the save alone "
+                "(the raw recipe's save in the same run)",
+                f"{case}; total {cell(row, 'total_s')} s; its save {cell(row, 'save_s')} s "
+                f"({times(ratio(total, save))} of it), digest after the save "
+                f"{cell(row, 'digest_s')} s; the fsync it no longer waits for, measured after "
+                f"it: {cell(row, 'fsync_s')} s",
+                alone if alone is not None else ratio(total, save),
                 1.2,
                 at_most=True,
                 unit="×",

@@ -150,7 +150,7 @@ def test_an_undone_enable_keeps_every_block_option(
     state = tmp_path / "state"
     before = _views_of(vm)
 
-    def no_hash(_fd: int) -> tuple[str, int]:
+    def no_hash(*_args: object, **_kwargs: object) -> tuple[str, int]:
         raise OSError(5, "injected: the memory file cannot be read back")
 
     monkeypatch.setattr(memhash, "hash_fd", no_hash)

@@ -6,14 +6,22 @@ boundary case is a few KiB."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from forgeqmp.adapters import memhash
+from forgeqmp.adapters import hashahead, memhash, memwindows
 from forgeqmp.core.record import DIGEST_ALGORITHMS
 
 BLOCK = 4096  # the file systems' block: holes and data extents come in whole blocks
@@ -26,7 +34,8 @@ ALGORITHMS = list(memhash.ALGORITHMS)
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(memhash, "CHUNK_SIZE", CHUNK)
-    monkeypatch.setattr(memhash, "WINDOW", WINDOW)
+    monkeypatch.setattr(memwindows, "WINDOW", WINDOW)  # the workers hashing ahead are told it
+    monkeypatch.setattr(memwindows, "READ", READ)
     monkeypatch.setattr(memhash, "_READ", READ)
 
 
@@ -306,3 +315,236 @@ def test_hash_file_never_follows_a_symlink(tmp_path: Path) -> None:
     link.symlink_to(target)
     with pytest.raises(OSError, match="symbolic links"):  # ELOOP: O_NOFOLLOW refused it
         memhash.hash_file(str(link))
+
+
+# --- hashing a stream while it is written (memwindows.GrowingFile, hashahead.HashAhead) ----------
+
+
+@contextlib.contextmanager
+def open_stream(path: Path, *, write: bool = True) -> Iterator[int]:
+    """The file at ``path`` open (``write``: emptied or created, for writing); closed after."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC if write else os.O_RDONLY, 0o600)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def advance(
+    stream: memwindows.GrowingFile, known: dict[int, tuple[list[tuple[int, int]], bytes]]
+) -> int:
+    """Hash what ``stream`` has grown past into ``known``; returns how many windows."""
+    found = {index: (extents, digest) for index, extents, digest in stream.advance()}
+    known.update(found)
+    return len(found)
+
+
+@given(
+    sizes=st.lists(st.integers(min_value=1, max_value=3 * WINDOW), min_size=0, max_size=12),
+    advance_every=st.integers(min_value=1, max_value=3),
+)
+@settings(max_examples=60, deadline=None)
+def test_a_stream_hashed_while_written_has_the_digest_of_the_whole_file(
+    sizes: list[int], advance_every: int
+) -> None:
+    data = payload(sum(sizes), seed=len(sizes))
+    offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    known: dict[int, tuple[list[tuple[int, int]], bytes]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "memory.bin"
+        with open_stream(path) as fd:
+            stream = memwindows.GrowingFile(fd)
+            for n, (a, b) in enumerate(itertools.pairwise(offsets), 1):
+                os.write(fd, data[a:b])
+                if n % advance_every == 0:
+                    advance(stream, known)
+            got = memhash.hash_fd(fd, known=known)
+        assert len(known) == len(data) // WINDOW or advance_every > 1
+        assert got == memhash.hash_file(str(path))
+        assert got == (reference(data, [(0, len(data))] if data else []), len(data))
+
+
+def test_advance_hashes_only_the_windows_the_file_has_grown_past(tmp_path: Path) -> None:
+    data = payload(3 * WINDOW + 5)
+    known: dict[int, tuple[list[tuple[int, int]], bytes]] = {}
+    with open_stream(tmp_path / "memory.bin") as fd:
+        stream = memwindows.GrowingFile(fd)
+        os.write(fd, data[: WINDOW - 1])
+        assert advance(stream, known) == 0
+        os.write(fd, data[WINDOW - 1 : 2 * WINDOW + 1])
+        assert advance(stream, known) == 2
+        assert sorted(known) == [0, 1]
+        assert known[1][0] == [(WINDOW, WINDOW)]
+        assert advance(stream, known) == 0
+        os.write(fd, data[2 * WINDOW + 1 :])
+        assert advance(stream, known) == 1
+        assert memhash.hash_fd(fd, known=known) == (reference(data, [(0, len(data))]), len(data))
+
+
+def test_a_window_whose_layout_changed_after_it_was_hashed_is_hashed_again(
+    sparse_file: Path,
+) -> None:
+    """Not what a precopy writer does; if the layout moves anyway, the digest still follows it."""
+    data = bytearray(payload(3 * WINDOW))
+    known: dict[int, tuple[list[tuple[int, int]], bytes]] = {}
+    with open_stream(sparse_file) as fd:
+        os.write(fd, data)
+        assert advance(memwindows.GrowingFile(fd), known) == 3
+        os.ftruncate(fd, BLOCK)  # the first window keeps one block, the others become holes
+        os.ftruncate(fd, 3 * WINDOW)
+        data[BLOCK:] = bytes(len(data) - BLOCK)
+        got = memhash.hash_fd(fd, known=known)
+    assert got == (reference(bytes(data), [(0, BLOCK)]), len(data))
+    assert got == memhash.hash_file(str(sparse_file))
+
+
+def test_bytes_rewritten_after_they_were_hashed_make_a_digest_discard_refuses(
+    tmp_path: Path,
+) -> None:
+    """The documented limit: a writer that goes back over hashed bytes (a precopy save does not)
+    leaves a digest that is not the file's, so discard's verification refuses the file."""
+    path = tmp_path / "memory.bin"
+    data = payload(2 * WINDOW)
+    known: dict[int, tuple[list[tuple[int, int]], bytes]] = {}
+    with open_stream(path) as fd:
+        os.write(fd, data)
+        advance(memwindows.GrowingFile(fd), known)
+        os.pwrite(fd, b"\xff", 3)
+        got = memhash.hash_fd(fd, known=known)
+    assert got == (reference(data, [(0, len(data))]), len(data))
+    assert got != memhash.hash_file(str(path))
+
+
+def test_a_result_line_reads_back_and_anything_else_is_refused() -> None:
+    line = memwindows.format_result(7, [(0, 5), (4096, 9)], bytes(range(16)))
+    assert memwindows.parse_result(line.rstrip(b"\n")) == (7, [(0, 5), (4096, 9)], bytes(range(16)))
+    for bad in (
+        b"",
+        b"7",
+        b"7 00 0+5",
+        b"-1 " + bytes(range(16)).hex().encode() + b" 0+5",
+        b"7 " + bytes(range(16)).hex().encode() + b" 0+0",
+        b"x y z",
+    ):
+        with pytest.raises(ValueError, match="not a window's result"):
+            memwindows.parse_result(bad)
+
+
+def wait_until(condition: object, what: str, seconds: float = 60) -> None:
+    """Poll ``condition()`` until true (a worker at the idle priority may wait for a core)."""
+    assert callable(condition)
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {seconds} s: {what}"
+        time.sleep(0.005)
+
+
+def is_gone(pid: int) -> bool:
+    """True when ``pid`` is no process (reaped), not even a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "X"
+    except FileNotFoundError:
+        return True
+
+
+def test_the_worker_hashes_the_stream_as_it_grows_at_the_idle_priority(tmp_path: Path) -> None:
+    data = payload(4 * WINDOW + 9)
+    with open_stream(tmp_path / "memory.bin") as fd:
+        ahead = hashahead.HashAhead.start(fd)
+        assert ahead is not None
+        try:
+            wait_until(lambda: os.sched_getscheduler(ahead.pid) == os.SCHED_IDLE, "SCHED_IDLE")
+            for offset in range(0, len(data), WINDOW // 3):
+                os.write(fd, data[offset : offset + WINDOW // 3])
+
+            def all_taken() -> bool:
+                ahead.take()
+                return ahead.bytes_ahead == 4 * WINDOW  # every whole window, not the tail
+
+            wait_until(all_taken, "the worker's results for 4 windows")
+        finally:
+            known = ahead.stop()
+        assert sorted(known) == [0, 1, 2, 3]
+        assert memhash.hash_fd(fd, known=known) == (reference(data, [(0, len(data))]), len(data))
+        assert os.lseek(fd, 0, os.SEEK_CUR) == len(data)  # the worker never moved the offset
+    wait_until(lambda: is_gone(ahead.pid), "the killed worker reaped")
+    assert ahead.stop() == known  # stopping again is harmless
+
+
+def test_the_worker_ends_on_its_own_when_the_controller_is_gone(tmp_path: Path) -> None:
+    """Its stop pipe closes with the controller: it exits instead of hashing on."""
+    with open_stream(tmp_path / "memory.bin") as fd:
+        ahead = hashahead.HashAhead.start(fd)
+        assert ahead is not None
+        os.close(ahead._stop)  # what the controller's death does to the pipe
+        _, status = os.waitpid(ahead.pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        os.close(ahead._results)
+
+
+def test_a_worker_that_cannot_run_leaves_the_digest_to_after_the_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = payload(2 * WINDOW)
+    with open_stream(tmp_path / "memory.bin") as fd:
+        monkeypatch.setattr(sys, "executable", "")
+        assert hashahead.HashAhead.start(fd) is None
+        monkeypatch.setattr(sys, "executable", "/bin/false")  # not a Python: exits at once
+        ahead = hashahead.HashAhead.start(fd)
+        assert ahead is not None
+        os.write(fd, data)
+        wait_until(lambda: is_gone(ahead.pid) or _exited(ahead.pid), "/bin/false exited")
+        known = ahead.stop()
+        assert known == {}
+        assert memhash.hash_fd(fd, known=known) == (reference(data, [(0, len(data))]), len(data))
+
+
+def _exited(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_results_that_are_not_results_are_all_dropped() -> None:
+    """A worker that says anything else (another program at sys.executable) is not believed."""
+    sleeper = os.posix_spawn("/bin/sleep", ["sleep", "60"], os.environ)
+    results_r, results_w = os.pipe()
+    stop_r, stop_w = os.pipe()
+    os.set_blocking(results_r, False)
+    ahead = hashahead.HashAhead(sleeper, results_r, stop_w)
+    good = memwindows.format_result(0, [(0, WINDOW)], bytes(16))
+    os.write(results_w, good + good.replace(b"0 ", b"1 ", 1))
+    ahead.take()
+    assert ahead.bytes_ahead == 2 * WINDOW
+    os.write(results_w, b"Python 3.11.7\n")
+    assert ahead.stop() == {}
+    wait_until(lambda: is_gone(sleeper), "the killed worker reaped")
+    for f in (results_w, stop_r):
+        os.close(f)
+
+
+def test_the_worker_keeps_only_its_own_descriptors(tmp_path: Path) -> None:
+    """A descriptor the embedding left inheritable (a lock, a socket) must not live on in it; and
+    the memory file it gets is read-only."""
+    leaked_r, leaked_w = os.pipe()
+    os.set_inheritable(leaked_w, True)
+    try:
+        with open_stream(tmp_path / "memory.bin") as fd:
+            ahead = hashahead.HashAhead.start(fd)
+            assert ahead is not None
+            try:
+
+                def own_only() -> bool:
+                    return sorted(map(int, os.listdir(f"/proc/{ahead.pid}/fd"))) == [0, 1, 2, 3]
+
+                wait_until(own_only, "the worker closed what it inherited")
+                flags = int(
+                    Path(f"/proc/{ahead.pid}/fdinfo/3").read_text().split("flags:")[1].split()[0],
+                    8,
+                )
+                assert flags & os.O_ACCMODE == os.O_RDONLY
+            finally:
+                ahead.stop()
+    finally:
+        os.close(leaked_r)
+        os.close(leaked_w)

@@ -21,7 +21,9 @@ where a window's stream is, for each data extent clipped to the window, in order
 ``le64(offset) || le64(length) || the extent's bytes``. Data extents are what ``SEEK_DATA`` /
 ``SEEK_HOLE`` report (a file system without them has one extent: the whole file). Windows are
 hashed on several threads, each through read-only mappings of at most 4 MiB of the file at a
-time (the page cache hashed in place, no copy).
+time (the page cache hashed in place, no copy), by :mod:`forgeqmp.adapters.memwindows`; a
+precopy save's windows are mostly hashed while QEMU writes it (:mod:`forgeqmp.adapters.hashahead`),
+and :func:`hash_fd` reuses them (``known``).
 
 ``"sha256"`` (records of older forgeqmp) is the SHA-256 of the concatenated SHA-256 digests of
 consecutive :data:`CHUNK_SIZE`-byte chunks of the whole file, holes read as zeros.
@@ -36,17 +38,17 @@ that way.
 
 from __future__ import annotations
 
-import errno
 import hashlib
-import mmap
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Final, TypeVar
 
 import xxhash
 
+from forgeqmp.adapters import memwindows
+from forgeqmp.adapters.memwindows import WINDOW, Extents, data_extents
 from forgeqmp.core.record import DIGEST_ALGORITHMS, LEGACY_DIGEST_ALGORITHM
 
 __all__ = [
@@ -54,6 +56,7 @@ __all__ = [
     "ALGORITHMS",
     "CHUNK_SIZE",
     "WINDOW",
+    "KnownWindows",
     "data_extents",
     "hash_fd",
     "hash_file",
@@ -67,26 +70,34 @@ assert set(ALGORITHMS) == set(DIGEST_ALGORITHMS)
 
 #: Bytes per independently hashed chunk of the ``"sha256"`` digest.
 CHUNK_SIZE = 64 * 1024 * 1024
-#: Bytes per independently hashed window of the ``"xxh3-128"`` digest.
-WINDOW = 64 * 1024 * 1024
 _READ = 4 * 1024 * 1024
 _MAGIC: Final = b"forgeqmp-memory xxh3-128 1\n"
 _U64: Final = struct.Struct("<Q")
-_EXTENT: Final = struct.Struct("<QQ")
+#: Windows already hashed: index -> (the window's data extents, its XXH3-128).
+KnownWindows = Mapping[int, tuple[Extents, bytes]]
 _T = TypeVar("_T")
 
 
-def hash_fd(fd: int, *, algorithm: str = ALGORITHM, threads: int | None = None) -> tuple[str, int]:
+def hash_fd(
+    fd: int,
+    *,
+    algorithm: str = ALGORITHM,
+    threads: int | None = None,
+    known: KnownWindows | None = None,
+) -> tuple[str, int]:
     """Digest by ``algorithm`` of the file open as ``fd`` (its offset is never moved).
 
     Returns ``(hex digest, size in bytes)``. Blocking: run it in a worker thread from async code.
+    ``known`` (``"xxh3-128"`` only) maps window indexes to ``(data extents, XXH3-128)`` of
+    windows already hashed (while the file was written: :mod:`forgeqmp.adapters.hashahead`); a
+    window's is reused when the window's extents are still those, and hashed again otherwise.
 
     :raises ValueError: an algorithm this forgeqmp does not know.
     """
     size = os.fstat(fd).st_size
     workers = threads or os.cpu_count() or 1
     if algorithm == ALGORITHM:
-        return _xxh3_128(fd, size, workers), size
+        return _xxh3_128(fd, size, workers, known or {}), size
     if algorithm == LEGACY_DIGEST_ALGORITHM:
         return _chunked_sha256(fd, size, workers), size
     raise ValueError(
@@ -105,108 +116,16 @@ def hash_file(
         os.close(fd)
 
 
-def data_extents(fd: int, size: int | None = None) -> list[tuple[int, int]]:
-    """The data extents ``(offset, length)`` of the file open as ``fd``, in order, within its
-    first ``size`` bytes (default: its size). The whole file when the file system cannot tell.
-
-    The seeks happen on a second open file description of the same file, so the offset of ``fd``
-    (which QEMU may be reading from) never moves.
-    """
-    if size is None:
-        size = os.fstat(fd).st_size
-    if size == 0:
-        return []
-    probe = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if not os.path.samestat(os.fstat(probe), os.fstat(fd)):
-            raise OSError(errno.ESTALE, "the reopened memory file is another file")
-        extents: list[tuple[int, int]] = []
-        offset = 0
-        while offset < size:
-            try:
-                start = os.lseek(probe, offset, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # no data after offset
-                    break
-                if exc.errno == errno.EINVAL and offset == 0:  # SEEK_DATA not supported
-                    return [(0, size)]
-                raise
-            if start >= size:
-                break
-            end = min(os.lseek(probe, start, os.SEEK_HOLE), size)
-            extents.append((start, end - start))
-            offset = end
-        return extents
-    finally:
-        os.close(probe)
-
-
-def _windows(extents: list[tuple[int, int]]) -> dict[int, list[tuple[int, int]]]:
-    """The extents clipped to each WINDOW-byte window that holds data, by window index."""
-    windows: dict[int, list[tuple[int, int]]] = {}
-    for start, length in extents:
-        offset, end = start, start + length
-        while offset < end:
-            index = offset // WINDOW
-            stop = min(end, (index + 1) * WINDOW)
-            windows.setdefault(index, []).append((offset, stop - offset))
-            offset = stop
-    return windows
-
-
-def _reads(
-    extents: list[tuple[int, int]],
-) -> Iterator[tuple[int, int, list[tuple[int, int, bytes]]]]:
-    """The extents' records, grouped into reads that span at most _READ bytes: ``(offset,
-    length, pieces)``, each piece ``(offset, length, header)`` where header is the extent's
-    ``le64(offset) || le64(length)`` on its first piece and empty on the others. Many small
-    extents cost one mapping, not one each (the holes between them are mapped but never
-    touched, within that bound); the pieces do not change what is hashed."""
-    group: list[tuple[int, int, bytes]] = []
-    first = 0
-    for start, length in extents:
-        end = start + length
-        for offset in range(start, end, _READ):
-            piece = min(_READ, end - offset)
-            if group and offset + piece - first > _READ:
-                yield first, group[-1][0] + group[-1][1] - first, group
-                group = []
-            if not group:
-                first = offset
-            group.append((offset, piece, _EXTENT.pack(start, length) if offset == start else b""))
-    if group:
-        yield first, group[-1][0] + group[-1][1] - first, group
-
-
-def _xxh3_window(fd: int, extents: list[tuple[int, int]]) -> bytes:
-    """The window's XXH3-128, read through a mapping of each read's span (no copy: hashing the
-    page cache in place takes half the time of pread into a buffer here)."""
-    digest = xxhash.xxh3_128()
-    for first, length, group in _reads(extents):
-        if first + length > os.fstat(fd).st_size:
-            raise OSError(errno.EIO, "the memory file shrank while it was hashed")
-        start = first - first % mmap.ALLOCATIONGRANULARITY
-        with mmap.mmap(
-            fd, first + length - start, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=start
-        ) as mapped:
-            view = memoryview(mapped)
-            try:
-                for offset, piece, header in group:
-                    digest.update(header)
-                    digest.update(view[offset - start : offset - start + piece])
-            finally:
-                view.release()
-    return digest.digest()
-
-
-def _xxh3_128(fd: int, size: int, workers: int) -> str:
-    windows = _windows(data_extents(fd, size))
+def _xxh3_128(fd: int, size: int, workers: int, known: KnownWindows) -> str:
+    windows = memwindows.windows_of(data_extents(fd, size))
+    todo = [k for k, extents in windows.items() if k not in known or known[k][0] != extents]
+    digests = _parallel(lambda k: memwindows.window_digest(fd, windows[k]), todo, workers)
+    hashed = dict(zip(todo, digests, strict=True))
     digest = xxhash.xxh3_128(_MAGIC)
     digest.update(_U64.pack(size))
-    digests = _parallel(lambda item: _xxh3_window(fd, item), list(windows.values()), workers)
-    for index, window_digest in zip(windows, digests, strict=True):
+    for index in windows:
         digest.update(_U64.pack(index))
-        digest.update(window_digest)
+        digest.update(hashed[index] if index in hashed else known[index][1])
     return digest.hexdigest()
 
 

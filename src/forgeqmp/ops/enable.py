@@ -18,7 +18,7 @@ import anyio
 import anyio.to_thread
 import attrs
 
-from forgeqmp.adapters import hostflush, memhash, preflight
+from forgeqmp.adapters import hashahead, hostflush, memhash, preflight
 from forgeqmp.adapters.process import describe_process
 from forgeqmp.adapters.statedir import InstanceLock
 from forgeqmp.core import names
@@ -334,6 +334,10 @@ class Enable:
         mem_fd = self.ctx.state_dir.create_private_file(memory_name)
         undo.files.append(plan.memory_file)
         undo.memory_fd = mem_fd
+        # A stream is hashed while QEMU writes it, by a worker at the idle priority that is never
+        # waited for (forgeqmp.adapters.hashahead); started now, its interpreter starts while the
+        # steps below talk to QEMU.
+        ahead = hashahead.HashAhead.start(mem_fd) if plan.writes_memory_in_order else None
         try:
             if plan.transport is Transport.FDSET_FILE:
                 # QEMU matches fdset members by access mode and opens the file write-only.
@@ -384,16 +388,22 @@ class Enable:
             )
             report(ProgressEvent("enable", "snapshot-done", {"pause_ms": pause_ms}))
 
-            # Fingerprint the file from the page cache. It is not fsynced: Active does not wait
-            # for the storage to have the memory state (1.6 GB took 1.0-1.2 s of fsync here, more
-            # than the save). The kernel writes it back on its own; until then only a crash of
-            # the host can lose it, which the digest turns into a cold start of the reverted disks
-            # at discard, never a wrong restore (docs/fault-matrix.md, "Durability"). Its name in
+            # Fingerprint the file from the page cache: the windows the worker hashed while QEMU
+            # wrote them, and the rest now. It is not fsynced: Active does not wait for the
+            # storage to have the memory state (1.6 GB took 1.0-1.2 s of fsync here, more than
+            # the save). The kernel writes it back on its own; until then only a crash of the
+            # host can lose it, which the digest turns into a cold start of the reverted disks at
+            # discard, never a wrong restore (docs/fault-matrix.md, "Durability"). Its name in
             # the directory is made durable, and the record is, as always.
+            known = ahead.stop() if ahead is not None else {}
             took: dict[str, float] = {}
-            digest, size = await _timed(took, "digest_seconds", memhash.hash_fd, mem_fd)
+            digest, size = await _timed(
+                took, "digest_seconds", functools.partial(memhash.hash_fd, mem_fd, known=known)
+            )
             self.ctx.state_dir.fsync_dir()
         finally:
+            if ahead is not None:
+                ahead.stop()
             undo.memory_fd = None
             os.close(mem_fd)
         await self._release_migration_setup(plan, undo)
@@ -414,6 +424,7 @@ class Enable:
             "memory_bytes": size,
             "save_seconds": round(saved_s, 3),
             **{name: round(seconds, 3) for name, seconds in took.items()},
+            "hashed_while_saving": 0 if ahead is None else ahead.bytes_ahead,
         }
         return record, active
 

@@ -342,6 +342,13 @@ class EnablePlan:
         """True when the transaction runs at the ``pre-switchover`` pause."""
         return self.strategy is not Strategy.BACKGROUND_SNAPSHOT
 
+    @property
+    def writes_memory_in_order(self) -> bool:
+        """True when QEMU writes the memory file as a stream, from its start to its end and
+        never going back (precopy, background-snapshot), so that it can be hashed while it is
+        written; ``mapped-ram`` writes each page at its own offset, from several threads."""
+        return self.strategy is not Strategy.MAPPED_RAM
+
 
 def _overlay_path(disk: Disk, session_id: str, overlay_dir: str | None) -> str:
     assert disk.file is not None

@@ -1,0 +1,175 @@
+"""Hashing a precopy save while QEMU writes it, in a process of its own at the idle priority.
+
+A precopy save is a stream written from its start to its end, so each window of the memory digest
+(:mod:`forgeqmp.adapters.memhash`) is final once the file is past it. A worker process
+(:func:`forgeqmp.adapters.memwindows.worker_main`, started with ``SCHED_IDLE``: CPU time nothing
+else wants) hashes those windows while the save runs and writes each result to a pipe; when the
+save is over, :meth:`HashAhead.stop` takes the results already written, without waiting for more,
+and kills the worker; the enable hashes the windows left (:func:`memhash.hash_fd` with ``known``).
+
+Why a process and not a thread: a thread at the idle priority in the controller is starved
+whenever both cores are busy, and a starved thread holding Python's GIL would stall the event
+loop, also inside the guest's pause (measured: docs/performance.md). A process shares no GIL and
+is never waited for: with no core to spare it hashes nothing, and the enable does it all, as
+without it.
+
+Everything here is best effort: where the worker cannot start (no ``posix_spawn`` or
+``SCHED_IDLE``, no Python interpreter at ``sys.executable`` as in some embedded interpreters) or
+says anything that is not a result, the enable hashes the whole file after the save.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Mapping
+
+from forgeqmp.adapters import memwindows
+from forgeqmp.adapters.memwindows import Extents
+
+__all__ = ["HashAhead"]
+
+log = logging.getLogger(__name__)
+
+#: How the worker is started: first the idle priority (glibc's posix_spawn refuses SCHED_IDLE;
+#: a worker that cannot have it exits: at the normal priority it would slow the save), then every
+#: descriptor above its own closed (one an embedding left inheritable, a lock say, must not
+#: outlive the controller in it), then memwindows loaded by its path (not forgeqmp's package, whose imports cost 0.3 s of CPU), then
+#: its loop.
+_BOOT = (
+    "import os\n"
+    "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
+    "for f in [int(f) for f in os.listdir('/proc/self/fd')]:\n"
+    "    if f > 3:\n"
+    "        try: os.close(f)\n"
+    "        except OSError: pass\n"
+    "import importlib.util as u, sys\n"
+    "spec = u.spec_from_file_location('forgeqmp_memwindows', sys.argv[1])\n"
+    "module = u.module_from_spec(spec)\n"
+    "spec.loader.exec_module(module)\n"
+    "sys.exit(module.worker_main(int(sys.argv[2])))\n"
+)
+#: Room in the results pipe: ~60 bytes a 64 MiB window, so 1 MiB holds a 1 TiB save's results
+#: (a worker that fills it waits, and hashes no more ahead).
+_PIPE_SIZE = 1024 * 1024
+#: The lowest descriptor number the spawn's sources are moved to, above the worker's own.
+_HIGH_FD = 10
+
+
+class HashAhead:
+    """A running worker hashing the memory file open as ``fd`` (see the module); from
+    :meth:`start`, ended by :meth:`stop` (always call it, it is cheap)."""
+
+    def __init__(self, pid: int, results_fd: int, stop_fd: int) -> None:
+        self.pid = pid
+        self._results = results_fd
+        self._stop = stop_fd
+        self._buffer = b""
+        self._known: dict[int, tuple[Extents, bytes]] = {}
+        self._garbled = False
+        self._stopped = False
+
+    @classmethod
+    def start(cls, fd: int) -> HashAhead | None:
+        """Start the worker on the file open as ``fd``, or None (logged at DEBUG) where it cannot
+        be started. Returns at once; the worker's interpreter starts (~10 ms of CPU) and takes
+        the idle priority before it reads anything."""
+        executable = sys.executable
+        if not executable or not hasattr(os, "posix_spawn") or not hasattr(os, "SCHED_IDLE"):
+            log.debug("not hashing the memory file while it is saved: no way to start a worker")
+            return None
+        opened: list[int] = []
+        try:
+            results_r, results_w = os.pipe2(os.O_CLOEXEC)
+            opened += [results_r, results_w]
+            stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
+            opened += [stop_r, stop_w]
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(results_w, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+            # The worker only reads: it gets a read-only open file description of its own.
+            readonly = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+            opened.append(readonly)
+            # posix_spawn's dup2 of a descriptor onto its own number would keep its close-on-exec
+            # flag: move every source above the worker's numbers first.
+            sources = [
+                fcntl.fcntl(f, fcntl.F_DUPFD_CLOEXEC, _HIGH_FD)
+                for f in (stop_r, results_w, readonly)
+            ]
+            opened += sources
+            pid = os.posix_spawn(
+                executable,
+                [executable, "-c", _BOOT, memwindows.__file__, str(memwindows.WINDOW)],
+                os.environ,
+                file_actions=[
+                    (os.POSIX_SPAWN_DUP2, sources[0], memwindows.WORKER_STOP_FD),
+                    (os.POSIX_SPAWN_DUP2, sources[1], memwindows.WORKER_RESULTS_FD),
+                    (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, sources[2], memwindows.WORKER_FILE_FD),
+                ],
+            )
+        except OSError as exc:
+            for f in opened:
+                os.close(f)
+            log.debug("not hashing the memory file while it is saved: %s", exc)
+            return None
+        for f in [stop_r, results_w, readonly, *sources]:
+            os.close(f)
+        os.set_blocking(results_r, False)
+        log.debug("hashing the memory file while it is saved: worker pid %d", pid)
+        return cls(pid, results_r, stop_w)
+
+    @property
+    def bytes_ahead(self) -> int:
+        """Bytes of the file's data the worker hashed (of the results taken so far)."""
+        return sum(length for extents, _ in self._known.values() for _, length in extents)
+
+    def take(self) -> None:
+        """Take the results the worker has written so far, without waiting for more."""
+        while not self._garbled:
+            try:
+                chunk = os.read(self._results, 65536)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.debug("reading the hashing worker's results: %s", exc)
+                return
+            if not chunk:
+                return
+            *lines, self._buffer = (self._buffer + chunk).split(b"\n")
+            for line in lines:
+                try:
+                    index, extents, digest = memwindows.parse_result(line)
+                except ValueError:
+                    log.debug("the hashing worker said %r: its results are not used", line[:80])
+                    self._garbled = True
+                    self._known.clear()
+                    return
+                self._known[index] = (extents, digest)
+
+    def stop(self) -> Mapping[int, tuple[Extents, bytes]]:
+        """Take the results written so far, kill the worker (never waiting for it: it is reaped
+        by a thread of its own) and return the windows it hashed. Once; later calls return the
+        same."""
+        if self._stopped:
+            return dict(self._known)
+        self._stopped = True
+        self.take()
+        with contextlib.suppress(OSError):
+            os.kill(self.pid, signal.SIGKILL)
+        for f in (self._results, self._stop):
+            with contextlib.suppress(OSError):
+                os.close(f)
+        threading.Thread(
+            target=_reap, args=(self.pid,), name="forgeqmp-hash-reaper", daemon=True
+        ).start()
+        return dict(self._known)
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):  # reaped by an embedding's SIGCHLD handler
+        os.waitpid(pid, 0)
