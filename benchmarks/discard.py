@@ -19,6 +19,7 @@ from typing import Any
 import forgeqmp
 from benchmarks import raw as rawqmp
 from benchmarks.common import (
+    CpuMeter,
     Lab,
     Rows,
     Settings,
@@ -43,28 +44,33 @@ async def _enable(vm: QemuInstance, state_dir: Path, strategy: str) -> forgeqmp.
 
 async def _discard(
     vm: QemuInstance, state_dir: Path
-) -> tuple[forgeqmp.SessionRecord, float, float, float]:
+) -> tuple[forgeqmp.SessionRecord, float, float, float, float | None]:
     """forgeqmp's discard: the record, and when it was called, when the VM ran again (its
-    ``running`` progress event, sent once ``cont`` is done) and when the call returned (after
-    removing the overlays and the memory file)."""
+    ``running`` progress event, sent once ``cont`` is done), when the call returned (after
+    removing the overlays and the memory file), and the machine's idle cores until running."""
     running: list[float] = []
 
     def on_progress(event: forgeqmp.ProgressEvent) -> None:
         if event.step == "running":
             running.append(time.monotonic())
+            idle.update(cpu.stop())
 
+    idle: dict[str, float] = {}
     async with forgeqmp.connect(vm.qmp_socket, state_dir=state_dir) as instance:
+        cpu = CpuMeter()
         t0 = time.monotonic()
         record = await instance.discard(on_progress=on_progress)
         t1 = time.monotonic()
-        return record, t0, running[0] if running else t1, t1
+        return record, t0, running[0] if running else t1, t1, idle.get("idle_cores")
 
 
 async def _raw_discard(
     vm: QemuInstance, memory: str, transport: str, caps: tuple[str, ...], log: str
-) -> tuple[rawqmp.RawRestore, float]:
+) -> tuple[rawqmp.RawRestore, float, float]:
+    """The raw restore: its timings, when it began, and the machine's idle cores during it."""
     raw = await rawqmp.Raw(vm.qmp_socket).connect()
     pid = vm.pid
+    cpu = CpuMeter()
     t0 = time.monotonic()
     try:
         restored = await rawqmp.discard(
@@ -78,9 +84,10 @@ async def _raw_discard(
             capabilities=caps,
             log=log,
         )
+        idle = cpu.stop()["idle_cores"]
     finally:
         await raw.close()
-    return restored, t0
+    return restored, t0, idle
 
 
 async def _features(socket: str) -> forgeqmp.Features:
@@ -131,7 +138,7 @@ def measure(vm: QemuInstance, lab: Lab, settings: Settings, rows: Rows, guest_mi
 def _one(
     vm: QemuInstance, lab: Lab, state_dir: Path, kept: str, strategy: str, transport: str
 ) -> dict[str, Any]:
-    done, t0, t_running, t1 = run_async(_discard, vm, state_dir)
+    done, t0, t_running, t1, forge_idle = run_async(_discard, vm, state_dir)
     if not done.memory_restored:
         raise RuntimeError(f"forgeqmp's discard did not restore the memory: {done.error}")
     forge_counter = restored_counter_after(vm, t0, t_running) - t0
@@ -139,7 +146,7 @@ def _one(
     memhash.hash_file(kept)  # what forgeqmp verifies, alone (the file is in the page cache)
     verify_s = time.monotonic() - started
     size = os.stat(kept).st_blocks * 512
-    restored, r0 = run_async(
+    restored, r0, raw_idle = run_async(
         _raw_discard,
         vm,
         kept,
@@ -168,4 +175,6 @@ def _one(
         "raw_counter_s": raw_counter,
         "verify_s": verify_s,
         "memory_mib": size / 2**20,
+        "forge_idle_cores": forge_idle,
+        "raw_idle_cores": raw_idle,
     }

@@ -23,6 +23,7 @@ import attrs
 import forgeqmp
 from benchmarks import raw as rawqmp
 from benchmarks.common import (
+    CpuMeter,
     Dirtier,
     Lab,
     Row,
@@ -112,9 +113,11 @@ async def forge_once(vm: QemuInstance, state_dir: Path, variant: Variant) -> dic
         if not variant.hash_ahead:
             hashahead.HashAhead.start = _no_hashing_ahead  # type: ignore[method-assign,assignment]
         try:
+            cpu = CpuMeter(vm.pid)
             t0 = time.monotonic()
             record = await instance.enable(strategy=variant.strategy, on_progress=on_progress)
             t1 = time.monotonic()
+            used = cpu.stop()
         finally:
             hashahead.HashAhead.start = start  # type: ignore[method-assign]
         migration = await instance.conn.execute("query-migrate")
@@ -132,6 +135,7 @@ async def forge_once(vm: QemuInstance, state_dir: Path, variant: Variant) -> dic
         "fsync_s": fsync_s,
         "digest_s": progress.get("digest_seconds"),
         "ahead_mib": progress.get("hashed_while_saving", 0) / 2**20,
+        **used,
     }
 
 
@@ -156,6 +160,7 @@ async def raw_once(vm: QemuInstance, lab: Lab, variant: Variant) -> dict[str, An
     memory = str(lab.path("raw-memory.bin"))
     try:
         async with rawqmp.Raw(vm.qmp_socket) as raw:
+            cpu = CpuMeter(vm.pid)
             t0 = time.monotonic()
             targets = (await rawqmp.disks(raw))[:1]
             session = await rawqmp.enable(
@@ -169,6 +174,7 @@ async def raw_once(vm: QemuInstance, lab: Lab, variant: Variant) -> dict[str, An
                 tag=os.urandom(3).hex(),
             )
             t1 = time.monotonic()
+            used = cpu.stop()
             migration = await raw.cmd("query-migrate")
             written = allocated_bytes(memory)
             await rawqmp.commit(raw, session)
@@ -181,6 +187,7 @@ async def raw_once(vm: QemuInstance, lab: Lab, variant: Variant) -> dict[str, An
         "written": written,
         "migration": migration,
         "save_s": session.save_s,
+        **used,
     }
 
 
@@ -282,7 +289,7 @@ def _add_figures(row: Row, vm: QemuInstance, got: dict[str, Any]) -> float | Non
         row.add("save_gb_s", got["written"] / 1e9 / (qemu_ms / 1000))
     row.add("written_mib", got["written"] / 2**20)
     row.add("total_s", got["t1"] - got["t0"])
-    for name in ("fsync_s", "digest_s", "ahead_mib"):
+    for name in ("fsync_s", "digest_s", "ahead_mib", "proc_cores", "idle_cores"):
         if got.get(name) is not None:
             row.add(name, got[name])
     return stall

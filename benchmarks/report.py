@@ -64,6 +64,8 @@ def enable_table(rows: Rows) -> str:
                 cell(row, "digest_s"),
                 cell(row, "ahead_mib", 0),
                 cell(row, "fsync_s"),
+                cell(row, "proc_cores"),
+                cell(row, "idle_cores"),
                 times(row.extra.get("pause_ms_vs_raw")),
                 times(row.extra.get("total_s_vs_raw")),
                 times(row.extra.get("total_vs_raw_save")),
@@ -84,6 +86,8 @@ def enable_table(rows: Rows) -> str:
             "digest after the save s",
             "hashed while saving MiB",
             "fsync after Active s",
+            "QEMU's CPU (cores)",
+            "idle CPU (cores)",
             "pause × raw",
             "total × raw",
             "total × raw save",
@@ -109,6 +113,7 @@ def discard_table(rows: Rows) -> str:
                 cell(row, "raw_counter_s"),
                 f"{cell(row, 'raw_launch_s')} / {cell(row, 'raw_load_s')}",
                 cell(row, "verify_s"),
+                f"{cell(row, 'forge_idle_cores')} / {cell(row, 'raw_idle_cores')}",
                 times(row.extra.get("forge_vs_raw")),
             ]
         )
@@ -125,6 +130,7 @@ def discard_table(rows: Rows) -> str:
             "raw: quit → first counter line s",
             "raw: launch / load s",
             "digest verify alone s",
+            "idle CPU, cores: forgeqmp / raw",
             "forgeqmp × raw",
         ],
         lines,

@@ -7,11 +7,14 @@ boundary case is a few KiB."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import itertools
 import os
+import struct
 import sys
 import tempfile
+import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -548,3 +551,46 @@ def test_the_worker_keeps_only_its_own_descriptors(tmp_path: Path) -> None:
     finally:
         os.close(leaked_r)
         os.close(leaked_w)
+
+
+def test_hashing_ahead_never_asks_for_the_extents(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SEEK_DATA/SEEK_HOLE take the inode lock QEMU's writes take: a worker starved at the idle
+    priority must not hold it. The extents are asked once the save is done, by hash_fd."""
+    data = payload(2 * WINDOW + 3)
+    known: dict[int, tuple[list[tuple[int, int]], bytes]] = {}
+    with open_stream(tmp_path / "memory.bin") as fd:
+        os.write(fd, data)
+        real_lseek = os.lseek
+
+        def lseek(fd_: int, offset: int, how: int) -> int:
+            assert how not in (os.SEEK_DATA, os.SEEK_HOLE), "hashing ahead asked for extents"
+            return real_lseek(fd_, offset, how)
+
+        monkeypatch.setattr(os, "lseek", lseek)
+        assert advance(memwindows.GrowingFile(fd), known) == 2
+        monkeypatch.setattr(os, "lseek", real_lseek)
+        assert memhash.hash_fd(fd, known=known) == (reference(data, [(0, len(data))]), len(data))
+
+
+def test_results_written_before_the_worker_was_halted_are_still_taken(tmp_path: Path) -> None:
+    """The enable kills the worker in the guest's pause (halt) and takes its results after."""
+    data = payload(2 * WINDOW)
+    line_bytes = sum(
+        len(memwindows.format_result(k, [(k * WINDOW, WINDOW)], bytes(16))) for k in range(2)
+    )
+    with open_stream(tmp_path / "memory.bin") as fd:
+        ahead = hashahead.HashAhead.start(fd)
+        assert ahead is not None
+        os.write(fd, data)
+
+        def waiting() -> int:
+            return struct.unpack("i", fcntl.ioctl(ahead._results, termios.FIONREAD, b"\0" * 4))[0]
+
+        wait_until(lambda: waiting() >= line_bytes, "the worker's two results in the pipe")
+        ahead.halt()
+        wait_until(lambda: _exited(ahead.pid), "the halted worker dead")
+        known = ahead.stop()
+        assert sorted(known) == [0, 1]
+        assert memhash.hash_fd(fd, known=known) == (reference(data, [(0, len(data))]), len(data))

@@ -11,7 +11,9 @@ Why a process and not a thread: a thread at the idle priority in the controller 
 whenever both cores are busy, and a starved thread holding Python's GIL would stall the event
 loop, also inside the guest's pause (measured: docs/performance.md). A process shares no GIL and
 is never waited for: with no core to spare it hashes nothing, and the enable does it all, as
-without it.
+without it. Starved, it must hold nothing QEMU waits for either: it reads the file through
+mappings only and never asks for its extents (``SEEK_DATA`` takes the inode lock that QEMU's
+writes take; see :class:`~forgeqmp.adapters.memwindows.GrowingFile`).
 
 Everything here is best effort: where the worker cannot start (no ``posix_spawn`` or
 ``SCHED_IDLE``, no Python interpreter at ``sys.executable`` as in some embedded interpreters) or
@@ -150,6 +152,14 @@ class HashAhead:
                     self._known.clear()
                     return
                 self._known[index] = (extents, digest)
+
+    def halt(self) -> None:
+        """Kill the worker now, and nothing else (a few µs: the enable calls it in the guest's
+        pause); the results it wrote stay in the pipe for :meth:`stop`, which must follow (the
+        killed worker stays a zombie until then, so its pid is not reused)."""
+        if not self._stopped:
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, signal.SIGKILL)
 
     def stop(self) -> Mapping[int, tuple[Extents, bytes]]:
         """Take the results written so far, kill the worker (never waiting for it: it is reaped

@@ -131,29 +131,30 @@ def window_digest(fd: int, extents: Extents) -> bytes:
 
 
 class GrowingFile:
-    """A file written from its start to its end and never gone back over (a precopy save, which
-    QEMU writes as a stream): each WINDOW-byte window is final once the file is past it.
+    """A file written from its start to its end, byte after byte, and never gone back over (a
+    precopy save, which QEMU writes as a stream): each WINDOW-byte window is final, and all data,
+    once the file is past it.
 
-    :meth:`advance` hashes every window the file has grown past since the last call (the bytes
-    below a file's size are written). A writer that went back over bytes already hashed would
-    make the digest built from them differ from the file's, which discard's verification reports
-    (a cold start, never a wrong restore); the caller reuses a window's digest only if its data
-    extents are still the same."""
+    :meth:`advance` hashes every window the file has grown past since the last call as one data
+    extent. It never asks the file system for the file's extents (``SEEK_DATA`` takes the lock of
+    the inode that the writer's every ``write`` takes: a worker at the idle priority starved
+    while holding it would stall the save), so the caller reuses a window's digest only if the
+    window's data extents, asked once the writer is done, are that one extent. A writer that went
+    back over bytes already hashed would make the digest built from them differ from the file's,
+    which discard's verification reports (a cold start, never a wrong restore)."""
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
-        self._next = 0  # the first window not looked at yet
+        self._next = 0  # the first window not hashed yet
 
     def advance(self) -> Iterator[tuple[int, Extents, bytes]]:
-        """``(index, extents, digest)`` of each window now wholly below the file's size that
-        holds data, in order (lazily: stop iterating to stop hashing)."""
+        """``(index, extents, digest)`` of each window now wholly below the file's size, in order
+        (lazily: stop iterating to stop hashing)."""
         size = os.fstat(self._fd).st_size
         while (self._next + 1) * WINDOW <= size:
-            first = self._next * WINDOW
-            extents = data_extents(self._fd, first + WINDOW, start=first)
             index = self._next
-            if extents:
-                yield index, extents, window_digest(self._fd, extents)
+            extents = [(index * WINDOW, WINDOW)]
+            yield index, extents, window_digest(self._fd, extents)
             self._next = index + 1
 
 

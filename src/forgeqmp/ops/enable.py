@@ -95,6 +95,8 @@ class _EnableUndo:
     fd_name: str | None = None
     #: This process's descriptor of the memory file (closed by the enable itself, not the undo).
     memory_fd: int | None = None
+    #: The worker hashing the memory file while QEMU writes it (stopped by the enable itself).
+    hashing: hashahead.HashAhead | None = None
     previous_capabilities: dict[str, bool] | None = None
     previous_parameters: dict[str, Any] | None = None
     migration_started: bool = False
@@ -338,6 +340,7 @@ class Enable:
         # waited for (forgeqmp.adapters.hashahead); started now, its interpreter starts while the
         # steps below talk to QEMU.
         ahead = hashahead.HashAhead.start(mem_fd) if plan.writes_memory_in_order else None
+        undo.hashing = ahead
         try:
             if plan.transport is Transport.FDSET_FILE:
                 # QEMU matches fdset members by access mode and opens the file write-only.
@@ -404,6 +407,7 @@ class Enable:
         finally:
             if ahead is not None:
                 ahead.stop()
+            undo.hashing = None
             undo.memory_fd = None
             os.close(mem_fd)
         await self._release_migration_setup(plan, undo)
@@ -515,6 +519,9 @@ class Enable:
             lambda: self._converge(plan.convergence, undo, report),
         )
         self.ctx.crash_point("enable", EnableStep.PRE_SWITCHOVER)
+        if undo.hashing is not None:
+            # Nothing of it runs beside the final pass (its results so far stay in the pipe).
+            undo.hashing.halt()
         # The guest is paused: snapshot every disk or none.
         transaction = plan.transaction()
         await self.ctx.send(transaction)
