@@ -27,7 +27,7 @@ from typing import Any
 
 import forgeqmp
 from benchmarks import raw as rawqmp
-from benchmarks.common import Lab, Rows, Settings, ratio, run_async, say, unlink_all
+from benchmarks.common import CpuMeter, Lab, Rows, Settings, ratio, run_async, say, unlink_all
 from forgeqmp.testing import DiskSpec, QemuInstance
 
 CHUNK_MIB = 16
@@ -52,8 +52,11 @@ async def _enable(
         return await instance.enable(list(disks))
 
 
-async def _commit(vm: QemuInstance, state_dir: Path) -> tuple[float, float | None]:
-    """Seconds of forgeqmp's commit, and the longest guest pause of a disk's switch (ms)."""
+async def _commit(
+    vm: QemuInstance, state_dir: Path
+) -> tuple[float, float | None, dict[str, float]]:
+    """Seconds of forgeqmp's commit, the longest guest pause of a disk's switch (ms), and the
+    CPU figures of :class:`CpuMeter` during it (QEMU's, its main loop's, the machine's idle)."""
     pauses: list[float] = []
 
     def on_progress(event: forgeqmp.ProgressEvent) -> None:
@@ -61,9 +64,11 @@ async def _commit(vm: QemuInstance, state_dir: Path) -> tuple[float, float | Non
             pauses.append(float(event.detail["pause_ms"]))
 
     async with forgeqmp.connect(vm.qmp_socket, state_dir=state_dir) as instance:
+        cpu = CpuMeter(vm.pid)
         t0 = time.monotonic()
         await instance.commit(on_progress=on_progress)
-        return time.monotonic() - t0, max(pauses, default=None)
+        seconds = time.monotonic() - t0
+        return seconds, max(pauses, default=None), cpu.stop()
 
 
 async def _raw_enable(vm: QemuInstance, lab: Lab, disks: Sequence[str]) -> rawqmp.RawSession:
@@ -89,8 +94,12 @@ async def _raw_commit(vm: QemuInstance, session: rawqmp.RawSession) -> float:
         return await rawqmp.commit(raw, session)
 
 
-def _parallel(vm: QemuInstance, commands: Sequence[list[str]]) -> float:
-    """Run the commands at once; seconds until the last one is done."""
+def _parallel(
+    vm: QemuInstance, commands: Sequence[list[str]], idle: dict[str, float] | None = None
+) -> float:
+    """Run the commands at once; seconds until the last one is done (and the machine's idle
+    cores meanwhile into ``idle``)."""
+    cpu = CpuMeter()
     t0 = time.monotonic()
     procs = [
         subprocess.Popen(
@@ -102,7 +111,10 @@ def _parallel(vm: QemuInstance, commands: Sequence[list[str]]) -> float:
         _out, err = p.communicate()
         if p.returncode != 0:
             raise RuntimeError(f"{c[0]} failed: {err.decode(errors='replace')}")
-    return time.monotonic() - t0
+    seconds = time.monotonic() - t0
+    if idle is not None:
+        idle.update(cpu.stop())
+    return seconds
 
 
 def _copies(vm: QemuInstance, lab: Lab, record: forgeqmp.SessionRecord) -> list[tuple[str, ...]]:
@@ -171,7 +183,7 @@ def _one(
         # The copies are GiBs of dirty page cache: written back before any timing, or the
         # kernel's write-back of them would run during (and slow) whichever is timed first.
         os.sync()
-        forge_s, pause_ms = run_async(_commit, vm, state_dir)
+        forge_s, pause_ms, forge_cpu = run_async(_commit, vm, state_dir)
         os.sync()
         img = str(vm.build.img)
         # dd first: qemu-img commit (without -d) empties the overlay copy.
@@ -191,7 +203,8 @@ def _one(
             ],
         )
         os.sync()
-        keep_s = _parallel(vm, [[img, "commit", "-q", "-d", c[1]] for c in copies])
+        offline_cpu: dict[str, float] = {}
+        keep_s = _parallel(vm, [[img, "commit", "-q", "-d", c[1]] for c in copies], offline_cpu)
         os.sync()
         empty_s = _parallel(vm, [[img, "commit", "-q", c[1]] for c in copies])
         # What forgeqmp does after merging: remove the overlay file. Timed on the scratch
@@ -212,4 +225,8 @@ def _one(
         "qemu_img_d_rm_s": keep_s + rm_s,
         "qemu_img_s": empty_s,
         "dd_s": dd_s,
+        "qemu_cores": forge_cpu["proc_cores"],
+        "main_loop_cores": forge_cpu["main_cores"],
+        "idle_cores": forge_cpu["idle_cores"],
+        "offline_idle_cores": offline_cpu["idle_cores"],
     }

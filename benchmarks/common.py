@@ -389,29 +389,37 @@ class CpuMeter:
     """The CPU the machine had to spare between :meth:`start` and :meth:`stop`, and what one
     process used: ``idle_cores`` (the machine's idle time per second, iowait counted idle) and
     ``proc_cores`` (the process's user + system time per second, all its threads), both in cores.
-    A 10 ms tick (``/proc``'s clock) against runs of a second or so."""
+    A 10 ms tick (``/proc``'s clock) against runs of tenths of a second to seconds."""
 
     def __init__(self, pid: int | None = None) -> None:
         self.pid = pid
         self._tick = os.sysconf("SC_CLK_TCK")
         self._start = self._read()
 
-    def _read(self) -> tuple[float, float, float]:
+    def _ticks(self, path: str) -> float:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = Path(path).read_text().rsplit(")", 1)[1].split()
+            return (int(stat[11]) + int(stat[12])) / self._tick
+        return 0.0
+
+    def _read(self) -> tuple[float, float, float, float]:
         fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
         idle = (int(fields[3]) + int(fields[4])) / self._tick
-        used = 0.0
-        if self.pid is not None:
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                stat = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-                used = (int(stat[11]) + int(stat[12])) / self._tick
-        return time.monotonic(), idle, used
+        if self.pid is None:
+            return time.monotonic(), idle, 0.0, 0.0
+        process = self._ticks(f"/proc/{self.pid}/stat")
+        main = self._ticks(f"/proc/{self.pid}/task/{self.pid}/stat")
+        return time.monotonic(), idle, process, main
 
     def stop(self) -> dict[str, float]:
+        """``idle_cores``; with a pid also ``proc_cores`` and ``main_cores`` (its main thread's:
+        QEMU's main loop, where block jobs without an iothread run)."""
         end = self._read()
         seconds = max(end[0] - self._start[0], 1e-9)
         got = {"idle_cores": (end[1] - self._start[1]) / seconds}
         if self.pid is not None:
             got["proc_cores"] = (end[2] - self._start[2]) / seconds
+            got["main_cores"] = (end[3] - self._start[3]) / seconds
         return got
 
 

@@ -90,7 +90,7 @@ def _detail(detail: Mapping[str, Any]) -> str:
             parts.append(f"digest in {value:.2f} s")
         elif key == "hashed_while_saving" and isinstance(value, int):
             if value:
-                parts.append(f"{binary_size(value)} of it hashed while saving")
+                parts.append(f"{binary_size(value)} hashed while saving")
         elif key == "downtime_limit_ms":
             parts.append(f"final pass may pause the guest up to {value} ms")
         elif key == "guest_paused" and value:

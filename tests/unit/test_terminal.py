@@ -41,6 +41,7 @@ ENABLE = [
             "memory_bytes": 90_000_000,
             "save_seconds": 0.41,
             "digest_seconds": 0.02,
+            "hashed_while_saving": 64 << 20,
         },
     ),
 ]
@@ -85,11 +86,17 @@ def test_enable_shows_steps_and_the_memory_bar() -> None:
         "first pass)",
         "enable: disks snapshotted (guest paused 14.2 ms)",
         "enable: session active (guest paused 14.2 ms, memory state 85.8 MiB, in 0.41 s, "
-        "digest in 0.02 s)",
+        "digest in 0.02 s, 64.0 MiB hashed while saving)",
     ):
         assert label in " ".join(text.split())  # a long line wraps at the console's width
     assert "enable: memory state" in text
     assert "256.0 MiB/256.0 MiB" in text  # the bar completes once the snapshot is done
+
+
+def test_a_save_not_hashed_while_saving_says_nothing_of_it() -> None:
+    """mapped-ram (or no spare CPU): 0 bytes hashed ahead is no news."""
+    active = ProgressEvent("enable", "active", {"digest_seconds": 0.2, "hashed_while_saving": 0})
+    assert "enable: session active (digest in 0.20 s)" in " ".join(render([active]).split())
 
 
 def test_commit_shows_a_bar_per_disk() -> None:
@@ -152,7 +159,7 @@ def test_plain_progress_lines_when_not_a_terminal(monkeypatch: pytest.MonkeyPatc
         "first pass)",
         "enable: disks snapshotted (guest paused 14.2 ms)",
         "enable: session active (guest paused 14.2 ms, memory state 85.8 MiB, in 0.41 s, "
-        "digest in 0.02 s)",
+        "digest in 0.02 s, 64.0 MiB hashed while saving)",
         "commit: disk d0 10.0 MiB of 40.0 MiB (25%)",
         "commit: disk d1 5.0 MiB of 20.0 MiB (25%)",
         "commit: disk merged (disk d0)",
