@@ -16,7 +16,7 @@ import anyio
 import pytest
 
 import forgeqmp
-from forgeqmp.adapters import memhash, preflight
+from forgeqmp.adapters import hashahead, memhash, preflight
 from forgeqmp.adapters.statedir import InstanceLock, StateDir
 from forgeqmp.core.plans import enable as enable_plan
 from forgeqmp.core.plans.command import Command
@@ -51,15 +51,12 @@ def snapshot(vm: Any, state: Path) -> tuple[Any, set[str]]:
     return block_graph(vm.qmp_socket), files_under(os.path.dirname(vm.disks[0].path), state)
 
 
-def _hashing_workers() -> list[int]:
-    """This process's children that run the memory hashing worker (not yet reaped)."""
-    found = []
-    for task in os.listdir("/proc/self/task"):
-        for pid in Path(f"/proc/self/task/{task}/children").read_text().split():
-            with contextlib.suppress(FileNotFoundError):
-                if b"forgeqmp_memwindows" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    found.append(int(pid))
-    return found
+def _gone(pid: int) -> bool:
+    """No such process any more (reaped), not even a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "X"
+    except FileNotFoundError:
+        return True
 
 
 def _wait_for(condition: Callable[[], bool], what: str, seconds: float = 30) -> None:
@@ -69,8 +66,16 @@ def _wait_for(condition: Callable[[], bool], what: str, seconds: float = 30) -> 
         time.sleep(0.01)
 
 
-def test_enable_reaches_active_while_the_guest_runs(vm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_enable_reaches_active_while_the_guest_runs(vm, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     state = tmp_path / "state"
+    workers: list[hashahead.HashAhead | None] = []
+    start = hashahead.HashAhead.start
+
+    def watched_start(fd: int, **kwargs: Any) -> hashahead.HashAhead | None:
+        workers.append(start(fd, **kwargs))
+        return workers[-1]
+
+    monkeypatch.setattr(hashahead.HashAhead, "start", watched_start)
     before = vm.wait_counter()
     progress: list[forgeqmp.ProgressEvent] = []
     record = run(enable, vm.qmp_socket, state, all_disks=True, on_progress=progress.append)
@@ -99,10 +104,13 @@ def test_enable_reaches_active_while_the_guest_runs(vm, tmp_path: Path) -> None:
     assert record.memory.digest_algorithm == memhash.ALGORITHM
     assert (record.memory.digest, record.memory.size) == memhash.hash_file(record.memory.path)
     assert record.memory.size > 1024 * 1024
-    # Windows hashed while QEMU wrote them (a worker at the idle priority: how many depends on
-    # the spare CPU), never more than the file; the worker does not outlive the enable.
+    # A worker hashed the stream while QEMU wrote it (how much of it depends on the spare CPU:
+    # at the idle priority), and it does not outlive the enable: killed and reaped.
+    assert len(workers) == 1
+    worker = workers[0]
+    assert worker is not None
     assert 0 <= progress[-1].detail["hashed_while_saving"] <= record.memory.size
-    _wait_for(lambda: not _hashing_workers(), "the hashing worker gone")
+    _wait_for(lambda: _gone(worker.pid), "the hashing worker gone")
     # The guest kept running: same boot, counter advancing.
     after = vm.wait_counter(min_value=before[1] + 5)
     assert after[0] == before[0]

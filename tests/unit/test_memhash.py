@@ -361,7 +361,7 @@ def test_a_stream_hashed_while_written_has_the_digest_of_the_whole_file(
                 os.write(fd, data[a:b])
                 if n % advance_every == 0:
                     advance(stream, known)
-            got = memhash.hash_fd(fd, known=known)
+            got = memhash.hash_reusing(fd, known)[:2]
         assert len(known) == len(data) // WINDOW or advance_every > 1
         assert got == memhash.hash_file(str(path))
         assert got == (reference(data, [(0, len(data))] if data else []), len(data))
@@ -381,7 +381,7 @@ def test_advance_hashes_only_the_windows_the_file_has_grown_past(tmp_path: Path)
         assert advance(stream, known) == 0
         os.write(fd, data[2 * WINDOW + 1 :])
         assert advance(stream, known) == 1
-        assert memhash.hash_fd(fd, known=known) == (reference(data, [(0, len(data))]), len(data))
+        assert memhash.hash_reusing(fd, known)[:2] == (reference(data, [(0, len(data))]), len(data))
 
 
 def test_a_window_whose_layout_changed_after_it_was_hashed_is_hashed_again(
@@ -396,7 +396,7 @@ def test_a_window_whose_layout_changed_after_it_was_hashed_is_hashed_again(
         os.ftruncate(fd, BLOCK)  # the first window keeps one block, the others become holes
         os.ftruncate(fd, 3 * WINDOW)
         data[BLOCK:] = bytes(len(data) - BLOCK)
-        got = memhash.hash_fd(fd, known=known)
+        got = memhash.hash_reusing(fd, known)[:2]
     assert got == (reference(bytes(data), [(0, BLOCK)]), len(data))
     assert got == memhash.hash_file(str(sparse_file))
 
@@ -413,7 +413,7 @@ def test_bytes_rewritten_after_they_were_hashed_make_a_digest_discard_refuses(
         os.write(fd, data)
         advance(memwindows.GrowingFile(fd), known)
         os.pwrite(fd, b"\xff", 3)
-        got = memhash.hash_fd(fd, known=known)
+        got = memhash.hash_reusing(fd, known)[:2]
     assert got == (reference(data, [(0, len(data))]), len(data))
     assert got != memhash.hash_file(str(path))
 
@@ -451,13 +451,13 @@ def is_gone(pid: int) -> bool:
         return True
 
 
-def test_the_worker_hashes_the_stream_as_it_grows_at_the_idle_priority(tmp_path: Path) -> None:
+def test_the_worker_hashes_the_stream_as_it_grows(tmp_path: Path) -> None:
+    # At the normal priority: on a busy test machine an idle-priority worker may get no CPU.
     data = payload(4 * WINDOW + 9)
     with open_stream(tmp_path / "memory.bin") as fd:
-        ahead = hashahead.HashAhead.start(fd)
+        ahead = hashahead.HashAhead.start(fd, idle=False)
         assert ahead is not None
         try:
-            wait_until(lambda: os.sched_getscheduler(ahead.pid) == os.SCHED_IDLE, "SCHED_IDLE")
             for offset in range(0, len(data), WINDOW // 3):
                 os.write(fd, data[offset : offset + WINDOW // 3])
 
@@ -469,38 +469,114 @@ def test_the_worker_hashes_the_stream_as_it_grows_at_the_idle_priority(tmp_path:
         finally:
             known = ahead.stop()
         assert sorted(known) == [0, 1, 2, 3]
-        assert memhash.hash_fd(fd, known=known) == (reference(data, [(0, len(data))]), len(data))
-        assert os.lseek(fd, 0, os.SEEK_CUR) == len(data)  # the worker never moved the offset
+        digest, size, reused = memhash.hash_reusing(fd, known)
+        assert (digest, size) == (reference(data, [(0, len(data))]), len(data))
+        assert reused == 4 * WINDOW
     wait_until(lambda: is_gone(ahead.pid), "the killed worker reaped")
     assert ahead.stop() == known  # stopping again is harmless
+
+
+def test_the_worker_runs_at_the_idle_priority(tmp_path: Path) -> None:
+    with open_stream(tmp_path / "memory.bin") as fd:
+        ahead = hashahead.HashAhead.start(fd)
+        assert ahead is not None
+        try:
+            wait_until(lambda: os.sched_getscheduler(ahead.pid) == os.SCHED_IDLE, "SCHED_IDLE")
+        finally:
+            ahead.stop()
+    assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the controller is untouched
+
+
+def test_windows_hashed_again_are_not_counted_as_reused(sparse_file: Path) -> None:
+    data = payload(3 * WINDOW)
+    known: dict[int, tuple[list[tuple[int, int]], bytes]] = {}
+    with open_stream(sparse_file) as fd:
+        os.write(fd, data)
+        advance(memwindows.GrowingFile(fd), known)
+        os.ftruncate(fd, WINDOW + BLOCK)  # window 1 keeps one block: hashed again
+        _digest, _size, reused = memhash.hash_reusing(fd, known)
+    assert reused == WINDOW  # window 0 only
 
 
 def test_the_worker_ends_on_its_own_when_the_controller_is_gone(tmp_path: Path) -> None:
     """Its stop pipe closes with the controller: it exits instead of hashing on."""
     with open_stream(tmp_path / "memory.bin") as fd:
-        ahead = hashahead.HashAhead.start(fd)
+        ahead = hashahead.HashAhead.start(fd, idle=False)
         assert ahead is not None
         os.close(ahead._stop)  # what the controller's death does to the pipe
-        _, status = os.waitpid(ahead.pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
+        ended: list[int] = []
+
+        def exited() -> bool:
+            pid, status = os.waitpid(ahead.pid, os.WNOHANG)
+            if pid:
+                ended.append(os.waitstatus_to_exitcode(status))
+            return bool(pid)
+
+        wait_until(exited, "the worker's own exit")
+        assert ended == [0]
         os.close(ahead._results)
+        if ahead._pidfd is not None:
+            os.close(ahead._pidfd)
 
 
-def test_a_worker_that_cannot_run_leaves_the_digest_to_after_the_save(
+def test_the_worker_does_not_import_from_the_current_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Run as root beside guest RAM, it must not pick up a module planted where it was started."""
+    planted = tmp_path / "cwd"
+    planted.mkdir()
+    marker = tmp_path / "imported"
+    for name in ("xxhash", "mmap", "select", "struct"):
+        (planted / f"{name}.py").write_text(f"open({str(marker)!r}, 'w').write('{name}')\n")
+    monkeypatch.chdir(planted)
+    monkeypatch.setenv("PYTHONPATH", str(planted))
+    data = payload(WINDOW)
+    with open_stream(tmp_path / "memory.bin") as fd:
+        os.write(fd, data)
+        ahead = hashahead.HashAhead.start(fd, idle=False)
+        assert ahead is not None
+        try:
+
+            def taken() -> bool:
+                ahead.take()
+                return ahead.bytes_ahead == WINDOW
+
+            wait_until(taken, "the worker's result")
+        finally:
+            ahead.stop()
+    assert not marker.exists()
+
+
+def test_without_a_python_to_run_it_there_is_no_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    python = sys.executable
+    with open_stream(tmp_path / "memory.bin") as fd:
+        for executable in ("", "/bin/false", "/usr/sbin/uwsgi"):
+            monkeypatch.setattr(sys, "executable", executable)
+            assert hashahead.HashAhead.start(fd) is None
+        monkeypatch.setattr(sys, "executable", python)
+        monkeypatch.setattr(sys, "frozen", True, raising=False)  # PyInstaller and the like
+        assert hashahead.HashAhead.start(fd) is None
+
+
+def test_a_worker_that_fails_leaves_the_digest_to_after_the_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(memwindows, "__file__", str(tmp_path / "missing.py"))  # cannot load
     data = payload(2 * WINDOW)
     with open_stream(tmp_path / "memory.bin") as fd:
-        monkeypatch.setattr(sys, "executable", "")
-        assert hashahead.HashAhead.start(fd) is None
-        monkeypatch.setattr(sys, "executable", "/bin/false")  # not a Python: exits at once
-        ahead = hashahead.HashAhead.start(fd)
+        ahead = hashahead.HashAhead.start(fd, idle=False)
         assert ahead is not None
         os.write(fd, data)
-        wait_until(lambda: is_gone(ahead.pid) or _exited(ahead.pid), "/bin/false exited")
+        wait_until(lambda: is_gone(ahead.pid) or _exited(ahead.pid), "the failed worker's exit")
         known = ahead.stop()
         assert known == {}
-        assert memhash.hash_fd(fd, known=known) == (reference(data, [(0, len(data))]), len(data))
+        assert memhash.hash_reusing(fd, known) == (
+            reference(data, [(0, len(data))]),
+            len(data),
+            0,
+        )
 
 
 def _exited(pid: int) -> bool:
@@ -533,7 +609,7 @@ def test_the_worker_keeps_only_its_own_descriptors(tmp_path: Path) -> None:
     os.set_inheritable(leaked_w, True)
     try:
         with open_stream(tmp_path / "memory.bin") as fd:
-            ahead = hashahead.HashAhead.start(fd)
+            ahead = hashahead.HashAhead.start(fd, idle=False)
             assert ahead is not None
             try:
 
@@ -571,7 +647,7 @@ def test_hashing_ahead_never_asks_for_the_extents(
         monkeypatch.setattr(os, "lseek", lseek)
         assert advance(memwindows.GrowingFile(fd), known) == 2
         monkeypatch.setattr(os, "lseek", real_lseek)
-        assert memhash.hash_fd(fd, known=known) == (reference(data, [(0, len(data))]), len(data))
+        assert memhash.hash_reusing(fd, known)[:2] == (reference(data, [(0, len(data))]), len(data))
 
 
 def test_results_written_before_the_worker_was_halted_are_still_taken(tmp_path: Path) -> None:
@@ -581,7 +657,7 @@ def test_results_written_before_the_worker_was_halted_are_still_taken(tmp_path: 
         len(memwindows.format_result(k, [(k * WINDOW, WINDOW)], bytes(16))) for k in range(2)
     )
     with open_stream(tmp_path / "memory.bin") as fd:
-        ahead = hashahead.HashAhead.start(fd)
+        ahead = hashahead.HashAhead.start(fd, idle=False)
         assert ahead is not None
         os.write(fd, data)
 
@@ -593,4 +669,4 @@ def test_results_written_before_the_worker_was_halted_are_still_taken(tmp_path: 
         wait_until(lambda: _exited(ahead.pid), "the halted worker dead")
         known = ahead.stop()
         assert sorted(known) == [0, 1]
-        assert memhash.hash_fd(fd, known=known) == (reference(data, [(0, len(data))]), len(data))
+        assert memhash.hash_reusing(fd, known)[:2] == (reference(data, [(0, len(data))]), len(data))

@@ -38,19 +38,24 @@ __all__ = ["HashAhead"]
 
 log = logging.getLogger(__name__)
 
-#: How the worker is started: first the idle priority (glibc's posix_spawn refuses SCHED_IDLE;
-#: a worker that cannot have it exits: at the normal priority it would slow the save), then every
-#: descriptor above its own closed (one an embedding left inheritable, a lock say, must not
-#: outlive the controller in it), then memwindows loaded by its path (not forgeqmp's package, whose imports cost 0.3 s of CPU), then
-#: its loop.
+#: How the worker is started: the interpreter isolated (``-I``: no current directory, no
+#: ``PYTHON*`` variables, no user site on its path; the controller's absolute ``sys.path`` is
+#: handed over instead, so it finds ``xxhash`` where the controller does), then the idle priority
+#: (glibc's posix_spawn refuses SCHED_IDLE; a worker that cannot have it exits: at the normal
+#: priority it would slow the save) unless told otherwise, then every descriptor above its own
+#: closed (one an embedding left inheritable, a lock say, must not outlive the controller in
+#: it), then memwindows loaded by its path (not forgeqmp's package, whose imports cost 0.3 s of
+#: CPU), then its loop.
 _BOOT = (
-    "import os\n"
-    "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
+    "import os, sys\n"
+    "sys.path[:] = [p for p in sys.argv[3].split(os.pathsep) if p]\n"
+    "if sys.argv[4] == 'idle':\n"
+    "    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
     "for f in [int(f) for f in os.listdir('/proc/self/fd')]:\n"
     "    if f > 3:\n"
     "        try: os.close(f)\n"
     "        except OSError: pass\n"
-    "import importlib.util as u, sys\n"
+    "import importlib.util as u\n"
     "spec = u.spec_from_file_location('forgeqmp_memwindows', sys.argv[1])\n"
     "module = u.module_from_spec(spec)\n"
     "spec.loader.exec_module(module)\n"
@@ -63,29 +68,48 @@ _PIPE_SIZE = 1024 * 1024
 _HIGH_FD = 10
 
 
+def _interpreter() -> str | None:
+    """The Python to run the worker with: ``sys.executable`` when it is one (not a frozen
+    application or an embedding program, which would be handed arguments it does not expect)."""
+    executable = sys.executable
+    if not executable or getattr(sys, "frozen", False):
+        return None
+    if not os.path.basename(executable).startswith(("python", "pypy")):
+        return None
+    return executable
+
+
 class HashAhead:
     """A running worker hashing the memory file open as ``fd`` (see the module); from
-    :meth:`start`, ended by :meth:`stop` (always call it, it is cheap)."""
+    :meth:`start`, ended by :meth:`stop` (always call it, it is cheap).
 
-    def __init__(self, pid: int, results_fd: int, stop_fd: int) -> None:
+    The worker is signalled and reaped through a pidfd where the kernel has them (5.3+), so a
+    worker that ended early and was reaped by someone else (an embedding's ``SIGCHLD`` handler)
+    can never have its pid reused under a kill of ours."""
+
+    def __init__(self, pid: int, results_fd: int, stop_fd: int, pidfd: int | None = None) -> None:
         self.pid = pid
+        self._pidfd = pidfd
         self._results = results_fd
         self._stop = stop_fd
         self._buffer = b""
         self._known: dict[int, tuple[Extents, bytes]] = {}
         self._garbled = False
         self._stopped = False
+        self._killed = False
 
     @classmethod
-    def start(cls, fd: int) -> HashAhead | None:
+    def start(cls, fd: int, *, idle: bool = True) -> HashAhead | None:
         """Start the worker on the file open as ``fd``, or None (logged at DEBUG) where it cannot
-        be started. Returns at once; the worker's interpreter starts (~10 ms of CPU) and takes
-        the idle priority before it reads anything."""
-        executable = sys.executable
-        if not executable or not hasattr(os, "posix_spawn") or not hasattr(os, "SCHED_IDLE"):
-            log.debug("not hashing the memory file while it is saved: no way to start a worker")
+        be started. Returns at once; the worker's interpreter starts (~10 ms of CPU, at the
+        normal priority) and takes the idle priority before it reads anything (``idle=False``:
+        it keeps the normal one; for tests on a busy machine)."""
+        executable = _interpreter()
+        if executable is None or not hasattr(os, "posix_spawn") or not hasattr(os, "SCHED_IDLE"):
+            log.debug("not hashing the memory file while it is saved: no Python to start it with")
             return None
         opened: list[int] = []
+        pid: int | None = None
         try:
             results_r, results_w = os.pipe2(os.O_CLOEXEC)
             opened += [results_r, results_w]
@@ -98,14 +122,23 @@ class HashAhead:
             opened.append(readonly)
             # posix_spawn's dup2 of a descriptor onto its own number would keep its close-on-exec
             # flag: move every source above the worker's numbers first.
-            sources = [
-                fcntl.fcntl(f, fcntl.F_DUPFD_CLOEXEC, _HIGH_FD)
-                for f in (stop_r, results_w, readonly)
-            ]
-            opened += sources
+            sources: list[int] = []
+            for source in (stop_r, results_w, readonly):
+                sources.append(fcntl.fcntl(source, fcntl.F_DUPFD_CLOEXEC, _HIGH_FD))
+                opened.append(sources[-1])
+            path = os.pathsep.join(p for p in sys.path if p and os.path.isabs(p))
             pid = os.posix_spawn(
                 executable,
-                [executable, "-c", _BOOT, memwindows.__file__, str(memwindows.WINDOW)],
+                [
+                    executable,
+                    "-I",
+                    "-c",
+                    _BOOT,
+                    memwindows.__file__,
+                    str(memwindows.WINDOW),
+                    path,
+                    "idle" if idle else "normal",
+                ],
                 os.environ,
                 file_actions=[
                     (os.POSIX_SPAWN_DUP2, sources[0], memwindows.WORKER_STOP_FD),
@@ -114,16 +147,23 @@ class HashAhead:
                     (os.POSIX_SPAWN_DUP2, sources[2], memwindows.WORKER_FILE_FD),
                 ],
             )
+            os.set_blocking(results_r, False)
+            pidfd: int | None = None
+            with contextlib.suppress(AttributeError, OSError):  # a kernel before 5.3
+                pidfd = os.pidfd_open(pid)
         except OSError as exc:
+            if pid is not None:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)  # not reaped by anyone yet: still our child
+                _reap(pid, None)
             for f in opened:
                 os.close(f)
             log.debug("not hashing the memory file while it is saved: %s", exc)
             return None
         for f in [stop_r, results_w, readonly, *sources]:
             os.close(f)
-        os.set_blocking(results_r, False)
         log.debug("hashing the memory file while it is saved: worker pid %d", pid)
-        return cls(pid, results_r, stop_w)
+        return cls(pid, results_r, stop_w, pidfd)
 
     @property
     def bytes_ahead(self) -> int:
@@ -132,7 +172,7 @@ class HashAhead:
 
     def take(self) -> None:
         """Take the results the worker has written so far, without waiting for more."""
-        while not self._garbled:
+        while not self._garbled and not self._stopped:
             try:
                 chunk = os.read(self._results, 65536)
             except BlockingIOError:
@@ -155,11 +195,17 @@ class HashAhead:
 
     def halt(self) -> None:
         """Kill the worker now, and nothing else (a few µs: the enable calls it in the guest's
-        pause); the results it wrote stay in the pipe for :meth:`stop`, which must follow (the
-        killed worker stays a zombie until then, so its pid is not reused)."""
-        if not self._stopped:
-            with contextlib.suppress(OSError):
+        pause); the results it wrote stay in the pipe for :meth:`stop`, which must follow."""
+        if self._killed:
+            return
+        self._killed = True
+        try:
+            if self._pidfd is not None:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            else:  # still a zombie at worst until stop() reaps it: the pid is not reused
                 os.kill(self.pid, signal.SIGKILL)
+        except OSError:
+            pass  # gone already
 
     def stop(self) -> Mapping[int, tuple[Extents, bytes]]:
         """Take the results written so far, kill the worker (never waiting for it: it is reaped
@@ -167,19 +213,29 @@ class HashAhead:
         same."""
         if self._stopped:
             return dict(self._known)
-        self._stopped = True
         self.take()
-        with contextlib.suppress(OSError):
-            os.kill(self.pid, signal.SIGKILL)
+        self._stopped = True
+        self.halt()
         for f in (self._results, self._stop):
             with contextlib.suppress(OSError):
                 os.close(f)
         threading.Thread(
-            target=_reap, args=(self.pid,), name="forgeqmp-hash-reaper", daemon=True
+            target=_reap, args=(self.pid, self._pidfd), name="forgeqmp-hash-reaper", daemon=True
         ).start()
         return dict(self._known)
 
 
-def _reap(pid: int) -> None:
-    with contextlib.suppress(ChildProcessError):  # reaped by an embedding's SIGCHLD handler
-        os.waitpid(pid, 0)
+def _reap(pid: int, pidfd: int | None) -> None:
+    """Wait for the worker's end (through its pidfd where there is one: never another child)."""
+    try:
+        if pidfd is not None:
+            result = os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+            status = None if result is None else result.si_status
+        else:
+            status = os.waitpid(pid, 0)[1]
+        log.debug("the hashing worker %d ended (status %s)", pid, status)
+    except ChildProcessError:  # reaped by an embedding's SIGCHLD handler
+        pass
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)

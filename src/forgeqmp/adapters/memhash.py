@@ -23,7 +23,7 @@ where a window's stream is, for each data extent clipped to the window, in order
 hashed on several threads, each through read-only mappings of at most 4 MiB of the file at a
 time (the page cache hashed in place, no copy), by :mod:`forgeqmp.adapters.memwindows`; a
 precopy save's windows are mostly hashed while QEMU writes it (:mod:`forgeqmp.adapters.hashahead`),
-and :func:`hash_fd` reuses them (``known``).
+and :func:`hash_reusing` reuses them.
 
 ``"sha256"`` (records of older forgeqmp) is the SHA-256 of the concatenated SHA-256 digests of
 consecutive :data:`CHUNK_SIZE`-byte chunks of the whole file, holes read as zeros.
@@ -48,6 +48,8 @@ from typing import Final, TypeVar
 import xxhash
 
 from forgeqmp.adapters import memwindows
+
+# WINDOW is memwindows' (re-exported here for readers of the digest's definition; patch it there).
 from forgeqmp.adapters.memwindows import WINDOW, Extents, data_extents
 from forgeqmp.core.record import DIGEST_ALGORITHMS, LEGACY_DIGEST_ALGORITHM
 
@@ -60,6 +62,7 @@ __all__ = [
     "data_extents",
     "hash_fd",
     "hash_file",
+    "hash_reusing",
 ]
 
 #: The algorithm enable records now.
@@ -78,31 +81,35 @@ KnownWindows = Mapping[int, tuple[Extents, bytes]]
 _T = TypeVar("_T")
 
 
-def hash_fd(
-    fd: int,
-    *,
-    algorithm: str = ALGORITHM,
-    threads: int | None = None,
-    known: KnownWindows | None = None,
-) -> tuple[str, int]:
+def hash_fd(fd: int, *, algorithm: str = ALGORITHM, threads: int | None = None) -> tuple[str, int]:
     """Digest by ``algorithm`` of the file open as ``fd`` (its offset is never moved).
 
     Returns ``(hex digest, size in bytes)``. Blocking: run it in a worker thread from async code.
-    ``known`` (``"xxh3-128"`` only) maps window indexes to ``(data extents, XXH3-128)`` of
-    windows already hashed (while the file was written: :mod:`forgeqmp.adapters.hashahead`); a
-    window's is reused when the window's extents are still those, and hashed again otherwise.
 
     :raises ValueError: an algorithm this forgeqmp does not know.
     """
     size = os.fstat(fd).st_size
     workers = threads or os.cpu_count() or 1
     if algorithm == ALGORITHM:
-        return _xxh3_128(fd, size, workers, known or {}), size
+        return _xxh3_128(fd, size, workers, {})[0], size
     if algorithm == LEGACY_DIGEST_ALGORITHM:
         return _chunked_sha256(fd, size, workers), size
     raise ValueError(
         f"unknown memory digest algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}"
     )
+
+
+def hash_reusing(
+    fd: int, known: KnownWindows, *, threads: int | None = None
+) -> tuple[str, int, int]:
+    """The ``"xxh3-128"`` :func:`hash_fd` of the file open as ``fd``, reusing the digests of
+    windows already hashed (while the file was written: :mod:`forgeqmp.adapters.hashahead`):
+    ``known`` maps window indexes to ``(data extents, XXH3-128)``, and a window's is reused when
+    its extents are still those, and hashed again otherwise. Returns ``(hex digest, size in
+    bytes, bytes of data whose digest was reused)``."""
+    size = os.fstat(fd).st_size
+    digest, reused = _xxh3_128(fd, size, threads or os.cpu_count() or 1, known)
+    return digest, size, reused
 
 
 def hash_file(
@@ -116,17 +123,23 @@ def hash_file(
         os.close(fd)
 
 
-def _xxh3_128(fd: int, size: int, workers: int, known: KnownWindows) -> str:
+def _xxh3_128(fd: int, size: int, workers: int, known: KnownWindows) -> tuple[str, int]:
+    """The digest, and the bytes of the windows whose digest came from ``known``."""
     windows = memwindows.windows_of(data_extents(fd, size))
     todo = [k for k, extents in windows.items() if k not in known or known[k][0] != extents]
     digests = _parallel(lambda k: memwindows.window_digest(fd, windows[k]), todo, workers)
     hashed = dict(zip(todo, digests, strict=True))
     digest = xxhash.xxh3_128(_MAGIC)
     digest.update(_U64.pack(size))
-    for index in windows:
+    reused = 0
+    for index, extents in windows.items():
         digest.update(_U64.pack(index))
-        digest.update(hashed[index] if index in hashed else known[index][1])
-    return digest.hexdigest()
+        if index in hashed:
+            digest.update(hashed[index])
+        else:
+            digest.update(known[index][1])
+            reused += sum(length for _offset, length in extents)
+    return digest.hexdigest(), reused
 
 
 def _sha256_chunk(fd: int, offset: int, length: int) -> bytes:

@@ -37,37 +37,36 @@ EXTENT: Final = struct.Struct("<QQ")
 Extents = list[tuple[int, int]]
 
 
-def data_extents(fd: int, size: int | None = None, *, start: int = 0) -> Extents:
-    """The data extents ``(offset, length)`` of the file open as ``fd``, in order, between
-    ``start`` and its first ``size`` bytes (default: its size), clipped to that range. The whole
-    range when the file system cannot tell.
+def data_extents(fd: int, size: int | None = None) -> Extents:
+    """The data extents ``(offset, length)`` of the file open as ``fd``, in order, within its
+    first ``size`` bytes (default: its size). The whole file when the file system cannot tell.
 
     The seeks happen on a second open file description of the same file, so the offset of ``fd``
     (which QEMU may be reading from) never moves.
     """
     if size is None:
         size = os.fstat(fd).st_size
-    if size <= start:
+    if size == 0:
         return []
     probe = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
     try:
         if not os.path.samestat(os.fstat(probe), os.fstat(fd)):
             raise OSError(errno.ESTALE, "the reopened memory file is another file")
         extents: Extents = []
-        offset = start
+        offset = 0
         while offset < size:
             try:
-                data = os.lseek(probe, offset, os.SEEK_DATA)
+                start = os.lseek(probe, offset, os.SEEK_DATA)
             except OSError as exc:
                 if exc.errno == errno.ENXIO:  # no data after offset
                     break
-                if exc.errno == errno.EINVAL and offset == start:  # SEEK_DATA not supported
-                    return [(start, size - start)]
+                if exc.errno == errno.EINVAL and offset == 0:  # SEEK_DATA not supported
+                    return [(0, size)]
                 raise
-            if data >= size:
+            if start >= size:
                 break
-            end = min(os.lseek(probe, data, os.SEEK_HOLE), size)
-            extents.append((data, end - data))
+            end = min(os.lseek(probe, start, os.SEEK_HOLE), size)
+            extents.append((start, end - start))
             offset = end
         return extents
     finally:

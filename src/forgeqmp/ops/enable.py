@@ -336,12 +336,13 @@ class Enable:
         mem_fd = self.ctx.state_dir.create_private_file(memory_name)
         undo.files.append(plan.memory_file)
         undo.memory_fd = mem_fd
-        # A stream is hashed while QEMU writes it, by a worker at the idle priority that is never
-        # waited for (forgeqmp.adapters.hashahead); started now, its interpreter starts while the
-        # steps below talk to QEMU.
-        ahead = hashahead.HashAhead.start(mem_fd) if plan.writes_memory_in_order else None
-        undo.hashing = ahead
+        ahead: hashahead.HashAhead | None = None
         try:
+            # A stream is hashed while QEMU writes it, by a worker at the idle priority that is
+            # never waited for (forgeqmp.adapters.hashahead); started now, its interpreter starts
+            # while the steps below talk to QEMU.
+            if plan.writes_memory_in_order:
+                ahead = undo.hashing = hashahead.HashAhead.start(mem_fd)
             if plan.transport is Transport.FDSET_FILE:
                 # QEMU matches fdset members by access mode and opens the file write-only.
                 write_fd = os.open(f"/proc/self/fd/{mem_fd}", os.O_WRONLY | os.O_CLOEXEC)
@@ -400,8 +401,8 @@ class Enable:
             # the directory is made durable, and the record is, as always.
             known = ahead.stop() if ahead is not None else {}
             took: dict[str, float] = {}
-            digest, size = await _timed(
-                took, "digest_seconds", functools.partial(memhash.hash_fd, mem_fd, known=known)
+            digest, size, reused = await _timed(
+                took, "digest_seconds", memhash.hash_reusing, mem_fd, known
             )
             self.ctx.state_dir.fsync_dir()
         finally:
@@ -428,7 +429,7 @@ class Enable:
             "memory_bytes": size,
             "save_seconds": round(saved_s, 3),
             **{name: round(seconds, 3) for name, seconds in took.items()},
-            "hashed_while_saving": 0 if ahead is None else ahead.bytes_ahead,
+            "hashed_while_saving": reused,
         }
         return record, active
 
