@@ -122,10 +122,10 @@ def measure(lab: Lab, settings: Settings, rows: Rows) -> None:
                 t0 = time.monotonic()
                 try:
                     if copy is None:
-                        forge_s, pause_ms = run_async(_commit, vm, state_dir)
+                        forge_s, pause_ms, _cpu = run_async(_commit, vm, state_dir)
                     else:
                         with _slow_copy() as bounds:
-                            forge_s, pause_ms = run_async(_commit, vm, state_dir)
+                            forge_s, pause_ms, _cpu = run_async(_commit, vm, state_dir)
                 finally:
                     t1 = time.monotonic()
                     stop.set()
