@@ -153,7 +153,7 @@ def test_an_undone_enable_keeps_every_block_option(
     def no_hash(*_args: object, **_kwargs: object) -> tuple[str, int]:
         raise OSError(5, "injected: the memory file cannot be read back")
 
-    monkeypatch.setattr(memhash, "hash_fd", no_hash)
+    monkeypatch.setattr(memhash, "hash_reusing", no_hash)  # the digest enable computes
     with pytest.raises(ForgeFailed, match="injected"):
         run(enable, vm.qmp_socket, state, all_disks=True)
     saved = RecordStore(StateDir(state)).load()
