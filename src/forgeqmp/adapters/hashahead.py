@@ -2,10 +2,11 @@
 
 A precopy save is a stream written from its start to its end, so each window of the memory digest
 (:mod:`forgeqmp.adapters.memhash`) is final once the file is past it. A worker process
-(:func:`forgeqmp.adapters.memwindows.worker_main`, started with ``SCHED_IDLE``: CPU time nothing
-else wants) hashes those windows while the save runs and writes each result to a pipe; when the
-save is over, :meth:`HashAhead.stop` takes the results already written, without waiting for more,
-and kills the worker; the enable hashes the windows left (:func:`memhash.hash_fd` with ``known``).
+(:func:`forgeqmp.adapters.memwindows.worker_main`, at the ``SCHED_IDLE`` priority: CPU time
+nothing else wants) hashes those windows while the save runs and writes each result to a pipe. At
+the guest's pause the enable kills it (:meth:`HashAhead.halt`); when the save is over,
+:meth:`HashAhead.stop` takes the results already written, without waiting for more; the enable
+hashes the windows left (:func:`forgeqmp.adapters.memhash.hash_reusing`).
 
 Why a process and not a thread: a thread at the idle priority in the controller is starved
 whenever both cores are busy, and a starved thread holding Python's GIL would stall the event
