@@ -24,7 +24,7 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from forgeqmp.adapters import hashahead, memhash, memwindows
+from forgeqmp.adapters import hashahead, memhash, memwindows, process
 from forgeqmp.core.record import DIGEST_ALGORITHMS
 
 BLOCK = 4096  # the file systems' block: holes and data extents come in whole blocks
@@ -38,8 +38,7 @@ ALGORITHMS = list(memhash.ALGORITHMS)
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(memhash, "CHUNK_SIZE", CHUNK)
     monkeypatch.setattr(memwindows, "WINDOW", WINDOW)  # the workers hashing ahead are told it
-    monkeypatch.setattr(memwindows, "READ", READ)
-    monkeypatch.setattr(memhash, "_READ", READ)
+    monkeypatch.setattr(memwindows, "READ", READ)  # the mappings' spans and the SHA-256 reads
 
 
 def reference_sha256(data: bytes) -> str:
@@ -569,7 +568,7 @@ def test_a_worker_that_fails_leaves_the_digest_to_after_the_save(
         ahead = hashahead.HashAhead.start(fd, idle=False)
         assert ahead is not None
         os.write(fd, data)
-        wait_until(lambda: is_gone(ahead.pid) or _exited(ahead.pid), "the failed worker's exit")
+        wait_until(lambda: not process.is_alive(ahead.pid), "the failed worker's exit")
         known = ahead.stop()
         assert known == {}
         assert memhash.hash_reusing(fd, known) == (
@@ -577,11 +576,6 @@ def test_a_worker_that_fails_leaves_the_digest_to_after_the_save(
             len(data),
             0,
         )
-
-
-def _exited(pid: int) -> bool:
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
 
 
 def test_results_that_are_not_results_are_all_dropped() -> None:
@@ -666,7 +660,7 @@ def test_results_written_before_the_worker_was_halted_are_still_taken(tmp_path: 
 
         wait_until(lambda: waiting() >= line_bytes, "the worker's two results in the pipe")
         ahead.halt()
-        wait_until(lambda: _exited(ahead.pid), "the halted worker dead")
+        wait_until(lambda: not process.is_alive(ahead.pid), "the halted worker dead")
         known = ahead.stop()
         assert sorted(known) == [0, 1]
         assert memhash.hash_reusing(fd, known)[:2] == (reference(data, [(0, len(data))]), len(data))

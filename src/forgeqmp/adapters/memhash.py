@@ -73,7 +73,6 @@ assert set(ALGORITHMS) == set(DIGEST_ALGORITHMS)
 
 #: Bytes per independently hashed chunk of the ``"sha256"`` digest.
 CHUNK_SIZE = 64 * 1024 * 1024
-_READ = 4 * 1024 * 1024
 _MAGIC: Final = b"forgeqmp-memory xxh3-128 1\n"
 _U64: Final = struct.Struct("<Q")
 #: Windows already hashed: index -> (the window's data extents, its XXH3-128).
@@ -146,7 +145,7 @@ def _sha256_chunk(fd: int, offset: int, length: int) -> bytes:
     digest = hashlib.sha256()
     end = offset + length
     while offset < end:
-        data = os.pread(fd, min(_READ, end - offset), offset)
+        data = os.pread(fd, min(memwindows.READ, end - offset), offset)
         if not data:
             break
         digest.update(data)

@@ -336,13 +336,12 @@ class Enable:
         mem_fd = self.ctx.state_dir.create_private_file(memory_name)
         undo.files.append(plan.memory_file)
         undo.memory_fd = mem_fd
-        ahead: hashahead.HashAhead | None = None
         try:
             # A stream is hashed while QEMU writes it, by a worker at the idle priority that is
             # never waited for (forgeqmp.adapters.hashahead); started now, its interpreter starts
             # while the steps below talk to QEMU.
             if plan.writes_memory_in_order:
-                ahead = undo.hashing = hashahead.HashAhead.start(mem_fd)
+                undo.hashing = hashahead.HashAhead.start(mem_fd)
             if plan.transport is Transport.FDSET_FILE:
                 # QEMU matches fdset members by access mode and opens the file write-only.
                 write_fd = os.open(f"/proc/self/fd/{mem_fd}", os.O_WRONLY | os.O_CLOEXEC)
@@ -399,15 +398,15 @@ class Enable:
             # host can lose it, which the digest turns into a cold start of the reverted disks at
             # discard, never a wrong restore (docs/fault-matrix.md, "Durability"). Its name in
             # the directory is made durable, and the record is, as always.
-            known = ahead.stop() if ahead is not None else {}
+            known = undo.hashing.stop() if undo.hashing is not None else {}
             took: dict[str, float] = {}
             digest, size, reused = await _timed(
                 took, "digest_seconds", memhash.hash_reusing, mem_fd, known
             )
             self.ctx.state_dir.fsync_dir()
         finally:
-            if ahead is not None:
-                ahead.stop()
+            if undo.hashing is not None:
+                undo.hashing.stop()
             undo.hashing = None
             undo.memory_fd = None
             os.close(mem_fd)
