@@ -30,7 +30,7 @@ from benchmarks.common import (
     say,
 )
 from forgeqmp.adapters import memhash
-from forgeqmp.core.plans.enable import Strategy, choose_strategy
+from forgeqmp.core.plans.enable import Strategy, choose_strategy, default_strategy
 from forgeqmp.testing import QemuInstance
 
 #: Capabilities a load of a save with this strategy needs on the destination.
@@ -120,6 +120,7 @@ def measure(vm: QemuInstance, lab: Lab, settings: Settings, rows: Rows, guest_mi
             finally:
                 os.unlink(kept)
             row = rows.get(build=build, guest_mib=guest_mib, strategy=strategy)
+            row.case["default"] = strategy == default_strategy(features).value
             for name, value in got.items():
                 row.add(name, value)
             say(

@@ -39,7 +39,7 @@ from benchmarks.common import (
     unlink_all,
 )
 from forgeqmp.adapters import hashahead
-from forgeqmp.core.plans.enable import Strategy, choose_strategy
+from forgeqmp.core.plans.enable import Strategy, choose_strategy, default_strategy
 from forgeqmp.testing import QemuInstance
 
 
@@ -55,6 +55,8 @@ class Variant:
     #: False: forgeqmp's hashing of the stream while QEMU writes it is turned off, so the whole
     #: digest is computed after the save (what hashing ahead gains or costs, side by side).
     hash_ahead: bool = True
+    #: What forgeqmp does when no strategy is asked for on this build (the targets' case).
+    default: bool = False
 
     @property
     def label(self) -> str:
@@ -80,7 +82,8 @@ def variants(vm: QemuInstance) -> list[Variant]:
             _s, transport = choose_strategy(features, strategy)
         except forgeqmp.FeatureMissing:
             continue
-        found.append(Variant("forgeqmp", strategy.value, transport.value))
+        default = strategy is default_strategy(features)
+        found.append(Variant("forgeqmp", strategy.value, transport.value, default=default))
         found.append(Variant("raw", strategy.value, transport.value))
         if strategy is Strategy.PRECOPY:
             found.append(Variant("forgeqmp", strategy.value, transport.value, hash_ahead=False))
@@ -265,7 +268,10 @@ def _measure_group(
             variant=variant.label,
         )
         row.case.update(
-            strategy=variant.strategy, transport=variant.transport, touched_mib=touched_mib
+            strategy=variant.strategy,
+            transport=variant.transport,
+            touched_mib=touched_mib,
+            default=variant.default,
         )
         if load == "dirtying":
             row.extra["dirty_mb_s"] = round(rate)

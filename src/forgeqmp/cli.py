@@ -48,7 +48,7 @@ from forgeqmp.core.guard import (
     parse_operation,
 )
 from forgeqmp.core.lifecycle import advance
-from forgeqmp.core.plans.enable import DEFAULT_STRATEGY, Strategy
+from forgeqmp.core.plans.enable import Strategy
 from forgeqmp.core.record import SessionRecord, no_session_status
 from forgeqmp.core.states import FAILED_EVENT, WORKING, State
 from forgeqmp.errors import (
@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     enable.add_argument(
         "--strategy",
         choices=[s.value for s in Strategy],
-        help=f"how memory is saved (default: {DEFAULT_STRATEGY.value}, the smallest pause)",
+        help="how memory is saved (default: mapped-ram where QEMU has it, else precopy)",
     )
     enable.add_argument(
         "--overlay-dir",

@@ -51,6 +51,11 @@ def snapshot(vm: Any, state: Path) -> tuple[Any, set[str]]:
     return block_graph(vm.qmp_socket), files_under(os.path.dirname(vm.disks[0].path), state)
 
 
+async def _features(socket: str) -> forgeqmp.Features:
+    async with forgeqmp.connect(socket) as instance:
+        return await instance.features()
+
+
 def _gone(pid: int) -> bool:
     """No such process any more (reaped), not even a zombie."""
     try:
@@ -66,7 +71,12 @@ def _wait_for(condition: Callable[[], bool], what: str, seconds: float = 30) -> 
         time.sleep(0.01)
 
 
-def test_enable_reaches_active_while_the_guest_runs(vm, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("strategy", [None, "precopy"], ids=["default", "precopy"])
+def test_enable_reaches_active_while_the_guest_runs(  # type: ignore[no-untyped-def]
+    vm, tmp_path: Path, monkeypatch, strategy: str | None
+) -> None:
+    """With the build's default strategy (mapped-ram where QEMU has it) and with precopy (the
+    default where it has not, hashed while QEMU writes it)."""
     state = tmp_path / "state"
     workers: list[hashahead.HashAhead | None] = []
     start = hashahead.HashAhead.start
@@ -78,9 +88,18 @@ def test_enable_reaches_active_while_the_guest_runs(vm, tmp_path: Path, monkeypa
     monkeypatch.setattr(hashahead.HashAhead, "start", watched_start)
     before = vm.wait_counter()
     progress: list[forgeqmp.ProgressEvent] = []
-    record = run(enable, vm.qmp_socket, state, all_disks=True, on_progress=progress.append)
+    record = run(
+        enable,
+        vm.qmp_socket,
+        state,
+        all_disks=True,
+        strategy=strategy,
+        on_progress=progress.append,
+    )
 
     assert record.state is State.ACTIVE
+    default = enable_plan.default_strategy(run(_features, vm.qmp_socket))
+    assert record.strategy == (strategy or default.value)
     assert [d.name for d in record.disks] == ["d0", "d1"]
     assert record.unforged_disks == ()
     assert record.pause_ms is not None
@@ -104,13 +123,18 @@ def test_enable_reaches_active_while_the_guest_runs(vm, tmp_path: Path, monkeypa
     assert record.memory.digest_algorithm == memhash.ALGORITHM
     assert (record.memory.digest, record.memory.size) == memhash.hash_file(record.memory.path)
     assert record.memory.size > 1024 * 1024
-    # A worker hashed the stream while QEMU wrote it (how much of it depends on the spare CPU:
-    # at the idle priority), and it does not outlive the enable: killed and reaped.
-    assert len(workers) == 1
-    worker = workers[0]
-    assert worker is not None
-    assert 0 <= progress[-1].detail["hashed_while_saving"] <= record.memory.size
-    _wait_for(lambda: _gone(worker.pid), "the hashing worker gone")
+    if record.strategy == "precopy":
+        # A worker hashed the stream while QEMU wrote it (how much of it depends on the spare
+        # CPU: at the idle priority), and it does not outlive the enable: killed and reaped.
+        assert len(workers) == 1
+        worker = workers[0]
+        assert worker is not None
+        assert 0 <= progress[-1].detail["hashed_while_saving"] <= record.memory.size
+        _wait_for(lambda: _gone(worker.pid), "the hashing worker gone")
+    else:
+        # mapped-ram rewrites pages in place: no window is final before the save ends.
+        assert workers == []
+        assert progress[-1].detail["hashed_while_saving"] == 0
     # The guest kept running: same boot, counter advancing.
     after = vm.wait_counter(min_value=before[1] + 5)
     assert after[0] == before[0]

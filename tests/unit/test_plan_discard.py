@@ -30,7 +30,7 @@ def caps(command: Command) -> list[tuple[str, bool]]:
 
 
 def test_precopy_on_10_loads_from_an_fdset_file_with_only_the_events_on() -> None:
-    _, record = forge("10.0")
+    _, record = forge("10.0", strategy=Strategy.PRECOPY)
     plan = plan_restore(record)
     assert plan.transport is Transport.FDSET_FILE
     assert plan.uses_fdset

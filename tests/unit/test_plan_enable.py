@@ -21,6 +21,7 @@ from forgeqmp.core.plans.enable import (
     Strategy,
     Transport,
     choose_strategy,
+    default_strategy,
     overlays_attached,
     plan_enable,
     save_capabilities,
@@ -47,11 +48,43 @@ def selection(version: str, **kw: Any):  # type: ignore[no-untyped-def]
     return select_disks(disks_from_query(data["query-block"]), **kw)
 
 
-def test_default_strategy_is_precopy_with_the_file_transport_on_10() -> None:
-    assert choose_strategy(features("10.0")) == (Strategy.PRECOPY, Transport.FDSET_FILE)
+def test_default_strategy_is_mapped_ram_with_the_file_transport_on_10() -> None:
+    assert default_strategy(features("10.0")) is Strategy.MAPPED_RAM
+    assert choose_strategy(features("10.0")) == (Strategy.MAPPED_RAM, Transport.FDSET_FILE)
+
+
+@pytest.mark.parametrize(
+    "without",
+    [
+        {"capabilities": {"mapped-ram"}},
+        {"capabilities": {"multifd"}},
+        {"capabilities": {"pause-before-switchover"}},
+        {"statuses": {"pre-switchover"}},
+        {"commands": {"migrate-continue"}},
+        {"transports": {"file"}},
+        {"commands": {"add-fd"}},
+        {"commands": {"remove-fd"}},
+    ],
+    ids=lambda w: "-".join(f"{k}:{','.join(sorted(v))}" for k, v in w.items()),
+)
+def test_default_strategy_is_precopy_without_any_of_what_mapped_ram_needs(
+    without: dict[str, set[str]],
+) -> None:
+    f = features("10.0")
+    lacking = Features(
+        version=f.version,
+        commands=f.commands - without.get("commands", set()),
+        migration_capabilities=f.migration_capabilities - without.get("capabilities", set()),
+        migration_transports=f.migration_transports - without.get("transports", set()),
+        migration_parameters=f.migration_parameters,
+        migration_statuses=f.migration_statuses - without.get("statuses", set()),
+        transaction_actions=f.transaction_actions,
+    )
+    assert default_strategy(lacking) is Strategy.PRECOPY
 
 
 def test_default_strategy_is_precopy_with_the_fd_transport_on_72() -> None:
+    assert default_strategy(features("7.2")) is Strategy.PRECOPY
     assert choose_strategy(features("7.2")) == (Strategy.PRECOPY, Transport.FD)
 
 
@@ -114,7 +147,8 @@ def test_plan_for_two_disks(version: str, tmp_path: Path) -> None:
         {"type": "blockdev-snapshot", "data": {"node": "d1-fmt", "overlay": "fq0123abcd-1-fmt"}},
     ]
     on = {name for name, state in plan.capabilities.items() if state}
-    assert on == {"events", "pause-before-switchover"}
+    default = {"10.0": {"multifd", "mapped-ram"}, "7.2": set()}[version]
+    assert on == {"events", "pause-before-switchover", *default}
     # Every other capability QEMU knows is turned off for the save (see save_capabilities).
     assert set(plan.capabilities) == set(features(version).migration_capabilities)
     assert plan.parameters["downtime-limit"] == DOWNTIME_LIMIT_MS

@@ -127,8 +127,9 @@ class Enable:
         guest runs (paused for tens of milliseconds). Returns the Active session's record.
 
         ``disks``: qdev ids, qdev paths or node-names; default the primary disk; ``all_disks``
-        for every writable disk. ``strategy``: see :class:`Strategy` (default: the one that pauses
-        least). ``overlay_dir``: where overlays go (default: next to each disk's image).
+        for every writable disk. ``strategy``: see :class:`Strategy` (default: ``mapped-ram`` where
+        QEMU has it, else ``precopy``: :func:`~forgeqmp.core.plans.enable.default_strategy`).
+        ``overlay_dir``: where overlays go (default: next to each disk's image).
 
         :raises InvalidArgument: an unknown disk or strategy, a bad timeout. Nothing changed.
         :raises PrerequisiteError: VM not running, another task or session, no forgeable disk,
