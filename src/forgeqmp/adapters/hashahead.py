@@ -2,8 +2,8 @@
 
 A precopy save is a stream written from its start to its end, so each window of the memory digest
 (:mod:`forgeqmp.adapters.memhash`) is final once the file is past it. A worker process
-(:func:`forgeqmp.adapters.memwindows.worker_main`, at the ``SCHED_IDLE`` priority in a session
-of its own whose scheduling group has the lowest weight: CPU time nothing else wants) hashes those windows while the save runs and writes each result to a pipe. At
+(:func:`forgeqmp.adapters.memwindows.worker_main`, at the ``SCHED_IDLE`` priority: CPU time
+nothing else wants) hashes those windows while the save runs and writes each result to a pipe. At
 the guest's pause the enable kills it (:meth:`HashAhead.halt`); when the save is over,
 :meth:`HashAhead.stop` takes the results already written, without waiting for more; the enable
 hashes the windows left (:func:`forgeqmp.adapters.memhash.hash_reusing`).
@@ -43,8 +43,7 @@ log = logging.getLogger(__name__)
 #: ``PYTHON*`` variables, no user site on its path; the controller's absolute ``sys.path`` is
 #: handed over instead, so it finds ``xxhash`` where the controller does), then the idle priority
 #: (glibc's posix_spawn refuses SCHED_IDLE; a worker that cannot have it exits: at the normal
-#: priority it would slow the save) unless told otherwise, with its session's scheduling group at
-#: the lowest weight (see start), then every descriptor above its own
+#: priority it would slow the save) unless told otherwise, then every descriptor above its own
 #: closed (one an embedding left inheritable, a lock say, must not outlive the controller in
 #: it), then memwindows loaded by its path (not forgeqmp's package, whose imports cost 0.3 s of
 #: CPU), then its loop.
@@ -53,9 +52,6 @@ _BOOT = (
     "sys.path[:] = [p for p in sys.argv[3].split(os.pathsep) if p]\n"
     "if sys.argv[4] == 'idle':\n"
     "    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
-    "    try:\n"
-    "        with open('/proc/self/autogroup', 'w') as g: g.write('19')\n"
-    "    except OSError: pass\n"
     "for f in [int(f) for f in os.listdir('/proc/self/fd')]:\n"
     "    if f > 3:\n"
     "        try: os.close(f)\n"
@@ -145,17 +141,6 @@ class HashAhead:
                     "idle" if idle else "normal",
                 ],
                 os.environ,
-                # A session of its own. Where the kernel groups tasks by session for CPU time
-                # (sched_autogroup_enabled, on by default in Debian's kernels, for tasks outside
-                # a CPU cgroup), a group competes with other groups at the group's weight,
-                # whatever its tasks' priorities: SCHED_IDLE only ranks the worker within its
-                # group. In the controller's session that group (the worker; the controller
-                # mostly waits) took a core's share from QEMU's session (its vCPU and migration
-                # threads) and slowed the save; in its own, at autogroup nice 19 (weight 15
-                # against 1024), it gets next to nothing while QEMU wants the cores. It also keeps
-                # the terminal's Ctrl-C from it: the controller stops it, and the controller's
-                # exit closes its stop pipe, which ends it.
-                setsid=True,
                 file_actions=[
                     (os.POSIX_SPAWN_DUP2, sources[0], memwindows.WORKER_STOP_FD),
                     (os.POSIX_SPAWN_DUP2, sources[1], memwindows.WORKER_RESULTS_FD),
