@@ -8,6 +8,15 @@ the guest's pause the enable kills it (:meth:`HashAhead.halt`); when the save is
 :meth:`HashAhead.stop` takes the results already written, without waiting for more; the enable
 hashes the windows left (:func:`forgeqmp.adapters.memhash.hash_reusing`).
 
+What the idle priority buys: ``SCHED_IDLE`` ranks the worker below every other task of its
+scheduling group. Where the kernel groups tasks by session for CPU time (``autogroup``, on by
+default in Debian's kernels for tasks outside a CPU cgroup) or the platform puts QEMU in a CPU
+cgroup of its own, the worker's group (the controller's) competes with QEMU's at its full
+weight, so with a guest keeping both cores busy it takes CPU from QEMU's threads and the save
+is slower. Measured (docs/performance.md): that still ends the enable sooner than a worker in a
+group of the lowest weight, which hashes nothing while QEMU wants the cores and leaves the
+whole digest for after the save.
+
 Why a process and not a thread: a thread at the idle priority in the controller is starved
 whenever both cores are busy, and a starved thread holding Python's GIL would stall the event
 loop, also inside the guest's pause (measured: docs/performance.md). A process shares no GIL and
