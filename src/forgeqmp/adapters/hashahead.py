@@ -13,9 +13,10 @@ scheduling group. Where the kernel groups tasks by session for CPU time (``autog
 default in Debian's kernels for tasks outside a CPU cgroup) or the platform puts QEMU in a CPU
 cgroup of its own, the worker's group (the controller's) competes with QEMU's at its full
 weight, so with a guest keeping both cores busy it takes CPU from QEMU's threads and the save
-is slower. Measured (docs/performance.md): that still ends the enable sooner than a worker in a
-group of the lowest weight, which hashes nothing while QEMU wants the cores and leaves the
-whole digest for after the save.
+is slower. Measured (docs/performance.md): with a guest rewriting its memory, that still ends
+the enable sooner than a worker in a group of the lowest weight, which hashes nothing while QEMU
+wants the cores and leaves the whole digest for after the save (with an idle guest the two are
+the same).
 
 Why a process and not a thread: a thread at the idle priority in the controller is starved
 whenever both cores are busy, and a starved thread holding Python's GIL would stall the event

@@ -106,15 +106,17 @@ CONVERGENCE_STEPS: tuple[ConvergenceStep, ...] = (
 
 
 class Strategy(enum.Enum):
-    """How the memory state is saved. The default is the one that pauses the guest least here."""
+    """How the memory state is saved. The default is chosen per QEMU by
+    :func:`default_strategy`."""
 
     #: Precopy with ``pause-before-switchover``; snapshot in the pause. The default where QEMU
     #: has no ``mapped-ram`` (7.2).
     PRECOPY = "precopy"
     #: Precopy into a RAM-sized sparse file with ``mapped-ram`` + ``multifd`` (``file:`` only),
     #: snapshot in the pause; restored by parallel channels at fixed offsets. The default where
-    #: QEMU has it (>= 9.0): it saved, restored and paused the guest no worse than ``precopy`` in
-    #: every case measured (docs/performance.md).
+    #: QEMU has it (>= 9.0): measured ahead of ``precopy`` whenever the guest writes memory during
+    #: the save, restored in about half the time at 2 GiB, within milliseconds of it otherwise
+    #: (docs/performance.md).
     MAPPED_RAM = "mapped-ram"
     #: Stop, snapshot disks, then save memory while the guest runs (write-protect faults);
     #: slower save, pause independent of RAM size.
@@ -126,7 +128,8 @@ def default_strategy(features: Features) -> Strategy:
     its version): ``mapped-ram`` where QEMU can save with it into a passed descriptor (the
     ``mapped-ram``, ``multifd`` and ``pause-before-switchover`` capabilities, the ``file``
     transport and fdsets), else ``precopy``. Measured on 10.0 (docs/performance.md): a shorter
-    save, pause and discard than precopy, idle or with a guest rewriting its memory."""
+    save and pause than precopy with a guest rewriting its memory, a discard in about half the
+    time at 2 GiB, and within milliseconds of precopy with an idle guest."""
     if (
         features.mapped_ram
         and features.multifd
