@@ -629,6 +629,12 @@ class Enable:
                 problems.append(f"kept {path}: it may hold writes of the guest")
                 continue
             try:
+                if path == plan.memory_file:
+                    # Emptied first: its blocks are freed now, not when the last descriptor
+                    # closes (QEMU closes its one after the failed save's cleanup, the hashing
+                    # worker at its exit). On a file system the save filled, the Failed record
+                    # below needs that room.
+                    os.truncate(path, 0)
                 os.unlink(path)
             except FileNotFoundError:
                 pass
