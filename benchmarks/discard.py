@@ -107,6 +107,7 @@ def measure(vm: QemuInstance, lab: Lab, settings: Settings, rows: Rows, guest_mi
             continue
         strategies.append(strategy.value)
     transport = "file" if features.file_transport else "fd"
+    default = default_strategy(features).value
     state_dir = lab.path("state-discard")
     say(f"  discard: QEMU {build}, {guest_mib} MiB, strategies {', '.join(strategies)}")
     for run in range(settings.runs):
@@ -120,7 +121,7 @@ def measure(vm: QemuInstance, lab: Lab, settings: Settings, rows: Rows, guest_mi
             finally:
                 os.unlink(kept)
             row = rows.get(build=build, guest_mib=guest_mib, strategy=strategy)
-            row.case["default"] = strategy == default_strategy(features).value
+            row.case["default"] = strategy == default
             for name, value in got.items():
                 row.add(name, value)
             say(

@@ -76,14 +76,16 @@ def variants(vm: QemuInstance) -> list[Variant]:
     """forgeqmp's strategies on this build (its own transport choice, plus precopy forced onto
     ``fd:`` where it would pick the file transport), each with its raw twin, and raw ``file:``."""
     features = run_async(_features, vm.qmp_socket)
+    default = default_strategy(features)
     found: list[Variant] = []
     for strategy in Strategy:
         try:
             _s, transport = choose_strategy(features, strategy)
         except forgeqmp.FeatureMissing:
             continue
-        default = strategy is default_strategy(features)
-        found.append(Variant("forgeqmp", strategy.value, transport.value, default=default))
+        found.append(
+            Variant("forgeqmp", strategy.value, transport.value, default=strategy is default)
+        )
         found.append(Variant("raw", strategy.value, transport.value))
         if strategy is Strategy.PRECOPY:
             found.append(Variant("forgeqmp", strategy.value, transport.value, hash_ahead=False))

@@ -42,6 +42,12 @@ async def qmp(socket: str, command: str, arguments: dict[str, Any] | None = None
         return await conn.execute(command, arguments)
 
 
+async def features(socket: str) -> forgeqmp.Features:
+    """What the QEMU at ``socket`` can do, as forgeqmp's probe sees it."""
+    async with forgeqmp.connect(socket) as instance:
+        return await instance.features()
+
+
 def block_graph(socket: str) -> tuple[Any, list[str]]:
     """(device → attached node, backing depth) and the sorted node-names in the graph."""
 

@@ -34,7 +34,7 @@ from forgeqmp.errors import (
 )
 from forgeqmp.testing import DiskSpec
 
-from .helpers import block_graph, commit, discard, enable, files_under, qmp, run
+from .helpers import block_graph, commit, discard, enable, features, files_under, qmp, run
 
 pytestmark = pytest.mark.qemu
 
@@ -49,11 +49,6 @@ def vm(qemu_factory):  # type: ignore[no-untyped-def]
 def snapshot(vm: Any, state: Path) -> tuple[Any, set[str]]:
     """What must not change when enable is refused or undone: the block graph and the files."""
     return block_graph(vm.qmp_socket), files_under(os.path.dirname(vm.disks[0].path), state)
-
-
-async def _features(socket: str) -> forgeqmp.Features:
-    async with forgeqmp.connect(socket) as instance:
-        return await instance.features()
 
 
 def _gone(pid: int) -> bool:
@@ -98,7 +93,7 @@ def test_enable_reaches_active_while_the_guest_runs(  # type: ignore[no-untyped-
     )
 
     assert record.state is State.ACTIVE
-    default = enable_plan.default_strategy(run(_features, vm.qmp_socket))
+    default = enable_plan.default_strategy(run(features, vm.qmp_socket))
     assert record.strategy == (strategy or default.value)
     assert [d.name for d in record.disks] == ["d0", "d1"]
     assert record.unforged_disks == ()

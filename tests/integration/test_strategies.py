@@ -12,21 +12,16 @@ import pytest
 import forgeqmp
 from forgeqmp.core.plans.enable import Strategy, choose_strategy
 
-from .helpers import block_graph, discard, enable, files_under, qmp, run
+from .helpers import block_graph, discard, enable, features, files_under, qmp, run
 
 pytestmark = pytest.mark.qemu
 
 
-async def _features(socket: str) -> forgeqmp.Features:
-    async with forgeqmp.connect(socket) as vm:
-        return await vm.features()
-
-
-def _supported(features: forgeqmp.Features) -> list[Strategy]:
+def _supported(offered: forgeqmp.Features) -> list[Strategy]:
     usable = []
     for strategy in Strategy:
         try:
-            choose_strategy(features, strategy)
+            choose_strategy(offered, strategy)
         except forgeqmp.FeatureMissing:
             continue
         usable.append(strategy)
@@ -35,8 +30,8 @@ def _supported(features: forgeqmp.Features) -> list[Strategy]:
 
 def test_each_offered_strategy_round_trips(qemu_factory, qemu_build, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     vm = qemu_factory(memory_mib=256)
-    features = run(_features, vm.qmp_socket)
-    usable = _supported(features)
+    offered = run(features, vm.qmp_socket)
+    usable = _supported(offered)
     # What the feature probe must offer on the two supported builds (not derived from versions
     # in the code: asserted here so a regression in the probe shows).
     expected = {Strategy.PRECOPY, Strategy.BACKGROUND_SNAPSHOT}

@@ -125,20 +125,14 @@ class Strategy(enum.Enum):
 
 def default_strategy(features: Features) -> Strategy:
     """The strategy enable uses when none is asked for, chosen by what this QEMU has (never by
-    its version): ``mapped-ram`` where QEMU can save with it into a passed descriptor (the
-    ``mapped-ram``, ``multifd`` and ``pause-before-switchover`` capabilities, the ``file``
-    transport and fdsets), else ``precopy``. Measured on 10.0 (docs/performance.md): a shorter
-    save and pause than precopy with a guest rewriting its memory, a discard in about half the
-    time at 2 GiB, and within milliseconds of precopy with an idle guest."""
-    if (
-        features.mapped_ram
-        and features.multifd
-        and features.pause_before_switchover
-        and features.file_transport
-        and features.fdset
-    ):
-        return Strategy.MAPPED_RAM
-    return Strategy.PRECOPY
+    its version): ``mapped-ram`` where QEMU has everything it needs (:func:`choose_strategy`
+    would accept it: the ``mapped-ram``, ``multifd`` and ``pause-before-switchover``
+    capabilities, the ``file`` transport and fdsets), else ``precopy``. Measured on 10.0
+    (docs/performance.md): a shorter save and pause than precopy with a guest rewriting its
+    memory, a discard in about half the time at 2 GiB, and within milliseconds of precopy with
+    an idle guest."""
+    _transport, missing = _what_it_needs(features, Strategy.MAPPED_RAM)
+    return Strategy.PRECOPY if missing else Strategy.MAPPED_RAM
 
 
 #: The migration capabilities each strategy turns on (everything else is turned off).
@@ -181,6 +175,19 @@ def choose_strategy(
     :raises FeatureMissing: this QEMU cannot do what the strategy needs (the message says what).
     """
     strategy = requested or default_strategy(features)
+    transport, missing = _what_it_needs(features, strategy)
+    if missing:
+        raise FeatureMissing(
+            f"QEMU {features.version} cannot forge with the {strategy.value!r} strategy: it lacks "
+            + "; ".join(missing)
+            + ". Choose another strategy or upgrade QEMU."
+        )
+    return strategy, transport
+
+
+def _what_it_needs(features: Features, strategy: Strategy) -> tuple[Transport, list[str]]:
+    """The transport ``strategy`` would use on this QEMU, and what QEMU lacks for it (empty:
+    nothing)."""
     missing: list[str] = []
     if not features.blockdev_snapshot_transaction:
         missing.append("transaction with blockdev-snapshot and blockdev-add")
@@ -199,13 +206,7 @@ def choose_strategy(
     else:
         transport = Transport.FD
         missing.append("a way to migrate into a passed file descriptor (getfd or add-fd + file:)")
-    if missing:
-        raise FeatureMissing(
-            f"QEMU {features.version} cannot forge with the {strategy.value!r} strategy: it lacks "
-            + "; ".join(missing)
-            + ". Choose another strategy or upgrade QEMU."
-        )
-    return strategy, transport
+    return transport, missing
 
 
 @attrs.frozen
