@@ -81,5 +81,5 @@ def test_the_drivers_reach_every_crash_point_in_order(
     assert pids["qemu-stopped"] is None  # no QEMU runs there: no QEMU cell at this point
     relaunched = vm.pid
     assert relaunched != qemu
-    for step in ("qemu-launched", "memory-loaded", "discarded"):
+    for step in ("qemu-launched", "memory-loaded", "resumed", "discarded"):
         assert pids[step] == relaunched, step

@@ -91,6 +91,7 @@ CI_QEMU_CELLS = {
     "enable:snapshot-transaction-done:qemu",
     "commit:pivoting:qemu",
     "discard:qemu-launched:qemu",  # the cold-start fallback must still run
+    "discard:resumed:qemu",  # a QEMU dead right after cont: no success reported
 }
 #: Cells run in CI on the older builds (7.2; the rest are slow).
 CI_OLDER_CELLS = {
@@ -360,6 +361,12 @@ def test_fault_cell(pool: Pool, build: QemuBuild | None, cell: Cell, tmp_path: P
         assert path is None or not os.path.exists(path), f"{path} was left behind"
     if qemu_running(vm):
         assert not [n for n in block_graph(vm.qmp_socket)[1] if n.startswith("fq")]
+        # Nothing of the session is left in QEMU: no fdset holding the (deleted) memory file,
+        # no migration capability the save or the restore turned on.
+        assert run(_qmp, vm.qmp_socket, "query-fdsets") == [], cell.id
+        caps = run(_qmp, vm.qmp_socket, "query-migrate-capabilities")
+        on = {c["capability"] for c in caps if c["state"]}
+        assert not on & {"multifd", "mapped-ram", "pause-before-switchover"}, (cell.id, on)
 
 
 def write(vm: QemuInstance, disk: str, seed: str, offset_mib: int) -> str:

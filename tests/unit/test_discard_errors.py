@@ -117,13 +117,46 @@ def test_a_discard_that_restores_the_memory_resumes_the_guest(tmp_path: Path) ->
     assert launcher.kinds == ["incoming"]
     assert launcher.specs[0].argv[0] == record.qemu.argv[0]
     actions = [(s.command, s.arguments) for s in peer.actions()]
-    assert actions[1:4] == [
+    assert actions[1:3] == [
         ("add-fd", {"opaque": f"forgeqmp {SID}"}),
         ("migrate-incoming", {"uri": "file:/dev/fdset/3"}),
-        ("remove-fd", {"fdset-id": 3}),
     ]
-    assert actions[-1] == ("cont", None)  # resumed once the memory loaded
+    # Resumed once the memory loaded; the file given back and the settings reset after that
+    # (neither touches the guest, so neither keeps it down).
+    assert actions[3] == ("cont", None)
+    assert actions[4:] == [
+        ("remove-fd", {"fdset-id": 3}),
+        ("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": False}]}),
+    ]
     assert not any(files_left(record).values())  # overlays and memory file removed
+
+
+def test_cleanup_refused_after_the_resume_keeps_the_restore(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # remove-fd and the capability reset follow cont: QEMU refusing them (or dropping the
+    # connection meanwhile) leaves the guest running its restored state, never restored again.
+    vm, peer, record = setup(tmp_path)
+    peer.script("remove-fd", Fail("GenericError", "File descriptor named '3' not found"))
+    peer.script(
+        "migrate-set-capabilities",
+        {},
+        Fail("GenericError", "There's a migration process in progress"),
+    )
+    launcher = Launches()
+    with caplog.at_level("WARNING", logger="forgeqmp"):
+        done = discard(vm, launcher)
+    peer.check()
+    assert done.state is State.DISCARDED
+    assert done.memory_restored is True
+    assert done.error is None
+    assert launcher.kinds == ["incoming"]  # one launch: no second restore, no cold start
+    commands = [s.command for s in peer.actions()]
+    assert commands.count("cont") == 1
+    assert commands.index("cont") < commands.index("remove-fd")
+    assert "remove-fd after the restore failed" in caplog.text
+    assert "migrate-set-capabilities after the restore failed" in caplog.text
+    assert not any(files_left(record).values())
 
 
 def test_a_relaunched_qemu_that_never_listens_fails_with_the_memory_kept(tmp_path: Path) -> None:

@@ -509,6 +509,36 @@ def test_discard_with_the_new_qemu_running_is_discarded(migration: str, restored
     assert deleted(plan) == set(files_of(rec))
 
 
+def test_discard_interrupted_after_the_resume_gives_back_what_the_restore_borrowed() -> None:
+    # Killed between cont and the restore's cleanup: the new QEMU still holds the fdset of the
+    # memory file and runs with the load's capabilities on; recover removes and turns them off.
+    rec = record(State.DISCARDING, step="qemu-stopped")
+    memory = attrs.evolve(rec.memory, capabilities=("events", "multifd", "mapped-ram"))
+    rec = attrs.evolve(rec, memory=memory)
+    on = {"events": True, "multifd": True, "mapped-ram": True, "pause-before-switchover": False}
+    qemu = qemu_on(
+        rec, Where.BASE, pid=PID + 1, migration="completed", fdsets=(4,), capabilities=on
+    )
+    plan = reconcile(rec, Observation(qemu, files_of(rec)))
+    assert plan.event is Event.RECOVERED_DISCARDED
+    assert plan.record.memory_restored is True
+    assert RemoveFdset(4) in plan.actions
+    assert ResetMigration(("mapped-ram", "multifd")) in plan.actions
+    assert deleted(plan) == set(files_of(rec))
+    # A clean new QEMU (the cleanup had run) gets nothing; one migrating (someone else's
+    # migration) keeps its settings.
+    clean = attrs.evolve(qemu, fdsets=(), capabilities={"events": True})
+    assert not {type(a) for a in reconcile(rec, Observation(clean, files_of(rec))).actions} & {
+        RemoveFdset,
+        ResetMigration,
+    }
+    migrating = attrs.evolve(qemu, migration="active")
+    assert not {type(a) for a in reconcile(rec, Observation(migrating, files_of(rec))).actions} & {
+        RemoveFdset,
+        ResetMigration,
+    }
+
+
 def test_failed_discard_with_qemu_still_stopped_is_left_as_it_is() -> None:
     rec = record(
         State.FAILED,

@@ -122,7 +122,14 @@ CRASH_POINTS = {
         "disk-merged",
         "committed",
     ),
-    "discard": ("stopping-qemu", "qemu-stopped", "qemu-launched", "memory-loaded", "discarded"),
+    "discard": (
+        "stopping-qemu",
+        "qemu-stopped",
+        "qemu-launched",
+        "memory-loaded",
+        "resumed",
+        "discarded",
+    ),
 }
 
 #: Every step a forgeqmp ever wrote to a record (git history), with the member it reads as.

@@ -50,6 +50,7 @@ from forgeqmp.core.names import session_tag
 from forgeqmp.core.plans.command import Command
 from forgeqmp.core.plans.common import close_fd, remove_fdset
 from forgeqmp.core.plans.converge import set_throttle
+from forgeqmp.core.plans.discard import RESTORE_CAPABILITIES
 from forgeqmp.core.plans.enable import DOWNTIME_LIMIT_MS, MAX_BANDWIDTH
 from forgeqmp.core.plans.recover import Order, remove_node, reset_migration
 from forgeqmp.core.record import DiskRecord, SessionRecord
@@ -349,7 +350,7 @@ class ResetMigration:
     parameters: Mapping[str, int] = attrs.field(factory=dict)
 
     def describe(self) -> str:
-        return "reset the migration settings the interrupted enable changed"
+        return "reset the migration settings the interrupted operation changed"
 
     def commands(self) -> tuple[Command, ...]:
         """What this action sends."""
@@ -615,6 +616,26 @@ class _Planner:
         }
         if caps or params:
             self.add(ResetMigration(caps, params))
+
+    def release_restore_setup(self) -> None:
+        """Give back what discard's restore borrowed from the QEMU it started, when discard was
+        interrupted after that QEMU resumed the guest and before the restore's cleanup (it
+        follows ``cont``): the fdset holding the memory file, and the capabilities of the save
+        the load needed. A freshly started QEMU has them off, so on there is the restore's doing;
+        left alone while a migration runs (someone else's, then)."""
+        qemu = self.qemu
+        if qemu is None or self.same_qemu or qemu.migration in MIGRATION_RUNNING:
+            return
+        for fdset in qemu.fdsets:
+            self.add(RemoveFdset(fdset))
+        ours = set(self.record.memory.capabilities) if self.record.memory else set()
+        caps = tuple(
+            c
+            for c in _RESETTABLE_CAPABILITIES
+            if c in RESTORE_CAPABILITIES and c in ours and qemu.capabilities.get(c) is True
+        )
+        if caps:
+            self.add(ResetMigration(caps))
 
     # --- outcomes
 
@@ -1163,6 +1184,7 @@ def _discarding(p: _Planner) -> RecoveryPlan:
             f"QEMU pid {qemu.pid} runs the guest on the originals "
             + ("(restored from the memory state)" if restored else "(cold-started)")
         )
+        p.release_restore_setup()
         for disk in record.disks:
             p.delete(disk.overlay_file, f"the overlay of disk {disk.name}, discarded")
         p.delete(p.memory_path, "the memory state of a discarded session")

@@ -108,6 +108,9 @@ class DiscardStep(enum.StrEnum):
     QEMU_LAUNCHED = "qemu-launched"
     #: Memory state loaded, guest not resumed (crash point only).
     MEMORY_LOADED = "memory-loaded"
+    #: Guest resumed from the memory state; the restore's fdset and migration settings not yet
+    #: given back (crash point only).
+    RESUMED = "resumed"
     #: DISCARDED recorded.
     DISCARDED = "discarded"
 

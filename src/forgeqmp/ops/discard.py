@@ -26,6 +26,7 @@ from forgeqmp.adapters.qemuproc import recorded_qemu_alive
 from forgeqmp.adapters.statedir import InstanceLock
 from forgeqmp.core.argv import active_argv
 from forgeqmp.core.lifecycle import status_of
+from forgeqmp.core.plans.command import Command
 from forgeqmp.core.plans.common import CONT, QUERY_MACHINE_TYPE, QUERY_MIGRATE, QUIT
 from forgeqmp.core.plans.discard import RestorePlan, plan_restore
 from forgeqmp.core.progress import ProgressCallback, ProgressEvent
@@ -260,6 +261,7 @@ class Discard:
 
         problem: str | None = None
         unstarted: ForgeFailed | QMPError | None = None
+        after_resume: tuple[Command, ...] = ()
         try:
             with anyio.fail_after(timeout):
                 async with anyio.create_task_group() as tg:
@@ -271,7 +273,7 @@ class Discard:
                         problem = "a cold start was asked for"
                     elif memory_fd is not None:
                         report(ProgressEvent("discard", "restoring-memory"))
-                        problem, unstarted = await self._restore_retrying(
+                        problem, unstarted, after_resume = await self._restore_retrying(
                             record, launch, report, verified, verdict, memory_fd
                         )
                     else:
@@ -289,6 +291,20 @@ class Discard:
                     restored = False
                     report(ProgressEvent("discard", "cold-start", {"reason": problem}))
                     await self._cold_start(record, launch)
+                seconds = round(time.monotonic() - started, 3)
+                # The VM runs from here: say so now (the restore's cleanup, and removing the
+                # overlays and a memory file of GiBs, take a few tenths of a second more before
+                # the call returns).
+                report(
+                    ProgressEvent(
+                        "discard",
+                        "running",
+                        {"memory_restored": restored, "resume_seconds": seconds},
+                    )
+                )
+                if restored:
+                    self.ctx.crash_point("discard", DiscardStep.RESUMED)
+                    await self._after_resume(after_resume)
         except Exception as exc:
             reason = (
                 "the discard deadline passed"
@@ -319,14 +335,6 @@ class Discard:
                 error=f"discard could not start the VM: {reason}",
                 next_step=next_step,
             )
-        seconds = round(time.monotonic() - started, 3)
-        # The VM runs from here: say so now (removing the overlays and a memory file of GiBs,
-        # below, takes the file system a few tenths of a second more before the call returns).
-        report(
-            ProgressEvent(
-                "discard", "running", {"memory_restored": restored, "resume_seconds": seconds}
-            )
-        )
         for disk in record.disks:
             if disk.overlay_file is not None:
                 with contextlib.suppress(FileNotFoundError):
@@ -368,11 +376,14 @@ class Discard:
             if not await anyio.to_thread.run_sync(wait_gone, pid, 10.0):
                 raise ForgeFailed(f"QEMU (pid {pid}) does not exit, even after SIGKILL")
 
-    async def _restore(self, record: SessionRecord, launch: Launcher, memory_fd: int) -> str | None:
+    async def _restore(
+        self, record: SessionRecord, launch: Launcher, memory_fd: int
+    ) -> tuple[str | None, tuple[Command, ...]]:
         """Start QEMU waiting for the memory state and load it from ``memory_fd`` (the open file
         being verified); the guest stays paused.
 
-        Returns None when loaded, else why not (then QEMU is stopped again)."""
+        Returns (None, what to send once the guest runs again) when loaded, else (why not, ())
+        (then QEMU is stopped again)."""
         plan = plan_restore(record)
         await launch(self.ctx.spec(record, incoming=True))
         await self.ctx.conn.reconnect()
@@ -394,23 +405,32 @@ class Discard:
                     DEFAULT_DISCARD_TIMEOUT * 10,  # bounded by the caller's deadline
                     "the memory state to load",
                 )
-            release = plan.release(fdset_id)
-            if release is not None:
-                # QEMU keeps an fdset's descriptor open until it is removed: without this the
-                # deleted memory file (guest RAM) stays allocated, and readable through
-                # /proc/<pid>/fd, for as long as the VM runs.
-                with contextlib.suppress(QMPCommandError):
-                    await self.ctx.send(release)
             if ev["data"]["status"] == "completed":
-                # The relaunched QEMU is the platform's VM again: leave its migration settings
-                # at their defaults (multifd/mapped-ram would change its next migration).
-                await self.ctx.send(plan.reset_capabilities())
                 self.ctx.crash_point("discard", DiscardStep.MEMORY_LOADED)
-                return None
+                return None, plan.after_resume(fdset_id)
             info = await self.ctx.send(QUERY_MIGRATE)
-            return f"loading the memory state failed: {info.get('error-desc', 'no detail')}"
+            return f"loading the memory state failed: {info.get('error-desc', 'no detail')}", ()
         except (QMPError, ForgeFailed) as exc:
-            return f"loading the memory state failed: {exc}"
+            return f"loading the memory state failed: {exc}", ()
+
+    async def _after_resume(self, commands: Sequence[Command]) -> None:
+        """The restore's cleanup once the guest runs again (:meth:`RestorePlan.after_resume`):
+        the fdset removed (QEMU keeps its descriptor open until then: the deleted memory file,
+        guest RAM, would stay allocated, and readable through /proc/<pid>/fd, while the VM runs)
+        and the migration capabilities set back to QEMU's defaults (multifd/mapped-ram would
+        change the platform's next migration). The guest runs its restored state whatever QEMU
+        answers: a refusal is logged, never a reason to restore again. A QEMU that no longer
+        answers at all (it died right after ``cont``) is raised: the VM is not running, and the
+        memory file, still there, can be restored again."""
+        for command in commands:
+            try:
+                await self.ctx.send(command)
+            except QMPCommandError as exc:
+                log.warning(
+                    "discard: %s after the restore failed: %s (the VM runs its restored state)",
+                    command.name,
+                    exc,
+                )
 
     async def _hand_memory_file(self, plan: RestorePlan, memory_fd: int) -> int | None:
         """Pass the open memory file to QEMU (a duplicate of ``memory_fd``: the same open file,
@@ -435,30 +455,30 @@ class Discard:
         verified: anyio.Event,
         verdict: dict[str, str | None],
         memory_fd: int,
-    ) -> tuple[str | None, ForgeFailed | QMPError | None]:
+    ) -> tuple[str | None, ForgeFailed | QMPError | None, tuple[Command, ...]]:
         """:meth:`_restore`, tried again (up to RESTORE_ATTEMPTS in all) when QEMU died or
         failed while starting or loading, as long as the memory file matches its digest.
 
-        Returns (None, None) when loaded, else why not and, when the last attempt could not even
-        start QEMU, that error: the caller raises it (a cold start through the same launcher
-        would fail the same way)."""
+        Returns (None, None, what to send once the guest runs) when loaded, else why not and,
+        when the last attempt could not even start QEMU, that error (the caller raises it: a cold
+        start through the same launcher would fail the same way), and ()."""
         for attempt in range(1, RESTORE_ATTEMPTS + 1):
             if attempt > 1:
                 await self._stop_restoring_qemu()
             try:
-                problem = await self._restore(record, launch, memory_fd)
+                problem, after_resume = await self._restore(record, launch, memory_fd)
             except (ForgeFailed, QMPError) as exc:  # the launch, or QMP of the new QEMU
                 start_failure: ForgeFailed | QMPError | None = exc
                 problem = f"starting QEMU for the memory restore failed: {exc}"
             else:
                 start_failure = None
             if problem is None:
-                return None, None
+                return None, None, after_resume
             # Only while the file is what enable saved: a damaged file fails every time, and the
             # digest's verdict says why.
             await verified.wait()
             if verdict.get("problem") is not None or attempt == RESTORE_ATTEMPTS:
-                return problem, start_failure
+                return problem, start_failure, ()
             report(
                 ProgressEvent(
                     "discard", "restoring-memory", {"attempt": attempt + 1, "after": problem}

@@ -6,10 +6,12 @@ defer -S`` on the original images (sans-IO).
 2. the memory file passed as an fd: by ``add-fd`` into an fdset for the ``file:`` transport, by
    ``getfd`` for ``fd:`` (the one URI builder, :func:`forgeqmp.core.plans.enable.migration_uri`);
 3. ``migrate-incoming`` with that URI; wait for the ``MIGRATION`` event ``completed``;
-4. ``remove-fd`` of the fdset (QEMU would keep the deleted file, guest RAM, open while the VM
-   runs), and the capabilities turned off again (the relaunched QEMU is the platform's VM: its
-   next migration must not inherit ``multifd``/``mapped-ram``);
-5. ``cont`` (:data:`~forgeqmp.core.plans.common.CONT`), once the memory file verified.
+4. ``cont`` (:data:`~forgeqmp.core.plans.common.CONT`), once the memory file verified;
+5. :meth:`RestorePlan.after_resume`: ``remove-fd`` of the fdset (QEMU would keep the deleted
+   file, guest RAM, open while the VM runs), and the capabilities turned off again (the
+   relaunched QEMU is the platform's VM: its next migration must not inherit
+   ``multifd``/``mapped-ram``). Neither touches the guest, so they follow ``cont`` rather than
+   keep the VM down, and neither failing undoes a restore that succeeded.
 
 Before any of it the old QEMU is stopped (:data:`~forgeqmp.core.plans.common.QUIT`) and the
 machine type compared with the record (:data:`~forgeqmp.core.plans.common.QUERY_MACHINE_TYPE`).
@@ -84,6 +86,12 @@ class RestorePlan:
         """What gives the file back once loaded: ``remove-fd`` of the fdset; None for ``fd:``
         (the load closes a ``getfd`` descriptor itself)."""
         return remove_fdset(fdset_id) if fdset_id is not None else None
+
+    def after_resume(self, fdset_id: int | None) -> tuple[Command, ...]:
+        """What follows ``cont`` once the state loaded: the file given back (:meth:`release`),
+        then the capabilities off again (:meth:`reset_capabilities`)."""
+        release = self.release(fdset_id)
+        return (*(() if release is None else (release,)), self.reset_capabilities())
 
 
 def plan_restore(record: SessionRecord) -> RestorePlan:
