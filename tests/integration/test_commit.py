@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 import forgeqmp
+from forgeqmp.adapters.crashpoints import ENABLE_ENV, SPEED_ENV
 from forgeqmp.core.lifecycle import status_of
 from forgeqmp.core.states import State
 from forgeqmp.errors import ForgeFailed, NoSession
@@ -43,7 +44,12 @@ def host_md5(vm: Any, disk: Any, offset_mib: int, mib: int, scratch: Path) -> st
     return digest.hexdigest()
 
 
-def test_commit_merges_every_write_live(qemu_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_commit_merges_every_write_live(qemu_factory, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # The copy is held to 128 MiB/s (the test-only speed hook), so that it lasts over a second
+    # whatever the machine: unlimited, a fast or idle host merged 200 MiB between two lines of
+    # the guest's counter, and "the guest ran while the data was merged" had nothing to see.
+    monkeypatch.setenv(ENABLE_ENV, "1")
+    monkeypatch.setenv(SPEED_ENV, str(128 * MIB))
     disks = [DiskSpec("d0", "qcow2", WRITE_MIB + 64), DiskSpec("d1", "raw", WRITE_MIB + 64)]
     vm = qemu_factory(disks=disks)
     state = tmp_path / "state"
