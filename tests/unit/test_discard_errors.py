@@ -134,8 +134,9 @@ def test_a_discard_that_restores_the_memory_resumes_the_guest(tmp_path: Path) ->
 def test_cleanup_refused_after_the_resume_keeps_the_restore(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # remove-fd and the capability reset follow cont: QEMU refusing them (or dropping the
-    # connection meanwhile) leaves the guest running its restored state, never restored again.
+    # remove-fd and the capability reset follow cont: QEMU refusing them leaves the guest
+    # running its restored state, never restored again (a QEMU that stops answering there fails
+    # the discard: the crash cell discard:resumed:qemu).
     vm, peer, record = setup(tmp_path)
     peer.script("remove-fd", Fail("GenericError", "File descriptor named '3' not found"))
     peer.script(

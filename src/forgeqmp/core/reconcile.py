@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import enum
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, ClassVar, Final
 
 import attrs
@@ -605,10 +605,7 @@ class _Planner:
             self.add(RemoveFdset(fdset))
         if self.record.memory is not None and self.record.memory.transport == "fd":
             self.add(CloseFd(names.memory_fd_name(self.record.session_id)))
-        ours = set(self.record.memory.capabilities) if self.record.memory else set()
-        caps = tuple(
-            c for c in _RESETTABLE_CAPABILITIES if c in ours and qemu.capabilities.get(c) is True
-        )
+        caps = self._our_capabilities_on(qemu, _RESETTABLE_CAPABILITIES)
         params = {
             k: _DEFAULT_PARAMETERS[k]
             for k, v in _OUR_PARAMETERS.items()
@@ -628,14 +625,19 @@ class _Planner:
             return
         for fdset in qemu.fdsets:
             self.add(RemoveFdset(fdset))
-        ours = set(self.record.memory.capabilities) if self.record.memory else set()
-        caps = tuple(
-            c
-            for c in _RESETTABLE_CAPABILITIES
-            if c in RESTORE_CAPABILITIES and c in ours and qemu.capabilities.get(c) is True
-        )
+        caps = self._our_capabilities_on(qemu, RESTORE_CAPABILITIES)
         if caps:
             self.add(ResetMigration(caps))
+
+    def _our_capabilities_on(self, qemu: QemuView, among: Collection[str]) -> tuple[str, ...]:
+        """The resettable capabilities, of ``among``, that the session's save had and that are
+        on in ``qemu`` now (in :data:`_RESETTABLE_CAPABILITIES` order)."""
+        ours = set(self.record.memory.capabilities) if self.record.memory else set()
+        return tuple(
+            c
+            for c in _RESETTABLE_CAPABILITIES
+            if c in among and c in ours and qemu.capabilities.get(c) is True
+        )
 
     # --- outcomes
 
