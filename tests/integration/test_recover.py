@@ -367,6 +367,8 @@ def test_fault_cell(pool: Pool, build: QemuBuild | None, cell: Cell, tmp_path: P
         caps = run(_qmp, vm.qmp_socket, "query-migrate-capabilities")
         on = {c["capability"] for c in caps if c["state"]}
         assert not on & {"multifd", "mapped-ram", "pause-before-switchover"}, (cell.id, on)
+        parameters = run(_qmp, vm.qmp_socket, "query-migrate-parameters")
+        assert parameters["multifd-channels"] == 2, cell.id  # not the restore's 32
 
 
 def write(vm: QemuInstance, disk: str, seed: str, offset_mib: int) -> str:

@@ -40,6 +40,7 @@ def test_each_offered_strategy_round_trips(qemu_factory, qemu_build, tmp_path: P
     assert set(usable) == expected
 
     before = vm.write_disk("disk0", 4, seed="before")
+    parameters = run(qmp, vm.qmp_socket, "query-migrate-parameters")
     for i, strategy in enumerate(usable):
         state = tmp_path / f"state-{i}"
         _boot, at_enable = vm.wait_counter()
@@ -64,6 +65,8 @@ def test_each_offered_strategy_round_trips(qemu_factory, qemu_build, tmp_path: P
         # The restored VM's migration settings are QEMU's defaults again, not the restore's.
         caps = run(qmp, vm.qmp_socket, "query-migrate-capabilities")
         assert [c["capability"] for c in caps if c["state"]] == [], strategy
+        # Its parameters too (a mapped-ram load runs on more multifd channels: set back).
+        assert run(qmp, vm.qmp_socket, "query-migrate-parameters") == parameters, strategy
 
     # What the build lacks (mapped-ram on 7.2) is refused before anything changes.
     graph = block_graph(vm.qmp_socket)

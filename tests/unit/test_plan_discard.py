@@ -11,8 +11,19 @@ from forged import SID, VERSIONS, accepted, forge
 
 from forgeqmp.core.names import RESTORE_FD_NAME
 from forgeqmp.core.plans.command import Command
-from forgeqmp.core.plans.common import CONT, QUERY_MACHINE_TYPE, QUERY_MIGRATE, QUIT
-from forgeqmp.core.plans.discard import RestorePlan, plan_restore
+from forgeqmp.core.plans.common import (
+    CONT,
+    QUERY_MACHINE_TYPE,
+    QUERY_MIGRATE,
+    QUERY_MIGRATE_PARAMETERS,
+    QUIT,
+)
+from forgeqmp.core.plans.discard import (
+    DEFAULT_MULTIFD_CHANNELS,
+    RESTORE_MULTIFD_CHANNELS,
+    RestorePlan,
+    plan_restore,
+)
 from forgeqmp.core.plans.enable import Strategy, Transport, migration_uri
 
 #: Every strategy each build can save with (7.2 has no mapped-ram: test_plan_enable).
@@ -42,6 +53,10 @@ def test_precopy_on_10_loads_from_an_fdset_file_with_only_the_events_on() -> Non
     assert plan.release(5) == Command("remove-fd", {"fdset-id": 5})
     # After cont: the file given back first, then QEMU's default migration settings.
     assert plan.after_resume(5) == (plan.release(5), plan.reset_capabilities())
+    # No multifd: the channel count is neither set nor set back.
+    assert plan.multifd_channels is None
+    assert plan.set_parameters() is None
+    assert plan.after_resume(5, {"multifd-channels": 7}) == plan.after_resume(5)
     assert plan.fdset_opaque == f"forgeqmp {SID}"
 
 
@@ -73,6 +88,19 @@ def test_mapped_ram_is_loaded_with_the_capabilities_it_was_saved_with() -> None:
         ("multifd", False),
     ]
     assert plan.migration_uri(2) == "file:/dev/fdset/2"
+    # Loaded on more channels than QEMU's 2 (faster), and the count the QEMU had set back last.
+    assert plan.set_parameters() == Command(
+        "migrate-set-parameters", {"multifd-channels": RESTORE_MULTIFD_CHANNELS}
+    )
+    assert RESTORE_MULTIFD_CHANNELS > DEFAULT_MULTIFD_CHANNELS
+    back = Command("migrate-set-parameters", {"multifd-channels": 6})
+    assert plan.after_resume(2, {"multifd-channels": 6, "downtime-limit": 300}) == (
+        plan.release(2),
+        plan.reset_capabilities(),
+        back,
+    )
+    default = Command("migrate-set-parameters", {"multifd-channels": DEFAULT_MULTIFD_CHANNELS})
+    assert plan.after_resume(2)[-1] == default  # parameters not read: QEMU's default
     with pytest.raises(ValueError, match="fdset"):
         plan.migrate_incoming(None)  # mapped-ram needs file:, never fd:
 
@@ -101,10 +129,12 @@ def test_every_command_of_the_discard_is_one_the_build_accepts(
         QUERY_MACHINE_TYPE,
         QUIT,
         plan.set_capabilities(),
+        QUERY_MIGRATE_PARAMETERS,
+        *(() if plan.set_parameters() is None else (plan.set_parameters(),)),
         plan.migrate_incoming(fdset),
         QUERY_MIGRATE,
         CONT,
-        *plan.after_resume(fdset),
+        *plan.after_resume(fdset, {"multifd-channels": 2}),
     ]
     for command in commands:
         assert accepted(version, command), command

@@ -23,6 +23,7 @@ from records import (  # tests/unit is on sys.path (rootdir-relative)
 from forgeqmp.core.argv import active_argv, cold_argv, start_argv
 from forgeqmp.core.lifecycle import status_of
 from forgeqmp.core.names import session_tag
+from forgeqmp.core.plans.discard import DEFAULT_MULTIFD_CHANNELS, RESTORE_MULTIFD_CHANNELS
 from forgeqmp.core.reconcile import (
     ENABLE_STEPS_AFTER_SNAPSHOT,
     MIGRATION_RUNNING,
@@ -537,6 +538,36 @@ def test_discard_interrupted_after_the_resume_gives_back_what_the_restore_borrow
         RemoveFdset,
         ResetMigration,
     }
+
+
+def test_recover_sets_the_restores_multifd_channels_back_to_qemus_default() -> None:
+    # Killed between cont and the cleanup of a mapped-ram load: the new QEMU still has the
+    # load's 32 channels (even when the capabilities were already turned off); recover sets
+    # QEMU's default back. Another count is the platform's: left alone, as on a precopy load.
+    rec = record(State.DISCARDING, step="qemu-stopped")
+    memory = attrs.evolve(rec.memory, capabilities=("events", "multifd", "mapped-ram"))
+    mapped = attrs.evolve(rec, memory=memory)
+    on = {"events": True, "multifd": True, "mapped-ram": True}
+    qemu = qemu_on(
+        mapped,
+        Where.BASE,
+        pid=PID + 1,
+        migration="completed",
+        capabilities=on,
+        parameters={"multifd-channels": RESTORE_MULTIFD_CHANNELS},
+    )
+    reset = {"multifd-channels": DEFAULT_MULTIFD_CHANNELS}
+    plan = reconcile(mapped, Observation(qemu, files_of(mapped)))
+    assert ResetMigration(("mapped-ram", "multifd"), reset) in plan.actions
+    caps_off = attrs.evolve(qemu, capabilities={"events": True})
+    plan = reconcile(mapped, Observation(caps_off, files_of(mapped)))
+    assert ResetMigration((), reset) in plan.actions
+    platforms = attrs.evolve(caps_off, parameters={"multifd-channels": 8})
+    plan = reconcile(mapped, Observation(platforms, files_of(mapped)))
+    assert not [a for a in plan.actions if isinstance(a, ResetMigration)]
+    precopy = attrs.evolve(rec, memory=attrs.evolve(rec.memory, capabilities=("events",)))
+    plan = reconcile(precopy, Observation(caps_off, files_of(precopy)))
+    assert not [a for a in plan.actions if isinstance(a, ResetMigration)]
 
 
 def test_failed_discard_with_qemu_still_stopped_is_left_as_it_is() -> None:

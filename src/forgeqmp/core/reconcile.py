@@ -50,7 +50,11 @@ from forgeqmp.core.names import session_tag
 from forgeqmp.core.plans.command import Command
 from forgeqmp.core.plans.common import close_fd, remove_fdset
 from forgeqmp.core.plans.converge import set_throttle
-from forgeqmp.core.plans.discard import RESTORE_CAPABILITIES
+from forgeqmp.core.plans.discard import (
+    DEFAULT_MULTIFD_CHANNELS,
+    RESTORE_CAPABILITIES,
+    RESTORE_MULTIFD_CHANNELS,
+)
 from forgeqmp.core.plans.enable import DOWNTIME_LIMIT_MS, MAX_BANDWIDTH
 from forgeqmp.core.plans.recover import Order, remove_node, reset_migration
 from forgeqmp.core.record import DiskRecord, SessionRecord
@@ -617,17 +621,28 @@ class _Planner:
     def release_restore_setup(self) -> None:
         """Give back what discard's restore borrowed from the QEMU it started, when discard was
         interrupted after that QEMU resumed the guest and before the restore's cleanup (it
-        follows ``cont``): the fdset holding the memory file, and the capabilities of the save
-        the load needed. A freshly started QEMU has them off, so on there is the restore's doing;
-        left alone while a migration runs (someone else's, then)."""
+        follows ``cont``): the fdset holding the memory file, the capabilities of the save the
+        load needed, and the load's ``multifd-channels`` (set back to QEMU's default: what the
+        relaunched QEMU had before is not recorded). A freshly started QEMU has the capabilities
+        off, so on there is the restore's doing; left alone while a migration runs (someone
+        else's, then)."""
         qemu = self.qemu
         if qemu is None or self.same_qemu or qemu.migration in MIGRATION_RUNNING:
             return
         for fdset in qemu.fdsets:
             self.add(RemoveFdset(fdset))
         caps = self._our_capabilities_on(qemu, RESTORE_CAPABILITIES)
-        if caps:
-            self.add(ResetMigration(caps))
+        loaded_with_multifd = self.record.memory is not None and (
+            "multifd" in self.record.memory.capabilities
+        )
+        params = (
+            {"multifd-channels": DEFAULT_MULTIFD_CHANNELS}
+            if loaded_with_multifd
+            and qemu.parameters.get("multifd-channels") == RESTORE_MULTIFD_CHANNELS
+            else {}
+        )
+        if caps or params:
+            self.add(ResetMigration(caps, params))
 
     def _our_capabilities_on(self, qemu: QemuView, among: Collection[str]) -> tuple[str, ...]:
         """The resettable capabilities, of ``among``, that the session's save had and that are

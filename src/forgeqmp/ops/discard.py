@@ -15,6 +15,7 @@ import shlex
 import signal
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -27,7 +28,13 @@ from forgeqmp.adapters.statedir import InstanceLock
 from forgeqmp.core.argv import active_argv
 from forgeqmp.core.lifecycle import status_of
 from forgeqmp.core.plans.command import Command
-from forgeqmp.core.plans.common import CONT, QUERY_MACHINE_TYPE, QUERY_MIGRATE, QUIT
+from forgeqmp.core.plans.common import (
+    CONT,
+    QUERY_MACHINE_TYPE,
+    QUERY_MIGRATE,
+    QUERY_MIGRATE_PARAMETERS,
+    QUIT,
+)
 from forgeqmp.core.plans.discard import RestorePlan, plan_restore
 from forgeqmp.core.progress import ProgressCallback, ProgressEvent
 from forgeqmp.core.record import (
@@ -397,6 +404,11 @@ class Discard:
         conn = self.ctx.conn
         try:
             await self.ctx.send(plan.set_capabilities())
+            parameters_before: dict[str, Any] = {}
+            set_parameters = plan.set_parameters()
+            if set_parameters is not None:
+                parameters_before = dict(await self.ctx.send(QUERY_MIGRATE_PARAMETERS))
+                await self.ctx.send(set_parameters)
             fdset_id = await self._hand_memory_file(plan, memory_fd)
             with conn.subscribe("MIGRATION") as migration:
                 await self.ctx.send(plan.migrate_incoming(fdset_id))
@@ -407,7 +419,7 @@ class Discard:
                 )
             if ev["data"]["status"] == "completed":
                 self.ctx.crash_point("discard", DiscardStep.MEMORY_LOADED)
-                return None, plan.after_resume(fdset_id)
+                return None, plan.after_resume(fdset_id, parameters_before)
             info = await self.ctx.send(QUERY_MIGRATE)
             return f"loading the memory state failed: {info.get('error-desc', 'no detail')}", ()
         except (QMPError, ForgeFailed) as exc:

@@ -192,7 +192,9 @@ async def observe(ctx: Context, record: SessionRecord) -> Observation:
             fdsets=fdsets,
             capabilities=capabilities,
             parameters={
-                k: parameters[k] for k in ("downtime-limit", "max-bandwidth") if k in parameters
+                k: parameters[k]
+                for k in ("downtime-limit", "max-bandwidth", "multifd-channels")
+                if k in parameters
             },
         ),
         files=files,
