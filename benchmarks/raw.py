@@ -12,7 +12,8 @@ forgeqmp's own cost. It does the same work the recipe says a correct snapshot ne
 - commit: ``block-commit`` per disk in parallel, ``job-complete`` at ready, dismiss, remove the
   overlay;
 - discard: ``quit``, wait for the process to be gone, start the same argv with ``-incoming defer
-  -S``, ``migrate-incoming`` the file, ``cont``: no hash verification.
+  -S``, ``migrate-incoming`` the file (a ``mapped-ram`` one on forgeqmp's
+  :data:`~forgeqmp.core.plans.discard.RESTORE_MULTIFD_CHANNELS`), ``cont``: no hash verification.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
 from forgeqmp.adapters import memhash
+from forgeqmp.core.plans.discard import RESTORE_MULTIFD_CHANNELS
 
 DOWNTIME_LIMIT_MS = 20
 MAX_BANDWIDTH = 1 << 40
@@ -365,6 +367,8 @@ async def discard(
         "migrate-set-capabilities",
         {"capabilities": [{"capability": c, "state": True} for c in ("events", *capabilities)]},
     )
+    if "multifd" in capabilities:  # the recipe's load: more channels than QEMU's 2 (faster)
+        await raw.cmd("migrate-set-parameters", {"multifd-channels": RESTORE_MULTIFD_CHANNELS})
     if transport == "fd":
         fd = os.open(memory, os.O_RDONLY | os.O_CLOEXEC)
         try:
