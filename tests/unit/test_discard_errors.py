@@ -22,6 +22,7 @@ from forgeqmp.adapters import memhash
 from forgeqmp.adapters.launcher import LaunchSpec
 from forgeqmp.adapters.recordstore import RecordStore
 from forgeqmp.adapters.statedir import StateDir
+from forgeqmp.core.plans.discard import RESTORE_MULTIFD_CHANNELS
 from forgeqmp.core.record import SessionRecord
 from forgeqmp.core.states import State
 from forgeqmp.errors import ForgeFailed, QEMUUnreachable
@@ -158,6 +159,50 @@ def test_cleanup_refused_after_the_resume_keeps_the_restore(
     assert "remove-fd after the restore failed" in caplog.text
     assert "migrate-set-capabilities after the restore failed" in caplog.text
     assert not any(files_left(record).values())
+
+
+MAPPED_RAM = ("events", "pause-before-switchover", "multifd", "mapped-ram")
+
+
+def test_a_mapped_ram_load_runs_on_more_channels_and_sets_the_qemus_count_back(
+    tmp_path: Path,
+) -> None:
+    vm, peer, _record = setup(tmp_path, capabilities=MAPPED_RAM)
+    peer.script("query-migrate-parameters", {"multifd-channels": 4, "downtime-limit": 300})
+    peer.script("migrate-set-parameters", {})
+    done = discard(vm, Launches())
+    peer.check()
+    assert done.memory_restored is True
+    actions = [(s.command, s.arguments) for s in peer.actions()]
+    loading = actions[: actions.index(("migrate-incoming", {"uri": "file:/dev/fdset/3"}))]
+    assert (
+        "migrate-set-parameters",
+        {"multifd-channels": RESTORE_MULTIFD_CHANNELS},
+    ) in loading
+    resumed = actions[actions.index(("cont", None)) + 1 :]
+    # The count query-migrate-parameters reported before the load (the QEMU's own), not 2.
+    assert resumed[-1] == ("migrate-set-parameters", {"multifd-channels": 4})
+
+
+def test_more_channels_refused_loads_on_the_qemus_own(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The channel count is a speed-up only: refused, the memory state still loads (no cold
+    # boot, no second restore) and nothing is set back afterwards.
+    vm, peer, _record = setup(tmp_path, capabilities=MAPPED_RAM)
+    peer.script("query-migrate-parameters", {"multifd-channels": 2})
+    peer.script("migrate-set-parameters", Fail("GenericError", "Parameter 'multifd-channels'"))
+    launcher = Launches()
+    with caplog.at_level("WARNING", logger="forgeqmp"):
+        done = discard(vm, launcher)
+    peer.check()
+    assert done.state is State.DISCARDED
+    assert done.memory_restored is True
+    assert done.error is None
+    assert launcher.kinds == ["incoming"]
+    commands = [s.command for s in peer.actions()]
+    assert commands.count("migrate-set-parameters") == 1  # the refused one: none after cont
+    assert "loads on QEMU's own multifd channels" in caplog.text
 
 
 def test_a_relaunched_qemu_that_never_listens_fails_with_the_memory_kept(tmp_path: Path) -> None:

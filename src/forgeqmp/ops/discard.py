@@ -19,6 +19,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import attrs
 
 from forgeqmp.adapters import memhash
 from forgeqmp.adapters.launcher import Launcher, detached_launcher
@@ -404,11 +405,7 @@ class Discard:
         conn = self.ctx.conn
         try:
             await self.ctx.send(plan.set_capabilities())
-            parameters_before: dict[str, Any] = {}
-            set_parameters = plan.set_parameters()
-            if set_parameters is not None:
-                parameters_before = dict(await self.ctx.send(QUERY_MIGRATE_PARAMETERS))
-                await self.ctx.send(set_parameters)
+            plan, parameters_before = await self._set_load_parameters(plan)
             fdset_id = await self._hand_memory_file(plan, memory_fd)
             with conn.subscribe("MIGRATION") as migration:
                 await self.ctx.send(plan.migrate_incoming(fdset_id))
@@ -424,6 +421,25 @@ class Discard:
             return f"loading the memory state failed: {info.get('error-desc', 'no detail')}", ()
         except (QMPError, ForgeFailed) as exc:
             return f"loading the memory state failed: {exc}", ()
+
+    async def _set_load_parameters(self, plan: RestorePlan) -> tuple[RestorePlan, dict[str, Any]]:
+        """The load's ``multifd-channels`` (:meth:`RestorePlan.set_parameters`), with the
+        parameters read before it. A speed-up only: QEMU refusing it is logged and the load
+        runs on the QEMU's own count (the plan returned then sets nothing back)."""
+        command = plan.set_parameters()
+        if command is None:
+            return plan, {}
+        try:
+            before = dict(await self.ctx.send(QUERY_MIGRATE_PARAMETERS))
+            await self.ctx.send(command)
+        except QMPCommandError as exc:
+            log.warning(
+                "discard: %s refused (%s): the memory state loads on QEMU's own multifd channels",
+                command,
+                exc,
+            )
+            return attrs.evolve(plan, multifd_channels=None), {}
+        return plan, before
 
     async def _after_resume(self, commands: Sequence[Command]) -> None:
         """The restore's cleanup once the guest runs again (:meth:`RestorePlan.after_resume`):
