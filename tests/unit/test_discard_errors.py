@@ -105,6 +105,22 @@ def files_left(record: SessionRecord) -> dict[str, bool]:
     return {f: Path(f).exists() for f in files}
 
 
+def restored_despite_refusals(
+    vm: Instance, peer: FakeQMP, caplog: pytest.LogCaptureFixture
+) -> list[str]:
+    """Discard with QEMU refusing what it was scripted to refuse, warnings captured: the memory
+    state restored in one launch (no second restore, no cold start). The commands sent."""
+    launcher = Launches()
+    with caplog.at_level("WARNING", logger="forgeqmp"):
+        done = discard(vm, launcher)
+    peer.check()
+    assert done.state is State.DISCARDED
+    assert done.memory_restored is True
+    assert done.error is None
+    assert launcher.kinds == ["incoming"]
+    return [s.command for s in peer.actions()]
+
+
 def test_a_discard_that_restores_the_memory_resumes_the_guest(tmp_path: Path) -> None:
     vm, peer, record = setup(tmp_path)
     launcher = Launches()
@@ -145,15 +161,7 @@ def test_cleanup_refused_after_the_resume_keeps_the_restore(
         {},
         Fail("GenericError", "There's a migration process in progress"),
     )
-    launcher = Launches()
-    with caplog.at_level("WARNING", logger="forgeqmp"):
-        done = discard(vm, launcher)
-    peer.check()
-    assert done.state is State.DISCARDED
-    assert done.memory_restored is True
-    assert done.error is None
-    assert launcher.kinds == ["incoming"]  # one launch: no second restore, no cold start
-    commands = [s.command for s in peer.actions()]
+    commands = restored_despite_refusals(vm, peer, caplog)
     assert commands.count("cont") == 1
     assert commands.index("cont") < commands.index("remove-fd")
     assert "remove-fd after the restore failed" in caplog.text
@@ -192,15 +200,7 @@ def test_more_channels_refused_loads_on_the_qemus_own(
     vm, peer, _record = setup(tmp_path, capabilities=MAPPED_RAM)
     peer.script("query-migrate-parameters", {"multifd-channels": 2})
     peer.script("migrate-set-parameters", Fail("GenericError", "Parameter 'multifd-channels'"))
-    launcher = Launches()
-    with caplog.at_level("WARNING", logger="forgeqmp"):
-        done = discard(vm, launcher)
-    peer.check()
-    assert done.state is State.DISCARDED
-    assert done.memory_restored is True
-    assert done.error is None
-    assert launcher.kinds == ["incoming"]
-    commands = [s.command for s in peer.actions()]
+    commands = restored_despite_refusals(vm, peer, caplog)
     assert commands.count("migrate-set-parameters") == 1  # the refused one: none after cont
     assert "loads on QEMU's own multifd channels" in caplog.text
 
