@@ -139,9 +139,16 @@ _RESETTABLE_CAPABILITIES: Final = (
     "mapped-ram",
     "multifd",
 )
-#: QEMU's defaults for the migration parameters enable changes.
-_DEFAULT_PARAMETERS: Final = {"downtime-limit": 300, "max-bandwidth": 128 << 20}
+#: QEMU's defaults for the migration parameters enable and discard's restore change.
+_DEFAULT_PARAMETERS: Final = {
+    "downtime-limit": 300,
+    "max-bandwidth": 128 << 20,
+    "multifd-channels": DEFAULT_MULTIFD_CHANNELS,
+}
+#: The values enable's save sets.
 _OUR_PARAMETERS: Final = {"downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": MAX_BANDWIDTH}
+#: The values discard's restore of a multifd (mapped-ram) file sets.
+_RESTORE_PARAMETERS: Final = {"multifd-channels": RESTORE_MULTIFD_CHANNELS}
 
 
 # --- the observation -----------------------------------------------------------------------------
@@ -610,11 +617,7 @@ class _Planner:
         if self.record.memory is not None and self.record.memory.transport == "fd":
             self.add(CloseFd(names.memory_fd_name(self.record.session_id)))
         caps = self._our_capabilities_on(qemu, _RESETTABLE_CAPABILITIES)
-        params = {
-            k: _DEFAULT_PARAMETERS[k]
-            for k, v in _OUR_PARAMETERS.items()
-            if qemu.parameters.get(k) == v
-        }
+        params = self._our_parameters_on(qemu, _OUR_PARAMETERS)
         if caps or params:
             self.add(ResetMigration(caps, params))
 
@@ -635,12 +638,7 @@ class _Planner:
         loaded_with_multifd = self.record.memory is not None and (
             "multifd" in self.record.memory.capabilities
         )
-        params = (
-            {"multifd-channels": DEFAULT_MULTIFD_CHANNELS}
-            if loaded_with_multifd
-            and qemu.parameters.get("multifd-channels") == RESTORE_MULTIFD_CHANNELS
-            else {}
-        )
+        params = self._our_parameters_on(qemu, _RESTORE_PARAMETERS) if loaded_with_multifd else {}
         if caps or params:
             self.add(ResetMigration(caps, params))
 
@@ -653,6 +651,11 @@ class _Planner:
             for c in _RESETTABLE_CAPABILITIES
             if c in among and c in ours and qemu.capabilities.get(c) is True
         )
+
+    def _our_parameters_on(self, qemu: QemuView, ours: Mapping[str, int]) -> dict[str, int]:
+        """QEMU's defaults for the parameters of ``ours`` that ``qemu`` still has at our value
+        (another value was set by someone else since: left alone)."""
+        return {k: _DEFAULT_PARAMETERS[k] for k, v in ours.items() if qemu.parameters.get(k) == v}
 
     # --- outcomes
 

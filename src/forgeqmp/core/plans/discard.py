@@ -11,8 +11,9 @@ defer -S`` on the original images (sans-IO).
 5. :meth:`RestorePlan.after_resume`: ``remove-fd`` of the fdset (QEMU would keep the deleted
    file, guest RAM, open while the VM runs), and the capabilities turned off again (the
    relaunched QEMU is the platform's VM: its next migration must not inherit
-   ``multifd``/``mapped-ram``), and ``multifd-channels`` set back. None touches the guest, so they follow ``cont`` rather than
-   keep the VM down, and neither failing undoes a restore that succeeded.
+   ``multifd``/``mapped-ram``), then ``multifd-channels`` set back. None of them touches the
+   guest, so they follow ``cont`` rather than keep the VM down, and none failing undoes a restore
+   that succeeded.
 
 Before any of it the old QEMU is stopped (:data:`~forgeqmp.core.plans.common.QUIT`) and the
 machine type compared with the record (:data:`~forgeqmp.core.plans.common.QUERY_MACHINE_TYPE`).
